@@ -1,0 +1,203 @@
+// Building blocks of the CPU kernels: 8-wide float vectors (GCC/Clang vector extensions,
+// AVX2/FMA when compiled with -march=native, SSE or NEON otherwise), a register-blocked
+// matrix product on small fp32 tiles, a vectorised exp, dtype conversion of rows, and the
+// online-softmax update of a tile of logits. Torch-free.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "attnkit/dtype.h"
+#include "attnkit/mask.h"
+#include "attnkit/softmax.h"
+
+namespace attnkit::cpu {
+
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+constexpr int kVec = 8;
+
+inline vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline vec8 splat8(float x) { return vec8{} + x; }
+
+inline float hsum8(vec8 v) {
+  float s = 0.f;
+  for (int i = 0; i < kVec; ++i) s += v[i];
+  return s;
+}
+inline float hmax8(vec8 v) {
+  float m = v[0];
+  for (int i = 1; i < kVec; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp(x) for x <= 88, relative error ~2e-7 (Cephes polynomial). Inputs below -87 give a
+// value < 2e-38 instead of 0; callers that need an exact 0 for masked logits select it.
+inline vec8 exp8(vec8 x) {
+  x = x < splat8(88.3f) ? x : splat8(88.3f);
+  x = x > splat8(-87.3f) ? x : splat8(-87.3f);
+  const vec8 t = x * 1.44269504088896341f + 0.5f;
+  vec8 fx = __builtin_convertvector(__builtin_convertvector(t, ivec8), vec8);  // trunc
+  fx = fx > t ? fx - 1.f : fx;                                                 // floor
+  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  vec8 y = splat8(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.f;
+  const ivec8 pow2 = (__builtin_convertvector(fx, ivec8) + 127) << 23;
+  vec8 scale;
+  std::memcpy(&scale, &pow2, sizeof(scale));
+  return y * scale;
+}
+
+// softcap * tanh(x / softcap) through exp: tanh(u) = 1 - 2 / (exp(2u) + 1).
+inline vec8 softcap8(vec8 x, float softcap) {
+  const vec8 e = exp8(x * (2.f / softcap));
+  return (1.f - 2.f / (e + 1.f)) * softcap;
+}
+
+// ---- dtype conversion of contiguous rows ------------------------------------------------
+
+inline void load_row(const float* src, int n, float* dst, float mul) {
+  for (int i = 0; i < n; ++i) dst[i] = src[i] * mul;
+}
+inline void load_row(const BFloat16* src, int n, float* dst, float mul) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int i = 0; i < n; ++i) {
+    const uint32_t u = uint32_t(bits[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    dst[i] = f * mul;
+  }
+}
+inline void load_row(const Half* src, int n, float* dst, float mul) {
+  int i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(f, _mm256_set1_ps(mul)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]) * mul;
+}
+
+template <typename T>
+inline void store_row(const float* src, int n, float mul, T* dst) {
+  for (int i = 0; i < n; ++i) dst[i] = from_float<T>(src[i] * mul);
+}
+
+// ---- matrix product on fp32 tiles ---------------------------------------------------------
+
+// C[MR x 16] += A[MR x K] * B[K x 16]; A(i, k) = A[i * a_rs + k * a_cs], so a transposed A
+// costs nothing. B rows are contiguous.
+template <int MR>
+inline void gemm_micro(int K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                       int64_t ldb, float* C, int64_t ldc) {
+  vec8 acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = load8(C + r * ldc);
+    acc[r][1] = load8(C + r * ldc + kVec);
+  }
+  for (int k = 0; k < K; ++k) {
+    const vec8 b0 = load8(B + k * ldb), b1 = load8(B + k * ldb + kVec);
+    for (int r = 0; r < MR; ++r) {
+      const float a = A[r * a_rs + k * a_cs];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    store8(C + r * ldc, acc[r][0]);
+    store8(C + r * ldc + kVec, acc[r][1]);
+  }
+}
+
+// C[M x N] += A[M x K] * B[K x N], N a multiple of 16 (tiles are padded to it).
+inline void gemm_acc(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_cs,
+                     const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int kMR = 6;
+  for (int j = 0; j < N; j += 2 * kVec) {
+    int i = 0;
+    for (; i + kMR <= M; i += kMR)
+      gemm_micro<kMR>(K, A + i * a_rs, a_rs, a_cs, B + j, ldb, C + i * ldc + j, ldc);
+    const float* a = A + i * a_rs;
+    float* c = C + i * ldc + j;
+    switch (M - i) {
+      case 5: gemm_micro<5>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
+      case 4: gemm_micro<4>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
+      case 3: gemm_micro<3>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
+      case 2: gemm_micro<2>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
+      case 1: gemm_micro<1>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
+      default: break;
+    }
+  }
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// ---- logits of one tile -----------------------------------------------------------------
+
+// In place on a row of n_pad (multiple of 8) logits for keys key0 .. key0 + n_pad: applies
+// softcap, and sets keys outside `visible` (and padding beyond n_valid) to -inf.
+inline void transform_and_mask_row(float* s, int n_pad, int n_valid, int key0, KeyRange visible,
+                                   float softcap) {
+  const int lo = (visible.begin > key0 ? visible.begin : key0) - key0;
+  int hi = (visible.end < key0 + n_valid ? visible.end : key0 + n_valid) - key0;
+  if (hi < lo) hi = lo;
+  ivec8 idx;
+  for (int c = 0; c < kVec; ++c) idx[c] = c;
+  for (int c = 0; c < n_pad; c += kVec) {
+    vec8 v = load8(s + c);
+    if (softcap > 0.f) v = softcap8(v, softcap);
+    const ivec8 col = idx + c;
+    v = (col >= lo) & (col < hi) ? v : splat8(kNegInf);
+    store8(s + c, v);
+  }
+}
+
+// Online-softmax step of one row: s (already transformed and masked) -> probabilities
+// exp(s - max) in place; returns the factor by which the row's earlier output must be scaled.
+inline float softmax_update_row(float* s, int n_pad, RowSoftmax& state) {
+  vec8 vmax = splat8(kNegInf);
+  for (int c = 0; c < n_pad; c += kVec) {
+    const vec8 v = load8(s + c);
+    vmax = v > vmax ? v : vmax;
+  }
+  const float tile_max = hmax8(vmax);
+  const float new_max = tile_max > state.max ? tile_max : state.max;
+  const float factor = state.rescale_to(new_max);
+  if (new_max == kNegInf) {  // nothing visible so far: probabilities are all zero
+    std::memset(s, 0, sizeof(float) * n_pad);
+    return factor;
+  }
+  vec8 vsum{};
+  for (int c = 0; c < n_pad; c += kVec) {
+    const vec8 v = load8(s + c);
+    const vec8 p = v == splat8(kNegInf) ? vec8{} : exp8(v - new_max);
+    vsum += p;
+    store8(s + c, p);
+  }
+  state.sum += hsum8(vsum);
+  return factor;
+}
+
+inline void scale_row(float* row, int n, float factor) {
+  for (int c = 0; c < n; ++c) row[c] *= factor;
+}
+
+}  // namespace attnkit::cpu

@@ -1,0 +1,113 @@
+// Plain parameter structs, one per op family: raw pointers, int64 strides in elements,
+// sizes and flags. csrc/torch fills them once from tensors; CPU and CUDA kernels read them.
+// Torch-free, so the C++ unit tests and microbenchmarks can fill them too.
+#pragma once
+
+#include <cstdint>
+
+#include "attnkit/dtype.h"
+
+namespace attnkit {
+
+// Strides of a (batch, seqlen, heads, head_dim) tensor, head_dim contiguous. For varlen
+// tensors (total, heads, head_dim) batch_stride is 0 and rows are offset by cu_seqlens.
+struct Strides {
+  int64_t batch = 0;
+  int64_t row = 0;
+  int64_t head = 0;
+};
+
+// Strides of an LSE tensor viewed as (batch, heads, seqlen).
+struct LseStrides {
+  int64_t batch = 0;
+  int64_t head = 0;
+  int64_t seq = 0;
+};
+
+// Prefill forward: out, lse = attention(q, k, v).
+struct AttentionParams {
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // dense: (batch, heads_q, seqlen_q); varlen: (heads_q, total_q)
+  Strides q_strides, k_strides, v_strides, out_strides;
+
+  int batch;
+  int heads_q;
+  int heads_kv;
+  int head_dim;
+  int seqlen_q;  // dense: the length; varlen: max_seqlen_q (an upper bound)
+  int seqlen_k;
+  const int32_t* cu_seqlens_q;  // nullptr when dense
+  const int32_t* cu_seqlens_k;
+
+  float scale;
+  float softcap;  // 0 = off
+  bool causal;
+  int window_left;  // -1 = unbounded
+  int window_right;
+
+  bool is_varlen() const { return cu_seqlens_q != nullptr; }
+};
+
+// Prefill backward: dq, dk, dv from dout, recomputing probabilities from lse.
+struct AttentionBwdParams {
+  AttentionParams fwd;  // q, k, v, out, lse as in the forward
+  const void* dout;
+  void* dq;
+  void* dk;
+  void* dv;
+  Strides dout_strides, dq_strides, dk_strides, dv_strides;
+};
+
+// Decode: a few queries per sequence against a contiguous or paged KV cache.
+struct DecodeParams {
+  DType dtype;
+  const void* q;  // (batch, seqlen_q, heads_q, head_dim)
+  const void* k_cache;
+  const void* v_cache;
+  void* out;   // like q
+  float* lse;  // (batch, heads_q, seqlen_q)
+  Strides q_strides, out_strides;
+  // Contiguous cache: batch/row/head strides. Paged: batch = stride between pages.
+  Strides k_strides, v_strides;
+
+  int batch;
+  int seqlen_q;
+  int heads_q;
+  int heads_kv;
+  int head_dim;
+  const int32_t* cache_seqlens;  // (batch,)
+
+  const int32_t* block_table;  // nullptr for a contiguous cache
+  int64_t block_table_stride;  // elements between rows of block_table
+  int page_size;               // paged only
+
+  float scale;
+  float softcap;
+  int window_left;  // -1 = unbounded
+
+  bool is_paged() const { return block_table != nullptr; }
+};
+
+// merge_attention_states: two partial results over disjoint keys -> one.
+// out tensors are viewed as (batch, seqlen, heads, head_dim); lse as (batch, heads, seqlen).
+struct MergeParams {
+  DType dtype;
+  const void* out_a;
+  const void* out_b;
+  void* out;
+  const float* lse_a;
+  const float* lse_b;
+  float* lse;
+  Strides out_a_strides, out_b_strides, out_strides;
+  LseStrides lse_a_strides, lse_b_strides, lse_strides;
+  int batch;
+  int seqlen;
+  int heads;
+  int head_dim;
+};
+
+}  // namespace attnkit

@@ -1,0 +1,63 @@
+// Online-softmax arithmetic shared by every kernel: the logit transform (scale, softcap),
+// the running (max, sum) of one row, and the merge of two partial results by their
+// log-sum-exp. The CPU decode, the CUDA merge kernel and (later) split-KV CUDA kernels all
+// call these, so the merge rule is tested once on the CPU.
+#pragma once
+
+#include <cmath>
+
+#include "attnkit/macros.h"
+
+namespace attnkit {
+
+constexpr float kNegInf = -INFINITY;
+
+// softcap > 0: s -> softcap * tanh(s / softcap). Applied to already-scaled logits.
+ATTNKIT_HD float apply_softcap(float s, float softcap) {
+  return softcap > 0.f ? softcap * tanhf(s / softcap) : s;
+}
+
+// d(softcap * tanh(s / softcap)) / ds expressed through the capped value t.
+ATTNKIT_HD float softcap_grad(float capped, float softcap) {
+  if (softcap <= 0.f) return 1.f;
+  const float t = capped / softcap;
+  return 1.f - t * t;
+}
+
+// exp(a - b) that is 0 when a is -inf (also when both are -inf, where a - b is NaN).
+ATTNKIT_HD float exp_diff(float a, float b) { return a == kNegInf ? 0.f : expf(a - b); }
+
+// Running max and sum of exp(s - max) of one row.
+struct RowSoftmax {
+  float max = kNegInf;
+  float sum = 0.f;
+
+  // Moves the running max to new_max (>= max) and returns the factor by which earlier
+  // partial sums and outputs must be multiplied.
+  ATTNKIT_HD float rescale_to(float new_max) {
+    const float factor = exp_diff(max, new_max);
+    max = new_max;
+    sum *= factor;
+    return factor;
+  }
+
+  ATTNKIT_HD float lse() const { return sum > 0.f ? max + logf(sum) : kNegInf; }
+  ATTNKIT_HD float inv_sum() const { return sum > 0.f ? 1.f / sum : 0.f; }
+};
+
+// Weights to combine two partial attention results over disjoint key sets:
+// out = w_a * out_a + w_b * out_b, lse = log(exp(lse_a) + exp(lse_b)).
+// Both -inf (no key seen on either side) gives zero weights and lse -inf, never NaN.
+struct MergeWeights {
+  float w_a, w_b, lse;
+};
+
+ATTNKIT_HD MergeWeights merge_weights(float lse_a, float lse_b) {
+  const float m = lse_a > lse_b ? lse_a : lse_b;
+  if (m == kNegInf) return {0.f, 0.f, kNegInf};
+  const float e_a = exp_diff(lse_a, m), e_b = exp_diff(lse_b, m);
+  const float sum = e_a + e_b;
+  return {e_a / sum, e_b / sum, m + logf(sum)};
+}
+
+}  // namespace attnkit

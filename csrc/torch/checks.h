@@ -1,0 +1,64 @@
+// Argument checks and tensor -> params conversions shared by the bindings. Every message
+// names the Python argument it is about. TORCH_CHECK_VALUE raises ValueError,
+// TORCH_CHECK RuntimeError; both run before any kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "attnkit/params.h"
+
+namespace attnkit::binding {
+
+inline DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == rank, name, " must have ", rank, " dimensions ", layout, ", got shape ",
+                    t.sizes());
+}
+
+// `t` must have the dtype and device of `ref` (named ref_name).
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+                    ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
+}
+
+inline void check_head_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+                    " must be contiguous in its last dimension (head_dim), got strides ", t.strides());
+}
+
+// An int32 index tensor of the given rank on the device of `ref`.
+inline void check_index_tensor(const at::Tensor& t, int64_t rank, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == rank, name, " must have ", rank, " dimension(s), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of q (", ref.device(), "), got ",
+                    t.device());
+}
+
+inline void check_options(int64_t window_left, int64_t window_right, double softcap) {
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "window must be (left, right) with each >= -1 (-1 = unbounded), got (", window_left, ", ",
+                    window_right, ")");
+  TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
+}
+
+// (batch, seqlen, heads, head_dim) tensors; varlen (total, heads, head_dim) has no batch stride.
+inline Strides strides_of(const at::Tensor& t) {
+  if (t.dim() == 4) return {t.stride(0), t.stride(1), t.stride(2)};
+  return {0, t.stride(0), t.stride(1)};
+}
+
+}  // namespace attnkit::binding

@@ -1,0 +1,110 @@
+// Binding of decode (contiguous and paged KV caches): checks, allocation, params, dispatch.
+// The CUDA lean-attention kernel arrives with the decode issue.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cpu/kernels.h"
+#include "checks.h"
+
+namespace attnkit::binding {
+namespace {
+
+constexpr int64_t kMaxDecodeQueries = 16;
+
+std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                          double scale, double softcap, int64_t window_left) {
+  check_rank(q, 4, "q", "(batch, seqlen_q, heads, head_dim)");
+  const char* cache_layout = block_table ? "(num_pages, page_size, kv_heads, head_dim)"
+                                         : "(batch, max_seqlen, kv_heads, head_dim)";
+  check_rank(k_cache, 4, "k_cache", cache_layout);
+  check_rank(v_cache, 4, "v_cache", cache_layout);
+  DecodeParams p{};
+  p.dtype = dtype_of(q, "q");
+  check_like(k_cache, "k_cache", q, "q");
+  check_like(v_cache, "v_cache", q, "q");
+  check_head_dim_contiguous(q, "q");
+  check_head_dim_contiguous(k_cache, "k_cache");
+  check_head_dim_contiguous(v_cache, "v_cache");
+  const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
+  TORCH_CHECK_VALUE(seqlen_q >= 1 && seqlen_q <= kMaxDecodeQueries, "q must hold 1 to ", kMaxDecodeQueries,
+                    " queries per sequence (dim 1), got ", seqlen_q);
+  TORCH_CHECK_VALUE(head_dim > 0, "q must have head_dim > 0");
+  TORCH_CHECK_VALUE(k_cache.size(3) == head_dim, "k_cache must have the head_dim of q (", head_dim, "), got ",
+                    k_cache.size(3));
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", k_cache.sizes(),
+                    ", got ", v_cache.sizes());
+  const int64_t heads_kv = k_cache.size(2);
+  TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, "q heads (", heads_q,
+                    ") must be a multiple of k_cache heads (", heads_kv, ")");
+  check_options(window_left, -1, softcap);
+  check_index_tensor(cache_seqlens, 1, "cache_seqlens", q);
+  TORCH_CHECK_VALUE(cache_seqlens.size(0) == batch, "cache_seqlens must have batch = ", batch, " entries, got ",
+                    cache_seqlens.size(0));
+  const at::Tensor seqlens = cache_seqlens.contiguous();
+
+  int64_t capacity;
+  at::Tensor table;
+  if (block_table) {
+    check_index_tensor(*block_table, 2, "block_table", q);
+    TORCH_CHECK_VALUE(block_table->size(0) == batch, "block_table must have batch = ", batch, " rows, got ",
+                      block_table->size(0));
+    table = block_table->contiguous();
+    p.page_size = int(k_cache.size(1));
+    TORCH_CHECK_VALUE(p.page_size > 0, "k_cache must have page_size > 0");
+    capacity = table.size(1) * p.page_size;
+    p.block_table = table.data_ptr<int32_t>();
+    p.block_table_stride = table.size(1);
+  } else {
+    TORCH_CHECK_VALUE(k_cache.size(0) == batch, "k_cache must have the batch size of q (", batch, "), got ",
+                      k_cache.size(0), "; pass block_table for a paged cache");
+    capacity = k_cache.size(1);
+  }
+  if (q.is_cpu()) {  // values are checked where reading them costs no device sync
+    const int32_t* len = seqlens.data_ptr<int32_t>();
+    const int64_t num_pages = k_cache.size(0);
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK_VALUE(len[b] >= 0 && len[b] <= capacity, "cache_seqlens[", b, "] = ", len[b],
+                        " is outside [0, ", capacity, "], the capacity of ",
+                        block_table ? "block_table (pages per sequence x page_size)" : "k_cache (dim 1)");
+      if (!block_table) continue;
+      const int32_t* row = p.block_table + b * p.block_table_stride;
+      for (int64_t i = 0; i < (len[b] + p.page_size - 1) / p.page_size; ++i)
+        TORCH_CHECK_VALUE(row[i] >= 0 && row[i] < num_pages, "block_table[", b, ", ", i, "] = ", row[i],
+                          " is not a page id in [0, ", num_pages, ")");
+    }
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cpu(), "attnkit.decode has no kernel for ", q.device(),
+                              " yet (CPU only; the CUDA lean-attention decode arrives with the decode issue)");
+
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_strides = strides_of(q);
+  p.out_strides = strides_of(out);
+  p.k_strides = strides_of(k_cache);
+  p.v_strides = strides_of(v_cache);
+  p.batch = int(batch);
+  p.seqlen_q = int(seqlen_q);
+  p.heads_q = int(heads_q);
+  p.heads_kv = int(heads_kv);
+  p.head_dim = int(head_dim);
+  p.cache_seqlens = seqlens.data_ptr<int32_t>();
+  p.scale = float(scale);
+  p.softcap = float(softcap);
+  p.window_left = int(window_left);
+  if (batch > 0) cpu::decode(p);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, CPU, m) { m.impl("decode", &decode); }
+
+}  // namespace attnkit::binding

@@ -1,0 +1,26 @@
+// The schemas of every attnkit op, declared once. Implementations register per backend in
+// the family files beside this one; fake kernels and autograd are registered in Python
+// (python/attnkit/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(attnkit, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, int window_right, "
+      "float softcap) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, "
+      "int window_right, float softcap) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, float scale, "
+      "float softcap, int window_left) -> (Tensor out, Tensor lse)");
+  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+}
+
+// `import attnkit._C` loads this library, which registers the ops above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "attnkit kernels (torch.ops.attnkit)", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,173 @@
+// Bindings of attention_fwd / attention_bwd (dense and varlen): checks, allocation,
+// params, dispatch to the CPU kernels. The CUDA kernels arrive with the prefill issue.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cpu/kernels.h"
+#include "checks.h"
+
+namespace attnkit::binding {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Checks one cu_seqlens tensor; on the CPU also its values (on a GPU that would need a
+// host sync, so the CUDA kernels must treat lengths as untrusted and clamp).
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch, int64_t total, int64_t max_seqlen,
+                      const char* max_name, const at::Tensor& q) {
+  check_index_tensor(cu, 1, name, q);
+  TORCH_CHECK_VALUE(cu.size(0) == batch + 1, name, " must have batch + 1 = ", batch + 1, " entries, got ",
+                    cu.size(0));
+  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
+  if (!cu.is_cpu()) return;
+  const at::Tensor c = cu.contiguous();
+  const int32_t* v = c.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(v[0] == 0, name, "[0] must be 0, got ", v[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(v[b + 1] >= v[b], name, " must be non-decreasing, but ", name, "[", b + 1, "] = ", v[b + 1],
+                      " < ", v[b]);
+    TORCH_CHECK_VALUE(v[b + 1] - v[b] <= max_seqlen, max_name, " = ", max_seqlen, " is smaller than sequence ", b,
+                      " of ", name, " (length ", v[b + 1] - v[b], ")");
+  }
+  TORCH_CHECK_VALUE(v[batch] == total, name, "[-1] must equal the number of tokens (", total, "), got ", v[batch]);
+}
+
+// Validates q, k, v and the options; fills the params except the output pointers.
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& cu_q,
+                            const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                            double scale, int64_t window_left, int64_t window_right, double softcap) {
+  const bool varlen = cu_q.has_value();
+  TORCH_CHECK_VALUE(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
+  const int64_t rank = varlen ? 3 : 4;
+  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  check_rank(q, rank, "q", layout);
+  check_rank(k, rank, "k", layout);
+  check_rank(v, rank, "v", layout);
+  AttentionParams p{};
+  p.dtype = dtype_of(q, "q");
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
+  check_head_dim_contiguous(q, "q");
+  check_head_dim_contiguous(k, "k");
+  check_head_dim_contiguous(v, "v");
+  const int64_t head_dim = q.size(-1);
+  TORCH_CHECK_VALUE(head_dim > 0, "q must have head_dim > 0");
+  TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head_dim of q (", head_dim, "), got ", k.size(-1));
+  TORCH_CHECK_VALUE(v.size(-1) == head_dim, "v must have the head_dim of q (", head_dim, "), got ", v.size(-1));
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  const int64_t heads_q = q.size(-2), heads_kv = k.size(-2);
+  TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, "q heads (", heads_q,
+                    ") must be a multiple of k/v heads (", heads_kv, ")");
+  check_options(window_left, window_right, softcap);
+
+  if (varlen) {
+    const int64_t batch = cu_q->size(0) - 1;
+    TORCH_CHECK_VALUE(cu_q->dim() == 1 && batch >= 1, "cu_seqlens_q must be 1-D with at least 2 entries, got shape ",
+                      cu_q->sizes());
+    check_cu_seqlens(*cu_q, "cu_seqlens_q", batch, q.size(0), max_seqlen_q, "max_seqlen_q", q);
+    check_cu_seqlens(*cu_k, "cu_seqlens_k", batch, k.size(0), max_seqlen_k, "max_seqlen_k", q);
+    p.batch = int(batch);
+    p.seqlen_q = int(max_seqlen_q);
+    p.seqlen_k = int(max_seqlen_k);
+    p.cu_seqlens_q = cu_q->data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_k->data_ptr<int32_t>();
+  } else {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got ", k.size(0));
+    p.batch = int(q.size(0));
+    p.seqlen_q = int(q.size(1));
+    p.seqlen_k = int(k.size(1));
+  }
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_strides = strides_of(q);
+  p.k_strides = strides_of(k);
+  p.v_strides = strides_of(v);
+  p.heads_q = int(heads_q);
+  p.heads_kv = int(heads_kv);
+  p.head_dim = int(head_dim);
+  p.scale = float(scale);
+  p.softcap = float(softcap);
+  p.causal = causal;
+  p.window_left = int(window_left);
+  p.window_right = int(window_right);
+  return p;
+}
+
+void require_cpu(const at::Tensor& q, const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cpu(), "attnkit.", op, " has no kernel for ", q.device(),
+                              " yet (CPU only; the CUDA prefill kernels arrive with the prefill issue)");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
+                                                 int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
+                                                 int64_t window_right, double softcap) {
+  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+                                  window_right, softcap);
+  require_cpu(q, "attention");
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor lse = p.is_varlen() ? at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))
+                                 : at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.out_strides = strides_of(out);
+  p.lse = lse.data_ptr<float>();
+  if (q.numel() > 0) cpu::attention_fwd(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    bool causal, double scale, int64_t window_left, int64_t window_right, double softcap) {
+  AttentionBwdParams bp{};
+  bp.fwd = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right,
+                       softcap);
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  check_like(dout, "dout", q, "q");
+  check_like(out, "out", q, "q");
+  check_head_dim_contiguous(dout, "dout");
+  check_head_dim_contiguous(out, "out");
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.device() == q.device(),
+                    "lse must be float32 on the device of q");
+  const std::vector<int64_t> lse_shape = bp.fwd.is_varlen() ? std::vector<int64_t>{q.size(1), q.size(0)}
+                                                            : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "lse must have shape ", at::IntArrayRef(lse_shape),
+                    ", got ", lse.sizes());
+  require_cpu(q, "attention backward");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  bp.fwd.out = const_cast<void*>(out.data_ptr());
+  bp.fwd.out_strides = strides_of(out);
+  bp.fwd.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  bp.dout = dout.data_ptr();
+  bp.dout_strides = strides_of(dout);
+  bp.dq = dq.data_ptr();
+  bp.dk = dk.data_ptr();
+  bp.dv = dv.data_ptr();
+  bp.dq_strides = strides_of(dq);
+  bp.dk_strides = strides_of(dk);
+  bp.dv_strides = strides_of(dv);
+  if (q.numel() == 0 || k.numel() == 0) {  // nothing to recompute: gradients are zero
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  } else {
+    cpu::attention_bwd(bp);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+}  // namespace attnkit::binding

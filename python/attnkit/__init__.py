@@ -1,0 +1,28 @@
+"""attnkit: hand-written attention kernels (C++ CPU and CUDA) as torch ops.
+
+Ops: attention, attention_varlen (prefill, with autograd), decode (contiguous or paged KV
+cache), merge_attention_states. attnkit.reference holds the float64 oracle of each.
+"""
+import torch
+
+from ._ops import CUDA_KERNELS
+from .decode import decode
+from .merge import merge_attention_states
+from .prefill import attention, attention_varlen
+
+__version__ = "0.1.0"
+
+
+def has_cuda_kernel(name):
+    """Whether op `name` ("attention", "decode", "merge_attention_states") has a CUDA
+    kernel in this build."""
+    return CUDA_KERNELS.get(name, False)
+
+
+def cuda_available():
+    """True when the CUDA kernels were built and a CUDA GPU is present."""
+    return any(CUDA_KERNELS.values()) and torch.cuda.is_available()
+
+
+__all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
+           "cuda_available"]

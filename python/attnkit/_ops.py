@@ -1,0 +1,83 @@
+"""Loads the compiled ops (torch.ops.attnkit.*) and registers their fake kernels (for
+torch.compile and meta tensors) and autograd formulas. Schemas live in csrc/torch/ops.cpp."""
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.attnkit.*)
+except ImportError as err:  # pragma: no cover - only without a build
+    raise ImportError(
+        "attnkit's compiled extension is missing: build it with `make build` "
+        "(or `pip install --no-build-isolation -e .`) from the repository root"
+    ) from err
+
+ops = torch.ops.attnkit
+
+_OP_NAMES = {
+    "attention": "attnkit::attention_fwd",
+    "decode": "attnkit::decode",
+    "merge_attention_states": "attnkit::merge_attention_states",
+}
+# Which ops have a CUDA kernel in this build (fixed at build time, so read once).
+CUDA_KERNELS = {
+    name: torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for name, op in _OP_NAMES.items()
+}
+
+
+def lse_shape(q, varlen):
+    """LSE is (batch, heads, seqlen_q) for dense q and (heads, total_q) for varlen q."""
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.register_fake("attnkit::attention_fwd")
+def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                        window_left, window_right, softcap):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+
+
+@torch.library.register_fake("attnkit::attention_bwd")
+def _attention_bwd_fake(dout, q, k, v, out, lse, *args):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+@torch.library.register_fake("attnkit::decode")
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window_left):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("attnkit::merge_attention_states")
+def _merge_fake(out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(out_a, memory_format=torch.contiguous_format), torch.empty_like(lse_a)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left, window_right, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.options = (max_q, max_k, causal, scale, window_left, window_right, softcap)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv = ops.attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.options)
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd("attnkit::attention_fwd", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+def _decode_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+
+
+def _decode_backward(ctx, grad_out, grad_lse):
+    raise RuntimeError("attnkit.decode is inference-only: it has no backward; "
+                       "use attnkit.attention for training")
+
+
+torch.library.register_autograd("attnkit::decode", _decode_backward, setup_context=_decode_setup_context)
