@@ -66,7 +66,8 @@ def build_extensions():
     sources = sorted(glob.glob("csrc/torch/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cpu_flags = os.environ.get("ATTNKIT_CPU_FLAGS", "-march=native").split()
-    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fvisibility=hidden"] + cpu_flags
+    # -fopenmp: at::parallel_for is inline OpenMP code; without it the CPU kernels run on one thread.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-fvisibility=hidden"] + cpu_flags
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fvisibility=hidden"]
 
     if shutil.which("ccache"):
@@ -81,10 +82,10 @@ def build_extensions():
         cxx_flags.append("-DATTNKIT_WITH_CUDA")
         nvcc_flags += ["-DATTNKIT_WITH_CUDA"] + gencode_flags(archs)
         ext = CUDAExtension("attnkit._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, py_limited_api=False)
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
         backends = f"CPU + CUDA (archs {', '.join(archs)}; nvcc from {CUDA_HOME}; CUTLASS {cutlass or 'not found'})"
     else:
-        ext = CppExtension("attnkit._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("attnkit._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
         why = "ATTNKIT_FORCE_CPU=1" if force_cpu else "torch without CUDA or nvcc not found"
         backends = f"CPU only ({why})"
     print(f"attnkit: building backends: {backends}; {len(sources)} sources; "

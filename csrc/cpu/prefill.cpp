@@ -1,11 +1,15 @@
 // CPU prefill attention, forward and backward, flash-style: a tile of kBlockQ queries of one
 // head streams over tiles of kBlockK keys with an online softmax, so memory stays
-// O(seqlen) (no seqlen_q x seqlen_k matrix). The backward recomputes probabilities from the
-// forward's LSE in two passes: dK/dV per key tile, then dQ per query tile, so no two
-// threads ever write the same gradient row (deterministic, no atomics).
+// O(seqlen) (no seqlen_q x seqlen_k matrix). Logit tiles are kept as keys x queries
+// (St = K * Q^T): only the query tile is transposed, once, while K and V tiles are read as
+// stored (fp32) or converted row by row (fp16 / bf16), and per-query softmax statistics are
+// vectors. The backward recomputes probabilities from the forward's LSE in two passes:
+// dK/dV per key tile, then dQ per query tile, so no two threads write the same gradient row
+// (deterministic, no atomics).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "attnkit/mask.h"
@@ -48,24 +52,59 @@ T* row_ptr(void* base, const Strides& s, int b, int64_t row, int h) {
   return static_cast<T*>(base) + b * s.batch + row * s.row + int64_t(h) * s.head;
 }
 
-// dst (n_pad x ld) <- rows first .. first + n of a tensor, times mul; zero padding.
-template <typename T, typename RowFn>
-void load_tile(RowFn row, int first, int n, int n_pad, int D, int ld, float mul, float* dst) {
-  for (int r = 0; r < n; ++r) {
-    load_row(row(first + r), D, dst + int64_t(r) * ld, mul);
-    std::fill(dst + int64_t(r) * ld + D, dst + int64_t(r + 1) * ld, 0.f);
+// Query q of a tile sees keys [lo[q], hi[q]); padding columns see nothing.
+struct TileMask {
+  alignas(32) int32_t lo[kBlockQ];
+  alignas(32) int32_t hi[kBlockQ];
+  int max_lo = 0, min_hi = 0;  // every query of the tile sees [max_lo, min_hi)
+
+  void set(const AttentionMask& mask, int q0, int rows) {
+    max_lo = 0;
+    min_hi = mask.seqlen_k;
+    for (int r = 0; r < kBlockQ; ++r) {
+      const KeyRange keys = r < rows ? mask.keys_of(q0 + r) : KeyRange{0, 0};
+      lo[r] = keys.begin;
+      hi[r] = keys.end;
+      if (r < rows) {
+        max_lo = std::max(max_lo, keys.begin);
+        min_hi = std::min(min_hi, keys.end);
+      }
+    }
   }
-  std::fill(dst + int64_t(n) * ld, dst + int64_t(n_pad) * ld, 0.f);
+  // Masks and softcaps the logits of keys k0 .. k0 + n (a no-op when all are visible).
+  void apply(float* st, int n, int cols, int k0, float softcap) const {
+    if (softcap == 0.f && k0 >= max_lo && k0 + n <= min_hi) return;
+    transform_and_mask_cols(st, n, kBlockQ, cols, k0, lo, hi, softcap);
+  }
+};
+
+// An fp32 view of rows first .. first + n of one head of a tensor: the tensor itself when it
+// is fp32 (and, if padded, D is a multiple of 16 so rows can be read to Dp), else a copy
+// converted into buf (ld Dp, columns D .. Dp zero). Returns the pointer and sets ld.
+template <typename T, typename RowFn>
+const float* fp32_rows(RowFn row, int first, int n, int D, int Dp, bool padded, float* buf, int64_t& ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!padded || D % (2 * kVec) == 0) {
+      ld = n > 1 ? row(first + 1) - row(first) : Dp;
+      return row(first);
+    }
+  }
+  for (int r = 0; r < n; ++r) {
+    load_row(row(first + r), D, buf + int64_t(r) * Dp, 1.f);
+    std::fill(buf + int64_t(r) * Dp + D, buf + int64_t(r + 1) * Dp, 0.f);
+  }
+  ld = Dp;
+  return buf;
 }
 
-// dst (D x kBlockK): dst[d][c] = row(first + c)[d] for c < n, zero for the other columns.
+// dst (D x kBlockQ) = (mul * rows first .. first + n)^T, columns n .. kBlockQ zero.
 template <typename T, typename RowFn>
-void load_tile_transposed(RowFn row, int first, int n, int D, float* buf, float* dst) {
-  std::fill(dst, dst + int64_t(D) * kBlockK, 0.f);
+void load_transposed(RowFn row, int first, int n, int D, float mul, float* buf, float* dst) {
   for (int c = 0; c < n; ++c) {
-    load_row(row(first + c), D, buf, 1.f);
-    for (int d = 0; d < D; ++d) dst[int64_t(d) * kBlockK + c] = buf[d];
+    load_row(row(first + c), D, buf, mul);
+    for (int d = 0; d < D; ++d) dst[int64_t(d) * kBlockQ + c] = buf[d];
   }
+  for (int d = 0; d < D; ++d) std::fill(dst + int64_t(d) * kBlockQ + n, dst + int64_t(d + 1) * kBlockQ, 0.f);
 }
 
 // Work list: one entry per (batch, head, tile start), tiles of `block` rows.
@@ -87,52 +126,48 @@ std::vector<TileItem> tile_items(int batch, int heads, int block, LenFn len) {
 template <typename T>
 void forward(const AttentionParams& p) {
   const int D = p.head_dim, Dp = round_up(D, 2 * kVec), group = p.heads_q / p.heads_kv;
-  const auto items = tile_items(p.batch, p.heads_q, kBlockQ,
-                                [&](int b) { return sequence_of(p, b).len_q; });
+  const auto items = tile_items(p.batch, p.heads_q, kBlockQ, [&](int b) { return sequence_of(p, b).len_q; });
 
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(kBlockQ * Dp), acc(kBlockQ * Dp), s_tile(kBlockQ * kBlockK),
-        kt(int64_t(D) * kBlockK), v_tile(kBlockK * Dp), row_buf(Dp);
-    RowSoftmax state[kBlockQ];
-    KeyRange visible[kBlockQ];
+    std::vector<float> qt(int64_t(D) * kBlockQ), acc(kBlockQ * Dp), st(kBlockK * kBlockQ), k_buf(kBlockK * Dp),
+        v_buf(kBlockK * Dp), row_buf(Dp);
+    alignas(32) float max[kBlockQ], sum[kBlockQ], factor[kBlockQ];
+    TileMask tile_mask;
 
     for (int64_t it = begin; it < end; ++it) {
       const auto [b, h, q0] = items[it];
       const int hk = h / group;
       const Sequence seq = sequence_of(p, b);
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
-      const int rows = std::min(kBlockQ, seq.len_q - q0);
+      const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
       auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.q_row0 + i, h); };
       auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.k_row0 + j, hk); };
       auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.k_row0 + j, hk); };
 
-      load_tile<T>(q_row, q0, rows, rows, D, Dp, p.scale, q_tile.data());
+      load_transposed<T>(q_row, q0, rows, D, p.scale, row_buf.data(), qt.data());
+      tile_mask.set(mask, q0, rows);
       std::fill(acc.begin(), acc.begin() + rows * Dp, 0.f);
-      for (int r = 0; r < rows; ++r) {
-        state[r] = RowSoftmax{};
-        visible[r] = mask.keys_of(q0 + r);
-      }
+      std::fill(max, max + kBlockQ, kNegInf);
+      std::fill(sum, sum + kBlockQ, 0.f);
+
       const KeyRange span = mask.keys_of_rows(q0, q0 + rows);
-
       for (int k0 = span.begin; k0 < span.end; k0 += kBlockK) {
-        const int n = std::min(kBlockK, span.end - k0), n_pad = round_up(n, 2 * kVec);
-        load_tile_transposed<T>(k_row, k0, n, D, row_buf.data(), kt.data());
-        load_tile<T>(v_row, k0, n, n, D, Dp, 1.f, v_tile.data());
-        std::fill(s_tile.begin(), s_tile.begin() + rows * kBlockK, 0.f);
-        gemm_acc(rows, n_pad, D, q_tile.data(), Dp, 1, kt.data(), kBlockK, s_tile.data(), kBlockK);
-        for (int r = 0; r < rows; ++r) {
-          float* s = s_tile.data() + r * kBlockK;
-          transform_and_mask_row(s, n_pad, n, k0, visible[r], p.softcap);
-          const float factor = softmax_update_row(s, n_pad, state[r]);
-          if (factor != 1.f) scale_row(acc.data() + r * Dp, Dp, factor);
-        }
-        gemm_acc(rows, Dp, n, s_tile.data(), kBlockK, 1, v_tile.data(), Dp, acc.data(), Dp);
+        const int n = std::min(kBlockK, span.end - k0);
+        int64_t ldk, ldv;
+        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, false, k_buf.data(), ldk);
+        gemm<false, false>(n, cols, D, k, ldk, qt.data(), kBlockQ, st.data(), kBlockQ);
+        tile_mask.apply(st.data(), n, cols, k0, p.softcap);
+        softmax_update_cols(st.data(), n, kBlockQ, cols, max, sum, factor);
+        for (int r = 0; r < rows; ++r)
+          if (factor[r] != 1.f) scale_row(acc.data() + r * Dp, Dp, factor[r]);
+        const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, true, v_buf.data(), ldv);
+        gemm<true, true>(rows, Dp, n, st.data(), kBlockQ, v, ldv, acc.data(), Dp);
       }
 
       for (int r = 0; r < rows; ++r) {
-        store_row(acc.data() + r * Dp, D, state[r].inv_sum(),
-                  row_ptr<T>(p.out, p.out_strides, b, seq.q_row0 + q0 + r, h));
-        p.lse[lse_index(p, b, h, seq.q_row0 + q0 + r)] = state[r].lse();
+        const RowSoftmax stats{max[r], sum[r]};
+        store_row(acc.data() + r * Dp, D, stats.inv_sum(), row_ptr<T>(p.out, p.out_strides, b, seq.q_row0 + q0 + r, h));
+        p.lse[lse_index(p, b, h, seq.q_row0 + q0 + r)] = stats.lse();
       }
     }
   });
@@ -140,155 +175,137 @@ void forward(const AttentionParams& p) {
 
 // ---- backward -------------------------------------------------------------------------------
 
-// Scratch of one thread for one (query tile, key tile) pair of the backward.
-struct BwdScratch {
-  std::vector<float> q_tile, do_tile, kt, vt, k_tile, scores, probs, dscores, row_buf, acc;
-  float lse[kBlockQ], delta[kBlockQ];
-  KeyRange visible[kBlockQ];
-  BwdScratch(int D, int Dp)
-      : q_tile(kBlockQ * Dp), do_tile(kBlockQ * Dp), kt(int64_t(D) * kBlockK),
-        vt(int64_t(D) * kBlockK), k_tile(kBlockK * Dp), scores(kBlockQ * kBlockK),
-        probs(kBlockQ * kBlockK), dscores(kBlockQ * kBlockK), row_buf(Dp),
-        acc(std::max(kBlockQ, kBlockK) * Dp) {}
-};
-
-// For queries in s.q_tile / s.do_tile (rows) and keys k0 .. k0 + n in s.kt / s.vt:
-// probs = exp(s - lse) and dscores = d loss / d (scale * q.k), both (rows x kBlockK).
-void probs_and_dscores(BwdScratch& s, int rows, int n, int D, int Dp, int k0, float softcap) {
-  const int n_pad = round_up(n, 2 * kVec);
-  std::fill(s.scores.begin(), s.scores.begin() + rows * kBlockK, 0.f);
-  std::fill(s.dscores.begin(), s.dscores.begin() + rows * kBlockK, 0.f);
-  gemm_acc(rows, n_pad, D, s.q_tile.data(), Dp, 1, s.kt.data(),
-           kBlockK, s.scores.data(), kBlockK);
-  // dP = dO V^T, accumulated into dscores before it is turned into dS.
-  gemm_acc(rows, n_pad, D, s.do_tile.data(), Dp, 1, s.vt.data(),
-           kBlockK, s.dscores.data(), kBlockK);
-  for (int r = 0; r < rows; ++r) {
-    float* t = s.scores.data() + r * kBlockK;
-    float* prob = s.probs.data() + r * kBlockK;
-    float* ds = s.dscores.data() + r * kBlockK;
-    transform_and_mask_row(t, n_pad, n, k0, s.visible[r], softcap);
-    // A row that sees no key has every logit masked, so its probabilities are all 0.
-    const float lse = s.lse[r];
-    for (int c = 0; c < n_pad; c += kVec) {
-      const vec8 tv = load8(t + c);
-      const vec8 pv = tv == splat8(kNegInf) ? vec8{} : exp8(tv - lse);
-      vec8 dsv = pv * (load8(ds + c) - s.delta[r]);
-      if (softcap > 0.f) {
-        const vec8 u = tv / softcap;
-        dsv = tv == splat8(kNegInf) ? vec8{} : dsv * (1.f - u * u);
-      }
-      store8(prob + c, pv);
-      store8(ds + c, dsv);
-    }
-  }
-}
-
 template <typename T>
 void backward(const AttentionBwdParams& bp) {
   const AttentionParams& p = bp.fwd;
   const int D = p.head_dim, Dp = round_up(D, 2 * kVec), group = p.heads_q / p.heads_kv;
-  const int64_t total_q = p.is_varlen() ? p.cu_seqlens_q[p.batch] : int64_t(p.batch) * p.seqlen_q;
+  const int64_t tile_elems = int64_t(D) * kBlockQ;
+  const auto q_items = tile_items(p.batch, p.heads_q, kBlockQ, [&](int b) { return sequence_of(p, b).len_q; });
+  // Index of each query tile in q_items, to find its precomputed transposed tiles.
+  std::vector<int64_t> first_tile(int64_t(p.batch) * p.heads_q + 1, 0);
+  for (const TileItem& t : q_items) ++first_tile[int64_t(t.b) * p.heads_q + t.h + 1];
+  for (size_t i = 1; i < first_tile.size(); ++i) first_tile[i] += first_tile[i - 1];
+  auto tile_of = [&](int b, int h, int q0) { return first_tile[int64_t(b) * p.heads_q + h] + q0 / kBlockQ; };
 
-  // delta = rowsum(dO * O), laid out like lse.
-  std::vector<float> delta(total_q * p.heads_q);
-  const auto q_items = tile_items(p.batch, p.heads_q, kBlockQ,
-                                  [&](int b) { return sequence_of(p, b).len_q; });
+  // Pass 0, per query tile: delta = rowsum(dO * O) (laid out like lse), and the transposed
+  // tiles (scale * Q)^T and dO^T that both passes multiply with (O(seqlen) memory).
+  std::vector<float> delta(std::max<int64_t>(1, first_tile.back()) * kBlockQ);
+  std::vector<float> qt_all(q_items.size() * tile_elems), dot_all(q_items.size() * tile_elems);
   at::parallel_for(0, int64_t(q_items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> o(D), d_o(D);
+    std::vector<float> o(Dp), d_o(Dp);
     for (int64_t it = begin; it < end; ++it) {
       const auto [b, h, q0] = q_items[it];
       const Sequence seq = sequence_of(p, b);
-      for (int i = q0; i < std::min(q0 + kBlockQ, seq.len_q); ++i) {
-        const int64_t row = seq.q_row0 + i;
-        load_row(row_ptr<T>(p.out, p.out_strides, b, row, h), D, o.data(), 1.f);
-        load_row(row_ptr<T>(bp.dout, bp.dout_strides, b, row, h), D, d_o.data(), 1.f);
-        float sum = 0.f;
-        for (int d = 0; d < D; ++d) sum += o[d] * d_o[d];
-        delta[lse_index(p, b, h, row)] = sum;
+      const int rows = std::min(kBlockQ, seq.len_q - q0);
+      auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.q_row0 + i, h); };
+      auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.q_row0 + i, h); };
+      load_transposed<T>(q_row, q0, rows, D, p.scale, o.data(), qt_all.data() + it * tile_elems);
+      load_transposed<T>(do_row, q0, rows, D, 1.f, o.data(), dot_all.data() + it * tile_elems);
+      for (int r = 0; r < kBlockQ; ++r) {
+        float dot = 0.f;
+        if (r < rows) {
+          load_row(row_ptr<T>(p.out, p.out_strides, b, seq.q_row0 + q0 + r, h), D, o.data(), 1.f);
+          load_row(do_row(q0 + r), D, d_o.data(), 1.f);
+          for (int d = 0; d < D; ++d) dot += o[d] * d_o[d];
+        }
+        delta[it * kBlockQ + r] = dot;
       }
     }
   });
 
-  // Loads the query-side tiles (scaled q, dO, lse, delta, visible keys) of one query tile.
-  auto load_query_side = [&](BwdScratch& s, int b, int h, const Sequence& seq,
-                             const AttentionMask& mask, int q0, int rows) {
-    auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.q_row0 + i, h); };
-    auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.q_row0 + i, h); };
-    load_tile<T>(q_row, q0, rows, rows, D, Dp, p.scale, s.q_tile.data());
-    load_tile<T>(do_row, q0, rows, rows, D, Dp, 1.f, s.do_tile.data());
-    for (int r = 0; r < rows; ++r) {
-      const int64_t idx = lse_index(p, b, h, seq.q_row0 + q0 + r);
-      s.lse[r] = p.lse[idx];
-      s.delta[r] = delta[idx];
-      s.visible[r] = mask.keys_of(q0 + r);
-    }
+  // Per-thread scratch and the query-side vectors of one tile.
+  struct Scratch {
+    std::vector<float> st, dpt, k_buf, v_buf, q_buf, do_buf, acc_a, acc_b;
+    alignas(32) float lse[kBlockQ];
+    TileMask mask;
+    Scratch(int Dp)
+        : st(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ), k_buf(kBlockK * Dp), v_buf(kBlockK * Dp),
+          q_buf(kBlockQ * Dp), do_buf(kBlockQ * Dp), acc_a(std::max(kBlockK, kBlockQ) * Dp),
+          acc_b(kBlockK * Dp) {}
   };
-  auto load_key_side = [&](BwdScratch& s, int b, int hk, const Sequence& seq, int k0, int n,
-                           bool with_rows) {
-    auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.k_row0 + j, hk); };
-    auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.k_row0 + j, hk); };
-    load_tile_transposed<T>(k_row, k0, n, D, s.row_buf.data(), s.kt.data());
-    load_tile_transposed<T>(v_row, k0, n, D, s.row_buf.data(), s.vt.data());
-    if (with_rows) load_tile<T>(k_row, k0, n, n, D, Dp, 1.f, s.k_tile.data());
+  auto load_lse = [&](Scratch& s, int b, int h, const Sequence& seq, int q0, int rows) {
+    for (int r = 0; r < kBlockQ; ++r)
+      s.lse[r] = r < rows ? p.lse[lse_index(p, b, h, seq.q_row0 + q0 + r)] : INFINITY;  // padding: p = 0
+  };
+  // Probabilities Pt (in s.st) and dSt (in s.dpt) of keys k (ldk) and values v (ldv) against
+  // query tile `tile`.
+  auto recompute = [&](Scratch& s, int64_t tile, const float* k, int64_t ldk, const float* v, int64_t ldv, int n,
+                       int cols, int k0) {
+    gemm<false, false>(n, cols, D, k, ldk, qt_all.data() + tile * tile_elems, kBlockQ, s.st.data(), kBlockQ);
+    gemm<false, false>(n, cols, D, v, ldv, dot_all.data() + tile * tile_elems, kBlockQ, s.dpt.data(), kBlockQ);
+    s.mask.apply(s.st.data(), n, cols, k0, p.softcap);
+    probs_and_dscores_cols(s.st.data(), s.dpt.data(), n, kBlockQ, cols, s.lse, delta.data() + tile * kBlockQ,
+                           p.softcap);
   };
 
   // Pass 1: dK and dV, one key tile of one kv head per item, over every query that sees it.
-  const auto k_items = tile_items(p.batch, p.heads_kv, kBlockK,
-                                  [&](int b) { return sequence_of(p, b).len_k; });
+  const auto k_items = tile_items(p.batch, p.heads_kv, kBlockK, [&](int b) { return sequence_of(p, b).len_k; });
   at::parallel_for(0, int64_t(k_items.size()), 1, [&](int64_t begin, int64_t end) {
-    BwdScratch s(D, Dp);
-    std::vector<float> dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp);
+    Scratch s(Dp);
     for (int64_t it = begin; it < end; ++it) {
       const auto [b, hk, k0] = k_items[it];
       const Sequence seq = sequence_of(p, b);
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
       const int n = std::min(kBlockK, seq.len_k - k0);
-      load_key_side(s, b, hk, seq, k0, n, false);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.k_row0 + j, hk); };
+      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.k_row0 + j, hk); };
+      int64_t ldk, ldv;
+      const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, false, s.k_buf.data(), ldk);
+      const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, false, s.v_buf.data(), ldv);
+      float* dk = s.acc_a.data();
+      float* dv = s.acc_b.data();
+      std::fill(dk, dk + n * Dp, 0.f);
+      std::fill(dv, dv + n * Dp, 0.f);
       for (int h = hk * group; h < (hk + 1) * group; ++h) {
         for (int q0 = 0; q0 < seq.len_q; q0 += kBlockQ) {
-          const int rows = std::min(kBlockQ, seq.len_q - q0);
+          const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
           const KeyRange span = mask.keys_of_rows(q0, q0 + rows);
           if (span.empty() || span.end <= k0 || span.begin >= k0 + n) continue;
-          load_query_side(s, b, h, seq, mask, q0, rows);
-          probs_and_dscores(s, rows, n, D, Dp, k0, p.softcap);
-          // dV += P^T dO and dK += dS^T (scale q): transposed A through its strides.
-          gemm_acc(n, Dp, rows, s.probs.data(), 1, kBlockK, s.do_tile.data(), Dp, dv_acc.data(), Dp);
-          gemm_acc(n, Dp, rows, s.dscores.data(), 1, kBlockK, s.q_tile.data(), Dp, dk_acc.data(), Dp);
+          s.mask.set(mask, q0, rows);
+          load_lse(s, b, h, seq, q0, rows);
+          recompute(s, tile_of(b, h, q0), k, ldk, v, ldv, n, cols, k0);
+          auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.q_row0 + i, h); };
+          auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.q_row0 + i, h); };
+          int64_t ldq, lddo;
+          const float* q = fp32_rows<T>(q_row, q0, rows, D, Dp, true, s.q_buf.data(), ldq);
+          const float* d_o = fp32_rows<T>(do_row, q0, rows, D, Dp, true, s.do_buf.data(), lddo);
+          gemm<false, true>(n, Dp, rows, s.st.data(), kBlockQ, d_o, lddo, dv, Dp);   // dV += P^T dO
+          gemm<false, true>(n, Dp, rows, s.dpt.data(), kBlockQ, q, ldq, dk, Dp);     // dK += dS^T Q
         }
       }
       for (int c = 0; c < n; ++c) {
-        store_row(dk_acc.data() + c * Dp, D, 1.f,
-                  row_ptr<T>(bp.dk, bp.dk_strides, b, seq.k_row0 + k0 + c, hk));
-        store_row(dv_acc.data() + c * Dp, D, 1.f,
-                  row_ptr<T>(bp.dv, bp.dv_strides, b, seq.k_row0 + k0 + c, hk));
+        store_row(dk + c * Dp, D, p.scale, row_ptr<T>(bp.dk, bp.dk_strides, b, seq.k_row0 + k0 + c, hk));
+        store_row(dv + c * Dp, D, 1.f, row_ptr<T>(bp.dv, bp.dv_strides, b, seq.k_row0 + k0 + c, hk));
       }
     }
   });
 
   // Pass 2: dQ, one query tile per item, over the key tiles it sees.
   at::parallel_for(0, int64_t(q_items.size()), 1, [&](int64_t begin, int64_t end) {
-    BwdScratch s(D, Dp);
+    Scratch s(Dp);
     for (int64_t it = begin; it < end; ++it) {
       const auto [b, h, q0] = q_items[it];
       const int hk = h / group;
       const Sequence seq = sequence_of(p, b);
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
-      const int rows = std::min(kBlockQ, seq.len_q - q0);
-      load_query_side(s, b, h, seq, mask, q0, rows);
-      std::fill(s.acc.begin(), s.acc.begin() + rows * Dp, 0.f);
+      const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
+      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.k_row0 + j, hk); };
+      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.k_row0 + j, hk); };
+      s.mask.set(mask, q0, rows);
+      load_lse(s, b, h, seq, q0, rows);
+      float* dq = s.acc_a.data();
+      std::fill(dq, dq + rows * Dp, 0.f);
       const KeyRange span = mask.keys_of_rows(q0, q0 + rows);
       for (int k0 = span.begin; k0 < span.end; k0 += kBlockK) {
         const int n = std::min(kBlockK, span.end - k0);
-        load_key_side(s, b, hk, seq, k0, n, true);
-        probs_and_dscores(s, rows, n, D, Dp, k0, p.softcap);
-        gemm_acc(rows, Dp, n, s.dscores.data(), kBlockK, 1, s.k_tile.data(), Dp, s.acc.data(), Dp);
+        int64_t ldk, ldv;
+        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, true, s.k_buf.data(), ldk);
+        const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, false, s.v_buf.data(), ldv);
+        recompute(s, it, k, ldk, v, ldv, n, cols, k0);
+        gemm<true, true>(rows, Dp, n, s.dpt.data(), kBlockQ, k, ldk, dq, Dp);  // dQ += dS K
       }
       for (int r = 0; r < rows; ++r)
-        store_row(s.acc.data() + r * Dp, D, p.scale,
-                  row_ptr<T>(bp.dq, bp.dq_strides, b, seq.q_row0 + q0 + r, h));
+        store_row(dq + r * Dp, D, p.scale, row_ptr<T>(bp.dq, bp.dq_strides, b, seq.q_row0 + q0 + r, h));
     }
   });
 }

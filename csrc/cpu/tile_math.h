@@ -103,20 +103,20 @@ inline void store_row(const float* src, int n, float mul, T* dst) {
 
 // ---- matrix product on fp32 tiles ---------------------------------------------------------
 
-// C[MR x 16] += A[MR x K] * B[K x 16]; A(i, k) = A[i * a_rs + k * a_cs], so a transposed A
-// costs nothing. B rows are contiguous.
-template <int MR>
-inline void gemm_micro(int K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
-                       int64_t ldb, float* C, int64_t ldc) {
+// C[MR x 16] (+)= A[MR x K] * B[K x 16]. A(i, k) is A[i * lda + k], or A[k * lda + i] when
+// kTransA (so a transposed operand costs nothing); B rows are contiguous.
+template <int MR, bool kTransA, bool kAccumulate>
+inline void gemm_micro(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
   vec8 acc[MR][2];
   for (int r = 0; r < MR; ++r) {
-    acc[r][0] = load8(C + r * ldc);
-    acc[r][1] = load8(C + r * ldc + kVec);
+    acc[r][0] = kAccumulate ? load8(C + r * ldc) : vec8{};
+    acc[r][1] = kAccumulate ? load8(C + r * ldc + kVec) : vec8{};
   }
   for (int k = 0; k < K; ++k) {
     const vec8 b0 = load8(B + k * ldb), b1 = load8(B + k * ldb + kVec);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const float a = A[r * a_rs + k * a_cs];
+      const float a = kTransA ? A[k * lda + r] : A[r * lda + k];
       acc[r][0] += a * b0;
       acc[r][1] += a * b1;
     }
@@ -127,22 +127,24 @@ inline void gemm_micro(int K, const float* A, int64_t a_rs, int64_t a_cs, const 
   }
 }
 
-// C[M x N] += A[M x K] * B[K x N], N a multiple of 16 (tiles are padded to it).
-inline void gemm_acc(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_cs,
-                     const float* B, int64_t ldb, float* C, int64_t ldc) {
+// C[M x N] (+)= A[M x K] * B[K x N], N a multiple of 16 (tiles are padded to it).
+template <bool kTransA, bool kAccumulate>
+inline void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc) {
   constexpr int kMR = 6;
+  auto a_rows = [&](int i) { return kTransA ? A + i : A + i * lda; };
   for (int j = 0; j < N; j += 2 * kVec) {
     int i = 0;
     for (; i + kMR <= M; i += kMR)
-      gemm_micro<kMR>(K, A + i * a_rs, a_rs, a_cs, B + j, ldb, C + i * ldc + j, ldc);
-    const float* a = A + i * a_rs;
+      gemm_micro<kMR, kTransA, kAccumulate>(K, a_rows(i), lda, B + j, ldb, C + i * ldc + j, ldc);
+    const float* a = a_rows(i);
     float* c = C + i * ldc + j;
     switch (M - i) {
-      case 5: gemm_micro<5>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
-      case 4: gemm_micro<4>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
-      case 3: gemm_micro<3>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
-      case 2: gemm_micro<2>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
-      case 1: gemm_micro<1>(K, a, a_rs, a_cs, B + j, ldb, c, ldc); break;
+      case 5: gemm_micro<5, kTransA, kAccumulate>(K, a, lda, B + j, ldb, c, ldc); break;
+      case 4: gemm_micro<4, kTransA, kAccumulate>(K, a, lda, B + j, ldb, c, ldc); break;
+      case 3: gemm_micro<3, kTransA, kAccumulate>(K, a, lda, B + j, ldb, c, ldc); break;
+      case 2: gemm_micro<2, kTransA, kAccumulate>(K, a, lda, B + j, ldb, c, ldc); break;
+      case 1: gemm_micro<1, kTransA, kAccumulate>(K, a, lda, B + j, ldb, c, ldc); break;
       default: break;
     }
   }
@@ -150,7 +152,7 @@ inline void gemm_acc(int M, int N, int K, const float* A, int64_t a_rs, int64_t 
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// ---- logits of one tile -----------------------------------------------------------------
+// ---- logits of one tile, one row per query (decode) -----------------------------------------------------------------
 
 // In place on a row of n_pad (multiple of 8) logits for keys key0 .. key0 + n_pad: applies
 // softcap, and sets keys outside `visible` (and padding beyond n_valid) to -inf.
@@ -198,6 +200,76 @@ inline float softmax_update_row(float* s, int n_pad, RowSoftmax& state) {
 
 inline void scale_row(float* row, int n, float factor) {
   for (int c = 0; c < n; ++c) row[c] *= factor;
+}
+
+// ---- logits of one tile, one column per query (prefill) -------------------------------------
+// The prefill kernels compute St = K * Q^T (keys x queries, ld = queries): Q is transposed
+// once per query tile, K and V are used as stored, and per-query statistics vectorise.
+
+// Query q sees keys [lo[q], hi[q]). In place on St (n keys from key0, cols query columns, a
+// multiple of 8): softcap, then -inf outside the visible keys.
+inline void transform_and_mask_cols(float* st, int n, int ld, int cols, int key0, const int32_t* lo,
+                                    const int32_t* hi, float softcap) {
+  for (int c = 0; c < n; ++c) {
+    const int32_t j = key0 + c;
+    float* row = st + int64_t(c) * ld;
+    for (int q = 0; q < cols; q += kVec) {
+      ivec8 l, h;
+      std::memcpy(&l, lo + q, sizeof(l));
+      std::memcpy(&h, hi + q, sizeof(h));
+      vec8 v = load8(row + q);
+      if (softcap > 0.f) v = softcap8(v, softcap);
+      store8(row + q, (l <= j) & (j < h) ? v : splat8(kNegInf));
+    }
+  }
+}
+
+// Online-softmax step for every query column of St (n x ld, already masked): probabilities
+// exp(s - max) in place; max and sum per query updated; factor[q] receives the rescale
+// of the query's earlier output.
+inline void softmax_update_cols(float* st, int n, int ld, int cols, float* max, float* sum, float* factor) {
+  for (int q = 0; q < cols; q += kVec) {
+    const vec8 old_max = load8(max + q);
+    vec8 new_max = old_max;
+    for (int c = 0; c < n; ++c) {
+      const vec8 v = load8(st + int64_t(c) * ld + q);
+      new_max = v > new_max ? v : new_max;
+    }
+    const vec8 f = old_max == splat8(kNegInf) ? vec8{} : exp8(old_max - new_max);
+    vec8 s = load8(sum + q) * f;
+    for (int c = 0; c < n; ++c) {
+      float* p = st + int64_t(c) * ld + q;
+      const vec8 v = load8(p);
+      const vec8 prob = v == splat8(kNegInf) ? vec8{} : exp8(v - new_max);
+      s += prob;
+      store8(p, prob);
+    }
+    store8(max + q, new_max);
+    store8(sum + q, s);
+    store8(factor + q, f);
+  }
+}
+
+// Backward: from masked logits St and dPt = V * dO^T (both n x ld) to probabilities
+// Pt = exp(s - lse) (into st) and dSt = Pt * (dPt - delta) * dsoftcap (into dpt).
+inline void probs_and_dscores_cols(float* st, float* dpt, int n, int ld, int cols, const float* lse,
+                                   const float* delta, float softcap) {
+  for (int c = 0; c < n; ++c) {
+    float* s_row = st + int64_t(c) * ld;
+    float* dp_row = dpt + int64_t(c) * ld;
+    for (int q = 0; q < cols; q += kVec) {
+      const vec8 t = load8(s_row + q);
+      const ivec8 masked = t == splat8(kNegInf);
+      const vec8 p = masked ? vec8{} : exp8(t - load8(lse + q));
+      vec8 ds = p * (load8(dp_row + q) - load8(delta + q));
+      if (softcap > 0.f) {
+        const vec8 u = t / softcap;
+        ds = masked ? vec8{} : ds * (1.f - u * u);
+      }
+      store8(s_row + q, p);
+      store8(dp_row + q, ds);
+    }
+  }
 }
 
 }  // namespace attnkit::cpu
