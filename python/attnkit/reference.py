@@ -53,7 +53,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     visible = mask(q.shape[1], k.shape[1], causal, window, device=q.device)
     s = s.masked_fill(~visible, float("-inf"))
     # Fully masked rows: shift by 0 instead of -inf so exp gives 0, not NaN (also in backward).
-    row_max = s.amax(dim=-1, keepdim=True).detach()
+    row_max = s.amax(dim=-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(s - row_max)
     total = p.sum(dim=-1, keepdim=True)
