@@ -58,6 +58,16 @@ const T* cache_row(const DecodeParams& p, const void* cache, const Strides& s, i
   return static_cast<const T*>(cache) + offset + int64_t(h) * s.head;
 }
 
+// Rows of one kv head are heads_kv * head_dim elements apart (often 4 KB or more), a stride
+// the hardware prefetchers do not follow across pages: fetch a few rows ahead by hand.
+constexpr int kPrefetchRows = 16;
+
+template <typename T>
+void prefetch_row(const T* row, int D) {
+  for (int64_t byte = 0; byte < int64_t(D) * int64_t(sizeof(T)); byte += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
+}
+
 template <typename T>
 void decode_impl(const DecodeParams& p) {
   const int D = p.head_dim, Dp = round_up(D, kVec), group = p.heads_q / p.heads_kv;
@@ -92,6 +102,8 @@ void decode_impl(const DecodeParams& p) {
         const int n = std::min(kBlockK, last - k0), n_pad = round_up(n, kVec);
         // Scores: one key row at a time against every packed query row.
         for (int c = 0; c < n; ++c) {
+          if (k0 + c + kPrefetchRows < last)
+            prefetch_row(cache_row<T>(p, p.k_cache, p.k_strides, ch.b, k0 + c + kPrefetchRows, ch.head), D);
           load_row(cache_row<T>(p, p.k_cache, p.k_strides, ch.b, k0 + c, ch.head), D, kv_row.data(), 1.f);
           for (int r = 0; r < rows; ++r) {
             const float* q = q_tile.data() + r * Dp;
@@ -107,6 +119,8 @@ void decode_impl(const DecodeParams& p) {
           if (factor != 1.f) scale_row(acc.data() + r * Dp, Dp, factor);
         }
         for (int c = 0; c < n; ++c) {
+          if (k0 + c + kPrefetchRows < last)
+            prefetch_row(cache_row<T>(p, p.v_cache, p.v_strides, ch.b, k0 + c + kPrefetchRows, ch.head), D);
           load_row(cache_row<T>(p, p.v_cache, p.v_strides, ch.b, k0 + c, ch.head), D, kv_row.data(), 1.f);
           for (int r = 0; r < rows; ++r) {
             const float prob = s_tile[r * kBlockK + c];

@@ -1,20 +1,30 @@
 """The float64 oracle of every attnkit op: plain, slow PyTorch written for clarity.
 
-Every kernel, CPU and CUDA, is tested against these functions; when semantics are in
-doubt, this file and docs/semantics.md decide. All functions compute in float64 and
-return float64 tensors; they are differentiable with torch.autograd (fully masked rows
-included), so tests take reference gradients by backward through them.
+Every kernel, CPU and CUDA, is tested against these functions. This file is the
+executable form of docs/semantics.md; when the two disagree, fix whichever is wrong and
+keep them equal. All functions cast their inputs to float64 and return float64 tensors
+(lse included), on the device of their inputs. They are differentiable with
+torch.autograd, fully masked rows included (no NaN forward or backward), so tests take
+reference gradients by backward through them.
 
-Conventions (docs/semantics.md):
-- q (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, kv_heads, head_dim);
-  heads % kv_heads == 0 and q head h reads kv head h // (heads // kv_heads).
-- logit s = scale * q.k with scale = 1/sqrt(head_dim) by default; softcap > 0 maps
-  s -> softcap * tanh(s / softcap).
-- Masks, with the bottom-right diagonal d = i + seqlen_k - seqlen_q of query i: key j is
-  visible iff j >= d - window_left (if window_left >= 0) and j <= d + window_right (if
-  window_right >= 0); causal=True means window_right = 0.
-- lse = log(sum over visible keys of exp(s)), shape (batch, heads, seqlen_q). A query that
-  sees no key gets output 0 and lse -inf.
+Semantics (docs/semantics.md):
+
+- Layout (batch, seqlen, heads, head_dim). q has `Hq` heads, k and v have `Hkv` heads,
+  Hq % Hkv == 0, and q head h reads kv head h // (Hq // Hkv) (GQA / MQA). k and v share
+  their head_dim.
+- Logits: s = scale * q.k, with scale = 1/sqrt(head_dim) by default. With softcap > 0,
+  s = softcap * tanh(s / softcap).
+- Masks: for query row i of a sequence with seqlen_q queries and seqlen_k keys, the
+  diagonal is d = i + seqlen_k - seqlen_q (bottom-right alignment). Key j is visible iff
+    window_left  == -1 or j >= d - window_left, and
+    window_right == -1 or j <= d + window_right, and
+    0 <= j < seqlen_k.
+  causal=True is the same as window_right = 0 (as in FlashAttention). Window values are
+  >= -1 (-1 = unbounded).
+- out_i = sum_j softmax_j(s_ij) v_j over the visible keys j;
+  lse_i = log(sum_j exp(s_ij)) over the visible keys (natural log), shape
+  (batch, heads, seqlen_q) dense or (heads, total_q) varlen.
+  A row with no visible key gives out 0 and lse -inf, never NaN.
 """
 import math
 
@@ -22,54 +32,89 @@ import torch
 
 
 def mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None):
-    """Bool (seqlen_q, seqlen_k): True where query i may attend to key j."""
+    """The visibility matrix: bool (seqlen_q, seqlen_k), True where query i may attend to key j.
+
+    With the bottom-right diagonal d = i + seqlen_k - seqlen_q of query i, key j is visible iff
+    (window_left == -1 or j >= d - window_left) and (window_right == -1 or j <= d + window_right)
+    and 0 <= j < seqlen_k. causal=True sets window_right = 0. window = (window_left,
+    window_right), each >= -1 (-1 = unbounded).
+    """
     left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"window must be (left, right) with each >= -1, got {tuple(window)}")
     if causal:
         right = 0
     i = torch.arange(seqlen_q, device=device)[:, None]
     j = torch.arange(seqlen_k, device=device)[None, :]
     diag = i + seqlen_k - seqlen_q
     visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if left >= 0:
+    if left != -1:
         visible &= j >= diag - left
-    if right >= 0:
+    if right != -1:
         visible &= j <= diag + right
     return visible
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0):
-    """Exact attention -> (out (batch, seqlen_q, heads, head_dim), lse (batch, heads, seqlen_q)),
-    both float64."""
+    """Exact attention in float64 -> (out, lse).
+
+    q (batch, seqlen_q, Hq, head_dim); k, v (batch, seqlen_k, Hkv, head_dim), Hq % Hkv == 0;
+    q head h reads kv head h // (Hq // Hkv).
+    s = scale * q.k (scale defaults to 1/sqrt(head_dim)); softcap > 0 maps s to
+    softcap * tanh(s / softcap). Visible keys as in mask(seqlen_q, seqlen_k, causal, window)
+    (bottom-right diagonal, causal == window_right 0).
+    Returns out (batch, seqlen_q, Hq, head_dim) = softmax(s over visible keys) @ v and
+    lse (batch, Hq, seqlen_q) = log(sum over visible keys of exp(s)), both float64.
+    A row with no visible key gets out 0 and lse -inf; its gradients are 0, not NaN.
+    """
     q, k, v = q.double(), k.double(), v.double()
-    heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
     if heads % kv_heads:
-        raise ValueError(f"q heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    # GQA: q head h reads kv head h // (heads // kv_heads).
     k = k.repeat_interleave(heads // kv_heads, dim=2)
     v = v.repeat_interleave(heads // kv_heads, dim=2)
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale            # (batch, heads, seqlen_q, seqlen_k)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    visible = mask(q.shape[1], k.shape[1], causal, window, device=q.device)
+    visible = mask(seqlen_q, seqlen_k, causal, window, device=q.device)
     s = s.masked_fill(~visible, float("-inf"))
-    # Fully masked rows: shift by 0 instead of -inf so exp gives 0, not NaN (also in backward).
-    row_max = s.amax(dim=-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
+
+    # Softmax that stays finite on rows with no visible key (forward and backward): shift by
+    # the row max, or by 0 where the row max is -inf, and zero the masked probabilities.
+    if seqlen_k > 0:
+        row_max = s.detach().amax(dim=-1, keepdim=True)
+    else:
+        row_max = s.new_zeros(batch, heads, seqlen_q, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(s - row_max)
-    total = p.sum(dim=-1, keepdim=True)
-    probs = p / torch.where(total > 0, total, torch.ones_like(total))
-    out = torch.einsum("bhij,bjhd->bihd", probs, v)
-    lse = torch.where(total > 0, torch.log(torch.where(total > 0, total, torch.ones_like(total))) + row_max,
-                      torch.full_like(total, float("-inf"))).squeeze(-1)
-    return out, lse
+    p = torch.where(visible, torch.exp(s - row_max), torch.zeros_like(s))
+    total = p.sum(dim=-1, keepdim=True)                           # 0 exactly on empty rows
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    out = torch.einsum("bhij,bjhd->bihd", p / safe_total, v)
+    lse = torch.where(seen, torch.log(safe_total) + row_max, torch.full_like(total, float("-inf")))
+    return out, lse.squeeze(-1)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, window=(-1, -1),
                      softcap=0.0):
-    """attention() per sequence of a packed batch: q (total_q, heads, head_dim), k, v
-    (total_k, kv_heads, head_dim); sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1].
-    Returns out (total_q, heads, head_dim) and lse (heads, total_q), float64."""
-    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    """attention() per sequence of a packed batch -> (out, lse), float64.
+
+    q (total_q, Hq, head_dim); k, v (total_k, Hkv, head_dim); cu_seqlens_q / cu_seqlens_k
+    (batch + 1,) non-decreasing, starting at 0, last entry = total tokens. Sequence b is rows
+    cu_seqlens[b]:cu_seqlens[b + 1] and the masks apply per sequence (bottom-right diagonal of
+    that sequence's own lengths; a sequence may have 0 queries or 0 keys).
+    Returns out (total_q, Hq, head_dim) and lse (Hq, total_q).
+    """
+    cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cu_q) != len(cu_k):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
     outs, lses = [], []
     for b in range(len(cu_q) - 1):
         qb = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
@@ -77,29 +122,52 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
         out, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap)
         outs.append(out[0])
         lses.append(lse[0])
+    if not outs:
+        return q.double()[:0], q.new_zeros(q.shape[1], 0, dtype=torch.float64)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
 
 
 def gather_cache(cache, b, length, block_table=None):
-    """The first `length` tokens of sequence b of a contiguous (batch, max_seqlen, kv_heads,
-    head_dim) or paged (num_pages, page_size, kv_heads, head_dim) cache."""
+    """The first `length` tokens (length, Hkv, head_dim) of sequence b of a KV cache.
+
+    Contiguous cache (batch, max_seqlen, Hkv, head_dim): cache[b, :length].
+    Paged cache (num_pages, page_size, Hkv, head_dim) with block_table (batch,
+    max_pages_per_seq): token t lives in page block_table[b, t // page_size], slot
+    t % page_size. Entries of block_table beyond the sequence's used pages are not read.
+    """
     if block_table is None:
+        if length > cache.shape[1]:
+            raise ValueError(f"cache_seqlens[{b}] = {length} exceeds the cache capacity {cache.shape[1]}")
         return cache[b, :length]
     page_size = cache.shape[1]
-    pages = block_table[b, :(length + page_size - 1) // page_size].long()
-    return cache[pages].reshape(-1, *cache.shape[2:])[:length]
+    used = (length + page_size - 1) // page_size
+    if used > block_table.shape[1]:
+        raise ValueError(f"cache_seqlens[{b}] = {length} exceeds block_table capacity "
+                         f"{block_table.shape[1]} x {page_size}")
+    pages = block_table[b, :used].long().to(cache.device)
+    return cache[pages].reshape(used * page_size, *cache.shape[2:])[:length]
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, softcap=0.0, window=-1):
-    """Decode: the seqlen_q queries of q (batch, seqlen_q, heads, head_dim) are the last
-    positions of each sequence, whose cache holds cache_seqlens[b] tokens (the new ones
-    included); query s sits at position cache_seqlens[b] - seqlen_q + s. This is
-    attention(causal=True, window=(window, 0)) against the sequence's tokens.
-    Returns out (batch, seqlen_q, heads, head_dim) and lse (batch, heads, seqlen_q), float64."""
+    """Decode of a few new queries against a KV cache -> (out, lse), float64.
+
+    q (batch, seqlen_q, Hq, head_dim), 1 <= seqlen_q <= 16. cache_seqlens (batch,): the number
+    of valid tokens of sequence b, *including* the seqlen_q new ones, whose keys / values are
+    already in the cache. The queries are the last seqlen_q positions: query s sits at position
+    cache_seqlens[b] - seqlen_q + s and is causal (bottom-right) among them, i.e. this is
+    attention(causal=True, window=(window, 0)) against the sequence's cache_seqlens[b] tokens
+    (a query with no visible key, e.g. when cache_seqlens[b] < seqlen_q, gets 0 and lse -inf).
+    Caches: contiguous (batch, S_max, Hkv, head_dim) with cache_seqlens[b] <= S_max, or paged
+    (num_pages, page_size, Hkv, head_dim) with block_table (batch, max_pages_per_seq): token t
+    of sequence b lives in page block_table[b, t // page_size], slot t % page_size (see
+    gather_cache). window: keys more than `window` positions before a query are masked
+    (-1 = unbounded).
+    Returns out (batch, seqlen_q, Hq, head_dim) and lse (batch, Hq, seqlen_q).
+    """
     outs, lses = [], []
     for b, length in enumerate(cache_seqlens.tolist()):
-        kb = gather_cache(k_cache, b, length, block_table).unsqueeze(0)
-        vb = gather_cache(v_cache, b, length, block_table).unsqueeze(0)
+        kb = gather_cache(k_cache, b, int(length), block_table).unsqueeze(0)
+        vb = gather_cache(v_cache, b, int(length), block_table).unsqueeze(0)
         out, lse = attention(q[b:b + 1], kb, vb, causal=True, scale=scale, window=(window, 0), softcap=softcap)
         outs.append(out)
         lses.append(lse)
@@ -107,15 +175,19 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, 
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
-    """Attention over the union of two disjoint key sets from the two partial results:
-    lse = log(exp(lse_a) + exp(lse_b)), out = out_a exp(lse_a - lse) + out_b exp(lse_b - lse).
-    out (batch, seqlen, heads, head_dim) with lse (batch, heads, seqlen), or out (tokens,
-    heads, head_dim) with lse (heads, tokens). Both -inf gives 0 and -inf."""
+    """Attention over the union of two disjoint key sets from the two partial results -> (out, lse).
+
+    lse = log(exp(lse_a) + exp(lse_b)), out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse).
+    Layouts: out (batch, seqlen, heads, head_dim) with lse (batch, heads, seqlen), or
+    out (tokens, heads, head_dim) with lse (heads, tokens). A side with lse -inf contributes
+    nothing; both -inf gives out 0 and lse -inf. Returned in float64.
+    """
     lse_a, lse_b = lse_a.double(), lse_b.double()
     lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    w_a = torch.where(torch.isfinite(lse), torch.exp(lse_a - safe), torch.zeros_like(lse))
-    w_b = torch.where(torch.isfinite(lse), torch.exp(lse_b - safe), torch.zeros_like(lse))
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse))
+    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse))
     # lse is (..., heads, seqlen); out is (..., seqlen, heads, head_dim).
     w_a, w_b = w_a.transpose(-1, -2).unsqueeze(-1), w_b.transpose(-1, -2).unsqueeze(-1)
     return out_a.double() * w_a + out_b.double() * w_b, lse

@@ -1,0 +1,437 @@
+"""The benchmark cases of each family: shapes, the attnkit calls, the peers, work counts
+(FLOPs or bytes) and the error against attnkit.reference."""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from attnkit import reference
+
+from .runner import Row, dtype_name, rel_err
+from .timing import rotation
+
+# ------------------------------------------------------------------------------------
+# peers shared by the families
+
+
+def _sdpa_backends(device):
+    """SDPA peers: name -> context manager factory forcing the backend."""
+    if device == "cpu":
+        return {"sdpa_cpu": contextlib.nullcontext}
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return {}
+    out = {}
+    for name, attr in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
+                       ("sdpa_cudnn", "CUDNN_ATTENTION")):
+        backend = getattr(SDPBackend, attr, None)
+        if backend is not None:
+            out[name] = (lambda b: (lambda: sdpa_kernel(b)))(backend)
+    return out
+
+
+def _sdpa(q, k, v, causal, ctx):
+    """torch SDPA on (batch, seq, heads, dim) tensors, as transposed views (no copy: the
+    flash-attn kernels' own layout)."""
+    kw = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    with ctx():
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, **kw)
+    return out.transpose(1, 2)
+
+
+_FLEX = {}
+
+
+def _flex():
+    """torch.compile'd flex_attention (raises when FlexAttention is missing)."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        _FLEX["mask"] = create_block_mask
+    return _FLEX["fn"], _FLEX["mask"]
+
+
+def _grad_fn(forward, q, k, v, dout):
+    def run():
+        out = forward(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), dout)
+    return run
+
+
+def _no_grad_fn(forward, q, k, v):
+    def run():
+        with torch.no_grad():
+            return forward(q, k, v)
+    return run
+
+
+def _randn(shape, dtype, device, requires_grad=False):
+    return torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def _ref_device(r):
+    return r.device  # float64 reference on the GPU when benchmarking CUDA (fast), else CPU
+
+
+def _on_ref(fn, r):
+    """Runs fn(device) on the GPU when benchmarking CUDA, falling back to the CPU."""
+    dev = _ref_device(r)
+    if dev == "cuda":
+        try:
+            return fn("cuda")
+        except RuntimeError:  # out of memory, ...
+            torch.cuda.empty_cache()
+    return fn("cpu")
+
+
+def _kernel_missing(r, op):
+    if r.device == "cuda" and not attnkit.has_cuda_kernel(op):
+        return f"attnkit.{op} has no CUDA kernel in this build (attnkit.has_cuda_kernel({op!r}) is False)"
+    return None
+
+
+# ------------------------------------------------------------------------------------
+# prefill
+
+
+def prefill_configs(device, quick):
+    if device == "cpu":
+        if quick:
+            return [dict(B=1, S=256, H=4, Hkv=4, D=64, dtype=torch.float32)]
+        return [dict(B=1, S=S, H=8, Hkv=8, D=64, dtype=dt) for dt in (torch.float32, torch.bfloat16)
+                for S in (512, 1024)]
+    # TARGETS.md: bf16, head_dim 128, 16k tokens per batch, seqlen 512..16k (16 heads = 2048 hidden).
+    seqs = (2048, 8192) if quick else (512, 2048, 8192, 16384)
+    return [dict(B=16384 // S, S=S, H=16, Hkv=16, D=128, dtype=torch.bfloat16) for S in seqs]
+
+
+def _prefill_shape_str(c):
+    return f"B{c['B']} S{c['S']} Hq{c['H']} Hkv{c['Hkv']} D{c['D']}"
+
+
+# Above these element counts of the (batch, heads, seqlen_q, seqlen_k) score matrix the
+# float64 reference runs on a slice (forward) or on a smaller same-config shape (backward).
+_REF_FWD_MAX = 1 << 27
+_REF_BWD_MAX = 1 << 24
+
+
+def _prefill_err_fwd(r, c, causal, q, k, v):
+    B, S, H, Hkv = c["B"], c["S"], c["H"], c["Hkv"]
+    with torch.no_grad():
+        out = attnkit.attention(q, k, v, causal=causal)
+    if B * H * S * S <= _REF_FWD_MAX:
+        sl_q = sl_kv = sl_out = (slice(None),)
+        err_on = "all"
+    else:
+        g = H // Hkv
+        nq = min(S, 1024)
+        # Bottom-right causal alignment: the last nq queries against all keys give exactly
+        # the last nq rows of the full result.
+        sl_q, sl_kv = (slice(0, 1), slice(S - nq, S), slice(0, g)), (slice(0, 1), slice(None), slice(0, 1))
+        sl_out = sl_q
+        err_on = f"batch 0, kv head 0 (q heads 0-{g - 1}), last {nq} queries"
+
+    def run(dev):
+        qs, ks, vs = (t.detach()[sl].to(dev, torch.float64) for t, sl in ((q, sl_q), (k, sl_kv), (v, sl_kv)))
+        ref, _ = reference.attention(qs, ks, vs, causal=causal)
+        return rel_err(out[sl_out], ref)
+    return _on_ref(run, r), err_on
+
+
+def _prefill_err_bwd(r, c, causal, q, k, v, dout):
+    B, S, H, Hkv, D = c["B"], c["S"], c["H"], c["Hkv"], c["D"]
+    err_on = "all (out, dq, dk, dv)"
+    if B * H * S * S > _REF_BWD_MAX:
+        g, S2 = H // Hkv, min(S, 2048)
+        q = _randn((1, S2, g, D), c["dtype"], r.device, True)
+        k = _randn((1, S2, 1, D), c["dtype"], r.device, True)
+        v = _randn((1, S2, 1, D), c["dtype"], r.device, True)
+        dout = _randn((1, S2, g, D), c["dtype"], r.device)
+        err_on = f"fresh inputs B1 S{S2} Hq{g} Hkv1 (same dtype, head_dim, causal); out, dq, dk, dv"
+    out = attnkit.attention(q, k, v, causal=causal)
+    got = (out.detach(),) + torch.autograd.grad(out, (q, k, v), dout)
+
+    def run(dev):
+        qd, kd, vd = (t.detach().to(dev, torch.float64).requires_grad_() for t in (q, k, v))
+        ref, _ = reference.attention(qd, kd, vd, causal=causal)
+        refs = (ref.detach(),) + torch.autograd.grad(ref, (qd, kd, vd), dout.to(dev, torch.float64))
+        return max(rel_err(a, b) for a, b in zip(got, refs))
+    return _on_ref(run, r), err_on
+
+
+def run_prefill(r):
+    flex_budget_s = 40.0 if r.quick else 90.0
+    for c in prefill_configs(r.device, r.quick):
+        shape_str = _prefill_shape_str(c)
+        dt = dtype_name(c["dtype"])
+        cases = [(d, causal) for d in ("fwd", "fwd_bwd") for causal in (False, True)]
+        ids = {}
+        for d, causal in cases:
+            name = d + ("_causal" if causal else "")
+            ids[(d, causal)] = (name, f"prefill/{name}/{dt}/{shape_str}")
+        todo = [key for key in cases if r.selected(ids[key][1])]
+        if not todo:
+            continue
+        missing = _kernel_missing(r, "attention")
+        if missing:
+            for key in todo:
+                r.skip(ids[key][1], missing)
+            continue
+        B, S, H, Hkv, D, dtype = c["B"], c["S"], c["H"], c["Hkv"], c["D"], c["dtype"]
+        set_bytes = (2 * B * S * H * D + 2 * B * S * Hkv * D) * torch.empty(0, dtype=dtype).element_size()
+        nbuf = rotation(r.device, set_bytes, max_sets=4)
+        bufs = [(_randn((B, S, H, D), dtype, r.device, True), _randn((B, S, Hkv, D), dtype, r.device, True),
+                 _randn((B, S, Hkv, D), dtype, r.device, True), _randn((B, S, H, D), dtype, r.device))
+                for _ in range(nbuf)]
+        peers = dict(_sdpa_backends(r.device))
+        for d, causal in todo:
+            name, case_id = ids[(d, causal)]
+            if r.over_budget():
+                r.skip(case_id, "time budget (--budget-s) spent")
+                continue
+            print(f"{case_id} ({nbuf} buffer sets)", flush=True)
+
+            def fns_for(forward):
+                if d == "fwd":
+                    return [_no_grad_fn(forward, q, k, v) for q, k, v, _ in bufs]
+                return [_grad_fn(forward, q, k, v, dout) for q, k, v, dout in bufs]
+
+            ak = r.time_attnkit(case_id, fns_for(lambda q, k, v: attnkit.attention(q, k, v, causal=causal)))
+            if ak is None:
+                continue
+            stats = {}
+            for peer, ctx in peers.items():
+                stats[peer], _ = r.time_peer(case_id, peer, lambda ctx=ctx: fns_for(
+                    lambda q, k, v: _sdpa(q, k, v, causal, ctx)))
+            if r.device == "cuda":
+                if _FLEX.get("spent", 0.0) > flex_budget_s:
+                    r.note_once("flex-budget", f"flex skipped from here on: its compile time passed {flex_budget_s:.0f} s")
+                else:
+                    def make_flex():
+                        fa, create_block_mask = _flex()
+                        bm = None
+                        if causal:
+                            bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device=r.device)
+                        kw = {"enable_gqa": True} if H != Hkv else {}
+                        fwd = (lambda q, k, v: fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  block_mask=bm, **kw).transpose(1, 2))
+                        return fns_for(fwd)
+                    stats["flex"], first_s = r.time_peer(case_id, "flex", make_flex)
+                    _FLEX["spent"] = _FLEX.get("spent", 0.0) + first_s
+            flops = 4.0 * B * H * S * S * D * (0.5 if causal else 1.0) * (3.5 if d == "fwd_bwd" else 1.0)
+            tflops = flops / (ak.median * 1e-3) / 1e12
+            q, k, v, dout = bufs[0]
+            try:
+                if d == "fwd":
+                    err, err_on = _prefill_err_fwd(r, c, causal, q, k, v)
+                else:
+                    err, err_on = _prefill_err_bwd(r, c, causal, q, k, v, dout)
+            except Exception as e:  # keep the timing; say why there is no error figure
+                err, err_on = None, f"reference failed: {type(e).__name__}: {e}"[:200]
+            shape = {"batch": B, "seqlen_q": S, "seqlen_k": S, "heads_q": H, "heads_kv": Hkv, "head_dim": D,
+                     "causal": causal, "err_on": err_on}
+            r.add_row(Row("prefill", name, dt, shape, ak, tflops=tflops,
+                          pct_of_ceiling=100.0 * tflops / r.ceilings.matmul_tflops, max_rel_err=err,
+                          shape_str=shape_str, id=case_id), stats)
+        del bufs
+        r.free()
+
+
+# ------------------------------------------------------------------------------------
+# decode
+
+PAGE = 16
+
+
+def decode_configs(device, quick):
+    if device == "cpu":
+        if quick:
+            return [dict(B=1, ctx=4096, dtype=torch.float32)]
+        return [dict(B=1, ctx=ctx, dtype=dt) for dt in (torch.float32, torch.bfloat16) for ctx in (8192, 32768)]
+    if quick:
+        shapes = [(1, 8192), (1, 131072), (32, 8192)]
+    else:
+        shapes = [(1, 8192), (1, 32768), (1, 131072), (1, 524288), (8, 8192), (8, 32768), (32, 8192),
+                  (32, 32768), (64, 8192), (64, 32768)]
+    return [dict(B=b, ctx=ctx, dtype=torch.bfloat16) for b, ctx in shapes]
+
+
+_REF_DECODE_MAX = 1 << 25  # elements of one cache above which the reference runs on one kv head
+
+
+def _decode_err(r, c, q, kc, vc, lens, bt, out):
+    B, Hq, Hkv = c["B"], c["Hq"], c["Hkv"]
+    full = B * c["ctx"] * Hkv * c["D"] <= _REF_DECODE_MAX
+    g = Hq // Hkv
+
+    def run(dev):
+        lens_d = lens.to(dev)
+        if full:
+            bt_d = None if bt is None else bt.to(dev)
+            ref, _ = reference.decode(q.to(dev, torch.float64), kc.to(dev, torch.float64),
+                                      vc.to(dev, torch.float64), lens_d, block_table=bt_d)
+            return rel_err(out, ref)
+        qs = q[0:1, :, 0:g].to(dev, torch.float64)
+        if bt is None:
+            ks, vs, bts = kc[0:1, :, 0:1], vc[0:1, :, 0:1], None
+        else:  # batch 0's pages only, compacted, still read through a block table
+            n = (int(lens[0]) + PAGE - 1) // PAGE
+            pages = bt[0, :n].long()
+            ks, vs = kc[pages][:, :, 0:1], vc[pages][:, :, 0:1]
+            bts = torch.arange(n, dtype=torch.int32, device=dev).view(1, n)
+        ref, _ = reference.decode(qs, ks.to(dev, torch.float64), vs.to(dev, torch.float64), lens_d[0:1],
+                                  block_table=bts)
+        return rel_err(out[0:1, :, 0:g], ref)
+    err = _on_ref(run, r)
+    return err, ("all" if full else f"batch 0, kv head 0 (q heads 0-{g - 1})")
+
+
+def run_decode(r):
+    Hq, Hkv, D = 32, 8, 128
+    for c in decode_configs(r.device, r.quick):
+        c = dict(c, Hq=Hq, Hkv=Hkv, D=D)
+        B, ctx, dtype = c["B"], c["ctx"], c["dtype"]
+        dt = dtype_name(dtype)
+        shape_str = f"B{B} ctx{ctx} Hq{Hq} Hkv{Hkv} D{D}"
+        id_contig = f"decode/contiguous/{dt}/{shape_str}"
+        id_paged = f"decode/paged{PAGE}/{dt}/{shape_str} page{PAGE}"
+        todo = [i for i in (id_contig, id_paged) if r.selected(i)]
+        if not todo:
+            continue
+        missing = _kernel_missing(r, "decode")
+        if missing:
+            for i in todo:
+                r.skip(i, missing)
+            continue
+        if r.over_budget():
+            for i in todo:
+                r.skip(i, "time budget (--budget-s) spent")
+            continue
+        elt = torch.empty(0, dtype=dtype).element_size()
+        kv_bytes = 2 * B * ctx * Hkv * D * elt
+        nbuf = rotation(r.device, kv_bytes)
+        dev = r.device
+        lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+        npages = B * ctx // PAGE
+        try:
+            contig = [(_randn((B, 1, Hq, D), dtype, dev), _randn((B, ctx, Hkv, D), dtype, dev),
+                       _randn((B, ctx, Hkv, D), dtype, dev)) for _ in range(nbuf)]
+            paged = []
+            if id_paged in todo:
+                for _ in range(nbuf):
+                    bt = torch.randperm(npages, device=dev).to(torch.int32).view(B, ctx // PAGE)
+                    paged.append((_randn((B, 1, Hq, D), dtype, dev), _randn((npages, PAGE, Hkv, D), dtype, dev),
+                                  _randn((npages, PAGE, Hkv, D), dtype, dev), bt))
+        except RuntimeError as err:  # out of memory
+            for i in todo:
+                r.skip(i, f"inputs do not fit: {err}"[:200])
+            contig = paged = None
+            r.free()
+            continue
+        graph = r.device == "cuda"
+        gbps = lambda ms: kv_bytes / (ms * 1e-3) / 1e9  # noqa: E731
+        shape = {"batch": B, "seqlen_q": 1, "context": ctx, "heads_q": Hq, "heads_kv": Hkv, "head_dim": D,
+                 "kv_bytes": kv_bytes}
+
+        print(f"{id_contig} ({nbuf} buffer sets, {kv_bytes / 2**20:.0f} MiB of KV each)", flush=True)
+        ak_contig = r.time_attnkit(id_contig, [lambda q=q, k=k, v=v: attnkit.decode(q, k, v, lens)
+                                               for q, k, v in contig], graph=graph)
+        peer_stats = {}
+        for peer, pctx in _sdpa_backends(r.device).items():
+            peer_stats[peer], _ = r.time_peer(id_contig, peer, lambda pctx=pctx: [
+                (lambda q=q, k=k, v=v: _sdpa(q, k, v, False, pctx)) for q, k, v in contig], graph=graph)
+        if ak_contig is not None and id_contig in todo:
+            q, k, v = contig[0]
+            out = attnkit.decode(q, k, v, lens)
+            err, err_on = _decode_err(r, c, q, k, v, lens, None, out)
+            r.add_row(Row("decode", "contiguous", dt, dict(shape, err_on=err_on), ak_contig,
+                          gbps=gbps(ak_contig.median),
+                          pct_of_ceiling=100.0 * gbps(ak_contig.median) / r.ceilings.copy_gbps,
+                          max_rel_err=err, shape_str=shape_str, id=id_contig), peer_stats)
+        if id_paged in todo:
+            print(f"{id_paged} ({nbuf} buffer sets; peers timed on the contiguous cache)", flush=True)
+            ak = r.time_attnkit(id_paged, [lambda q=q, k=k, v=v, bt=bt: attnkit.decode(q, k, v, lens, block_table=bt)
+                                           for q, k, v, bt in paged], graph=graph)
+            if ak is not None:
+                q, k, v, bt = paged[0]
+                out = attnkit.decode(q, k, v, lens, block_table=bt)
+                err, err_on = _decode_err(r, c, q, k, v, lens, bt, out)
+                stats = dict(peer_stats, contiguous_decode=ak_contig)
+                r.add_row(Row("decode", f"paged{PAGE}", dt, dict(shape, page_size=PAGE, err_on=err_on), ak,
+                              gbps=gbps(ak.median), pct_of_ceiling=100.0 * gbps(ak.median) / r.ceilings.copy_gbps,
+                              max_rel_err=err, shape_str=f"{shape_str} page{PAGE}", id=id_paged), stats)
+        del contig, paged
+        r.free()
+
+
+# ------------------------------------------------------------------------------------
+# merge_attention_states
+
+
+def merge_configs(device, quick):
+    if device == "cpu":
+        if quick:
+            return [(1, 1024, 32, 128, torch.float32)]
+        return [(64, 1, 32, 128, torch.float32), (4, 1024, 32, 128, torch.float32),
+                (4, 1024, 32, 128, torch.bfloat16)]
+    if quick:
+        return [(4, 4096, 32, 128, torch.bfloat16)]
+    return [(64, 1, 32, 128, torch.bfloat16), (4, 4096, 32, 128, torch.bfloat16),
+            (4, 4096, 32, 128, torch.float16)]
+
+
+def torch_merge(out_a, lse_a, out_b, lse_b):
+    """The plain torch peer: the same formula in eager torch ops, fp32 math."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).transpose(-1, -2).unsqueeze(-1)
+    w_b = torch.exp(lse_b - lse).transpose(-1, -2).unsqueeze(-1)
+    return (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype), lse
+
+
+def run_merge(r):
+    for B, S, H, D, dtype in merge_configs(r.device, r.quick):
+        dt = dtype_name(dtype)
+        shape_str = f"B{B} S{S} H{H} D{D}"
+        case_id = f"merge/merge/{dt}/{shape_str}"
+        if not r.selected(case_id):
+            continue
+        missing = _kernel_missing(r, "merge_attention_states")
+        if missing:
+            r.skip(case_id, missing)
+            continue
+        if r.over_budget():
+            r.skip(case_id, "time budget (--budget-s) spent")
+            continue
+        elt = torch.empty(0, dtype=dtype).element_size()
+        n_out, n_lse = B * S * H * D, B * H * S
+        nbytes = 3 * n_out * elt + 3 * n_lse * 4  # read 2 outs + 2 lses, write 1 + 1
+        nbuf = rotation(r.device, nbytes)
+        dev = r.device
+        bufs = [(_randn((B, S, H, D), dtype, dev), _randn((B, H, S), torch.float32, dev),
+                 _randn((B, S, H, D), dtype, dev), _randn((B, H, S), torch.float32, dev)) for _ in range(nbuf)]
+        print(f"{case_id} ({nbuf} buffer sets)", flush=True)
+        graph = r.device == "cuda"
+        ak = r.time_attnkit(case_id, [lambda t=t: attnkit.merge_attention_states(*t) for t in bufs], graph=graph)
+        if ak is None:
+            continue
+        st, _ = r.time_peer(case_id, "torch_merge", lambda: [lambda t=t: torch_merge(*t) for t in bufs],
+                            graph=graph)
+        oa, la, ob, lb = bufs[0]
+        out, lse = attnkit.merge_attention_states(oa, la, ob, lb)
+
+        def run(dev):
+            ref, ref_lse = reference.merge_attention_states(*(t.to(dev, torch.float64) for t in bufs[0]))
+            return max(rel_err(out, ref), rel_err(lse, ref_lse))
+        err = _on_ref(run, r)
+        gbps = nbytes / (ak.median * 1e-3) / 1e9
+        shape = {"batch": B, "seqlen": S, "heads": H, "head_dim": D, "bytes": nbytes, "err_on": "all (out, lse)"}
+        r.add_row(Row("merge", "merge", dt, shape, ak, gbps=gbps, pct_of_ceiling=100.0 * gbps / r.ceilings.copy_gbps,
+                      max_rel_err=err, shape_str=shape_str, id=case_id), {"torch_merge": st})
+        del bufs
+        r.free()
+
+
+FAMILIES = {"prefill": run_prefill, "decode": run_decode, "merge": run_merge}

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One call on an offline GPU test machine (torch present, no network; see
+# ../shared/device/README.md): install the carried wheels (.whl/, from
+# ../shared/device/fetch_wheels.sh), build in place with 16 jobs, run the CUDA tests, then
+# the whole test suite, then the benchmark on CUDA, and write logs + report to the output
+# folder (argument, else $OUT, else ./bench_out). A short summary is printed last.
+#
+#   bash tools/gpu_suite.sh [OUT_DIR]
+#   env: ATTNKIT_CUDA_ARCHS (default 90a), MAX_JOBS (16), PYTHON (python3),
+#        ATTNKIT_COMMIT (the commit to report where the tree travels without .git),
+#        SUITE_BUDGET_S (default 540: every step is fitted inside it, under the 10-minute limit),
+#        BENCH_ARGS (extra arguments of python -m attnkit.bench, e.g. "--quick" or "--family decode").
+#
+# Files written (at most 8, what the device tool brings back): suite.log (wheels, GPU,
+# versions, step times), build.log, test_cuda.log, test_all.log, bench.log, and the report
+# <gpu>-<yyyymmdd>-<commit>.{json,md,png} named as bench/results/ wants them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+out="${1:-${OUT:-bench_out}}"
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+log="$out/suite.log"
+: > "$log"
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null 2>&1 || PY=python
+budget=${SUITE_BUDGET_S:-540}
+t0=$(date +%s)
+
+say() { echo "$*" | tee -a "$log"; }
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+# step_timeout CAP RESERVE: the cap, or what is left of the budget after RESERVE seconds.
+step_timeout() { local l; l=$(( $(left) - $2 )); (( l > $1 )) && l=$1; (( l < 1 )) && l=1; echo "$l"; }
+pytest_line() {  # the summary line of a pytest log, or why there is none
+  local f=$1 rc=$2 line
+  line=$(grep -E '[0-9]+ (passed|failed|error|errors|skipped|deselected)|no tests ran' "$f" 2>/dev/null | tail -n 1 | sed 's/^=* *//; s/ *=*$//')
+  if [[ $rc == 124 || $rc == 137 ]]; then line="TIMED OUT (${line:-no summary})"; fi
+  echo "${line:-no summary (exit $rc), see $(basename "$f")}"
+}
+
+# -- set-up: wheels, environment, GPU -----------------------------------------------
+if ls .whl/*.whl >/dev/null 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >> "$log" 2>&1; then
+    say "wheels installed into /tmp/site: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    say "WARNING: pip install of .whl/*.whl failed (see above)"
+  fi
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  say "WARNING: no .whl/*.whl here (run ../shared/device/fetch_wheels.sh and carry .whl): CUTLASS only via CUTLASS_DIR"
+fi
+export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS="${MAX_JOBS:-16}" ATTNKIT_CUDA_ARCHS="${ATTNKIT_CUDA_ARCHS:-90a}"
+sha=${ATTNKIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export ATTNKIT_COMMIT=$sha
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+gpu=${gpu:-unknown GPU}
+{
+  echo "== nvidia-smi"
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv
+  echo "== versions"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version(), '| gpu ok', torch.cuda.is_available())"
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  echo "commit $sha, ATTNKIT_CUDA_ARCHS=$ATTNKIT_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS, budget ${budget}s"
+} >> "$log" 2>&1
+
+# -- build --------------------------------------------------------------------------
+s=$(date +%s)
+tb=$(step_timeout 330 150)
+timeout -k 10 "$tb" "$PY" setup.py build_ext --inplace --build-temp build/gpu > "$out/build.log" 2>&1
+rc=$?
+build_s=$(( $(date +%s) - s ))
+say "build: exit $rc in ${build_s}s (limit ${tb}s)"
+if (( rc != 0 )); then
+  echo "---- tail of build.log"
+  tail -n 40 "$out/build.log"
+  echo "== attnkit GPU suite: $gpu, commit $sha: BUILD FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${tb}s")) after ${build_s}s; see build.log"
+  exit 1
+fi
+
+# -- tests --------------------------------------------------------------------------
+s=$(date +%s)
+tt=$(step_timeout 120 180)
+timeout -k 10 "$tt" "$PY" -m pytest -q -m cuda tests > "$out/test_cuda.log" 2>&1
+rc_cuda=$?
+say "pytest -m cuda: exit $rc_cuda in $(( $(date +%s) - s ))s (limit ${tt}s)"
+s=$(date +%s)
+tt=$(step_timeout 180 130)
+timeout -k 10 "$tt" "$PY" -m pytest -q tests > "$out/test_all.log" 2>&1
+rc_all=$?
+say "pytest (all): exit $rc_all in $(( $(date +%s) - s ))s (limit ${tt}s)"
+
+# -- benchmark ----------------------------------------------------------------------
+tag="$(echo "$gpu" | sed 's/^NVIDIA //' | tr -c 'A-Za-z0-9._-' '-' | sed 's/-*$//')-$(date +%Y%m%d)-$sha"
+s=$(date +%s)
+tbench=$(step_timeout 300 15)
+bench_args=${BENCH_ARGS:-}
+(( tbench < 150 )) && [[ $bench_args != *--quick* ]] && bench_args="--quick $bench_args" && say "bench: little time left, running --quick"
+if (( tbench >= 40 )); then
+  # --budget-s: no new case starts after it, so the run ends (and writes its reports) before the timeout.
+  # shellcheck disable=SC2086
+  timeout -k 10 "$tbench" "$PY" -m attnkit.bench --device cuda --budget-s $(( tbench * 3 / 4 )) \
+    --json "$out/$tag.json" --md "$out/$tag.md" --plot "$out/$tag.png" $bench_args > "$out/bench.log" 2>&1
+  rc_bench=$?
+else
+  rc_bench=skipped
+  echo "bench skipped: ${tbench}s left of the budget" > "$out/bench.log"
+fi
+say "bench: exit $rc_bench in $(( $(date +%s) - s ))s (limit ${tbench}s)"
+
+# -- summary (last, so the device tool's output tail holds it) ------------------------
+echo
+echo "== attnkit GPU suite: $gpu, commit $sha, archs $ATTNKIT_CUDA_ARCHS, total $(( $(date +%s) - t0 ))s"
+echo "build:       ok in ${build_s}s"
+echo "cuda tests:  $(pytest_line "$out/test_cuda.log" $rc_cuda)"
+echo "all tests:   $(pytest_line "$out/test_all.log" $rc_all)"
+echo "bench:       exit $rc_bench; $(grep -E '^[0-9]+ rows' "$out/bench.log" | tail -n 1)"
+fails=$(grep -hE '^(FAILED|ERROR) ' "$out/test_cuda.log" "$out/test_all.log" 2>/dev/null | sort -u | head -n 15)
+[[ -n $fails ]] && { echo "failures (first 15):"; echo "$fails"; }
+if [[ -s "$out/$tag.md" ]]; then
+  echo
+  # The report's header and tables, without the per-row reproduction commands.
+  awk '/^## Reproduce/{skip=1} /^## Skipped/{skip=0} !skip' "$out/$tag.md" | head -n 150
+else
+  echo "no benchmark report; tail of bench.log:"
+  tail -n 30 "$out/bench.log"
+fi
+echo
+echo "files in $out: $(cd "$out" && ls | tr '\n' ' ')"
+status=0
+[[ $rc_cuda == 0 || $rc_cuda == 5 ]] || status=1   # 5: no CUDA tests collected
+[[ $rc_all == 0 ]] || status=1
+[[ $rc_bench == 0 ]] || status=1
+exit $status
