@@ -1,126 +1,255 @@
-"""attnkit.decode against the float64 reference: contiguous and paged caches, page sizes 1,
-16 and 64 with shuffled page tables, 1..16 queries, GQA, window, softcap, lengths across
-page and split boundaries, opcheck, torch.compile, bad input."""
+"""attnkit.decode against the float64 reference (reference.decode): contiguous and paged
+caches, page sizes 1, 16 and 64 with shuffled page tables, 1..16 queries, GQA 8:1 and 4:2,
+window, softcap, lengths below / at / across page boundaries and long enough to cross the
+internal split chunks (256..1024 tokens), strided caches, opcheck, torch.compile, bad input."""
 import pytest
 import torch
 
 import attnkit
 from attnkit import reference
-from conftest import TOL, devices_for, randn, rel_err
+from conftest import FWD_TOL, assert_close, assert_lse_close, devices_for, randn, skip_unsupported
 
 DEVICES = devices_for("decode")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NEG_INF = float("-inf")
+HEADS = {"gqa8:1": (8, 1), "gqa4:2": (4, 2), "mha2:2": (2, 2)}
 
 
 def check(q, k_cache, v_cache, lens, table=None, **opts):
+    """decode (out and lse) equals reference.decode; queries that see no key are exactly 0."""
     out, lse = attnkit.decode(q, k_cache, v_cache, lens, block_table=table, return_lse=True, **opts)
-    ref, ref_lse = reference.decode(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), lens.cpu(),
+    ref, ref_lse = reference.decode(q.cpu().double(), k_cache.cpu().double(), v_cache.cpu().double(), lens.cpu(),
                                     block_table=None if table is None else table.cpu(), **opts)
-    assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
-    assert not out.isnan().any()
-    assert rel_err(out, ref) <= TOL[q.dtype]
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse.cpu()), finite)
-    assert rel_err(lse.cpu()[finite], ref_lse[finite]) <= TOL[q.dtype]
+    assert out.dtype == q.dtype and out.device == q.device and out.shape == q.shape
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.device == q.device
+    assert_close(out, ref, FWD_TOL[q.dtype], "out")
+    assert_lse_close(lse, ref_lse, FWD_TOL[q.dtype])
+    assert (out.cpu()[(ref_lse == NEG_INF).transpose(1, 2)] == 0).all(), "queries that see no key must be exactly 0"
+    return out, lse
+
+
+def paged(gen, lens, page_size, kv_heads, head_dim, dtype, device, spare_pages=5):
+    """A paged cache with room for `lens` and a shuffled (torch.randperm) page table, one
+    spare logical page per sequence; unused table entries hold arbitrary valid ids."""
+    pages_per_seq = max((n + page_size - 1) // page_size for n in lens) + 1
+    num_pages = len(lens) * pages_per_seq + spare_pages
+    table = torch.randperm(num_pages, generator=gen)[:len(lens) * pages_per_seq].view(len(lens), pages_per_seq)
+    k = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+    v = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+    return k, v, table.int().to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seqlen_q", [1, 3, 16])
-@pytest.mark.parametrize("heads", [(8, 1), (4, 2), (2, 2)], ids=lambda h: f"h{h[0]}-{h[1]}")
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
 def test_decode_contiguous(heads, seqlen_q, dtype, device, gen):
+    skip_unsupported("decode", device, dtype)
     h, hkv = heads
-    lens = torch.tensor([16, 1000, 4100], dtype=torch.int32, device=device)
-    q = randn(gen, 3, seqlen_q, h, 64, dtype=dtype, device=device)
-    k = randn(gen, 3, 4200, hkv, 64, dtype=dtype, device=device)
-    v = randn(gen, 3, 4200, hkv, 64, dtype=dtype, device=device)
+    lens = torch.tensor([1, 16, 1000, 4100], dtype=torch.int32, device=device)  # 4100 = full capacity
+    q = randn(gen, 4, seqlen_q, h, 64, dtype=dtype, device=device)
+    k = randn(gen, 4, 4100, hkv, 64, dtype=dtype, device=device)
+    v = randn(gen, 4, 4100, hkv, 64, dtype=dtype, device=device)
     check(q, k, v, lens)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seqlen_q", [1, 3, 16])
+@pytest.mark.parametrize("heads", [(8, 1), (4, 2)], ids=["gqa8:1", "gqa4:2"])
 @pytest.mark.parametrize("page_size", [1, 16, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_paged(page_size, dtype, device, gen):
-    lens = [1, page_size, 2 * page_size + 1, 700, 1500]  # a page, page boundaries, partial pages
-    pages_per_seq = max((n + page_size - 1) // page_size for n in lens) + 1
-    num_pages = len(lens) * pages_per_seq + 3
-    table = torch.randperm(num_pages, generator=gen)[:len(lens) * pages_per_seq].view(len(lens), pages_per_seq)
-    table, lens = table.int().to(device), torch.tensor(lens, dtype=torch.int32, device=device)
-    q = randn(gen, len(lens), 2, 8, 64, dtype=dtype, device=device)
-    k = randn(gen, num_pages, page_size, 2, 64, dtype=dtype, device=device)
-    v = randn(gen, num_pages, page_size, 2, 64, dtype=dtype, device=device)
+def test_decode_paged(page_size, heads, seqlen_q, device, gen):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # one token, below a page, exactly one page, one past two pages, long (across split chunks)
+    lens = [1, page_size // 2 + 1, page_size, 2 * page_size + 1, 1000, 4100]
+    k, v, table, lens = paged(gen, lens, page_size, heads[1], 64, dtype, device)
+    q = randn(gen, len(lens), seqlen_q, heads[0], 64, dtype=dtype, device=device)
+    check(q, k, v, lens, table)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_decode_paged_half_window_softcap(page_size, dtype, device, gen):
+    lens = [1, page_size + 1, 700, 1500, 4100]
+    k, v, table, lens = paged(gen, lens, page_size, 2, 128, dtype, device)
+    q = randn(gen, len(lens), 2, 8, 128, dtype=dtype, device=device)
     check(q, k, v, lens, table)
     check(q, k, v, lens, table, window=100, softcap=20.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_decode_window_softcap_odd_head_dim(device, gen):
-    lens = torch.tensor([5, 300, 1300], dtype=torch.int32, device=device)
-    q = randn(gen, 3, 4, 6, 40, device=device)
-    k, v = randn(gen, 3, 1301, 3, 40, device=device), randn(gen, 3, 1301, 3, 40, device=device)
-    check(q, k, v, lens, window=0)
-    check(q, k, v, lens, window=257, softcap=3.0, scale=0.3)
+@pytest.mark.parametrize("window", [0, 1, 257, 1500])
+def test_decode_window_softcap_odd_head_dim(window, device, gen):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    d = 64 if device == "cuda" else 40
+    lens = torch.tensor([5, 300, 1300, 4100], dtype=torch.int32, device=device)
+    q = randn(gen, 4, 4, 6, d, dtype=dtype, device=device)
+    k, v = randn(gen, 4, 4101, 3, d, dtype=dtype, device=device), randn(gen, 4, 4101, 3, d, dtype=dtype, device=device)
+    check(q, k, v, lens, window=window)
+    check(q, k, v, lens, window=window, softcap=2.0, scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_head_dims(device, gen):
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        for d in (64, 96, 128, 256) if device == "cuda" else (16, 40, 64, 128, 256):
+            lens = torch.tensor([77, 1025], dtype=torch.int32, device=device)
+            q = randn(gen, 2, 3, 4, d, dtype=dtype, device=device)
+            k, v = randn(gen, 2, 1100, 1, d, dtype=dtype, device=device), randn(gen, 2, 1100, 1, d, dtype=dtype,
+                                                                                 device=device)
+            check(q, k, v, lens, softcap=30.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_short_and_empty_sequences(device, gen):
-    # A cache shorter than the number of queries: the early queries see no key (out 0, lse -inf).
-    lens = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
-    q = randn(gen, 3, 4, 2, 32, device=device)
-    k, v = randn(gen, 3, 8, 2, 32, device=device), randn(gen, 3, 8, 2, 32, device=device)
-    out, lse = attnkit.decode(q, k, v, lens, return_lse=True)
-    assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
-    assert (out[1, :2] == 0).all() and torch.isfinite(lse[1, :, 2:]).all()
+    """A cache shorter than the number of queries: the early queries see no key (out 0,
+    lse -inf); an empty cache gives 0 / -inf for all of them."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    lens = torch.tensor([0, 2, 5, 1], dtype=torch.int32, device=device)
+    q = randn(gen, 4, 4, 2, 32, dtype=dtype, device=device)
+    k, v = randn(gen, 4, 8, 2, 32, dtype=dtype, device=device), randn(gen, 4, 8, 2, 32, dtype=dtype, device=device)
+    out, lse = check(q, k, v, lens)
+    assert (out[0] == 0).all() and (lse[0] == NEG_INF).all()
+    assert (out[1, :2] == 0).all() and (lse[1, :, :2] == NEG_INF).all() and torch.isfinite(lse[1, :, 2:]).all()
+    assert (out[3, :3] == 0).all() and torch.isfinite(lse[3, :, 3]).all()
+    table = torch.tensor([[3, 0], [1, 2], [4, 5], [6, 7]], dtype=torch.int32, device=device)
+    check(q, k.view(16, 2, 2, 32)[:8], v.view(16, 2, 2, 32)[:8], torch.tensor([0, 1, 3, 4], dtype=torch.int32,
+                                                                           device=device), table)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_ignores_unused_table_entries_and_shares_pages(device, gen):
+    """Entries of block_table past a sequence's last page are never read (here -1 and ids
+    past num_pages); sequences may share physical pages (a common prefix)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    page_size, num_pages = 16, 40
+    k = randn(gen, num_pages, page_size, 2, 64, dtype=dtype, device=device)
+    v = randn(gen, num_pages, page_size, 2, 64, dtype=dtype, device=device)
+    ids = torch.randperm(num_pages, generator=gen)
+    table = torch.full((3, 20), -1, dtype=torch.int32)
+    table[0, :3] = ids[:3]                   # 40 tokens: 3 pages
+    table[1, :3] = ids[:3]                   # same prefix pages, then its own
+    table[1, 3:12] = ids[3:12]               # 180 tokens: 12 pages
+    table[2, :1] = ids[12:13]                # 16 tokens: exactly one page
+    table[2, 1:5] = num_pages + 1000         # garbage past its last page
+    lens = torch.tensor([40, 180, 16], dtype=torch.int32)
+    q = randn(gen, 3, 2, 8, 64, dtype=dtype, device=device)
+    check(q, k, v, lens.to(device), table.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_strided_caches(device, gen):
+    """k / v caches as views of one packed kv tensor, q a head slice: head_dim contiguous,
+    other strides free."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kv = randn(gen, 2, 600, 2, 2, 64, dtype=dtype, device=device)
+    k, v = kv.unbind(2)
+    q = randn(gen, 2, 3, 8, 64, dtype=dtype, device=device)[:, :, 2:6]
+    lens = torch.tensor([513, 600], dtype=torch.int32, device=device)
     check(q, k, v, lens)
+    pages = randn(gen, 30, 2, 16, 2, 64, dtype=dtype, device=device)  # (pages, k/v, page_size, heads, dim)
+    table = torch.randperm(30, generator=gen)[:28].view(2, 14).int().to(device)
+    check(q, pages[:, 0], pages[:, 1], torch.tensor([200, 17], dtype=torch.int32, device=device), table)
 
 
-def test_decode_matches_attention_and_is_inference_only(gen):
-    q, k, v = randn(gen, 1, 3, 4, 32).requires_grad_(), randn(gen, 1, 50, 2, 32), randn(gen, 1, 50, 2, 32)
-    out = attnkit.decode(q, k, v, torch.tensor([50], dtype=torch.int32))
-    assert rel_err(out, attnkit.attention(q, k, v, causal=True)) <= 1e-5
-    with pytest.raises(RuntimeError, match="inference-only"):
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_matches_attention_and_is_inference_only(device, gen):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = randn(gen, 1, 3, 4, 32, dtype=dtype, device=device).requires_grad_()
+    k, v = randn(gen, 1, 50, 2, 32, dtype=dtype, device=device), randn(gen, 1, 50, 2, 32, dtype=dtype, device=device)
+    out, lse = attnkit.decode(q, k, v, torch.tensor([50], dtype=torch.int32, device=device), window=9,
+                              return_lse=True)
+    want, want_lse = attnkit.attention(q.detach().cpu(), k.cpu(), v.cpu(), causal=True, window=(9, -1),
+                                       return_lse=True)
+    assert_close(out, want.double(), FWD_TOL[dtype])
+    assert_close(lse, want_lse.double(), 1e-5)
+    assert not lse.requires_grad
+    with pytest.raises(RuntimeError, match="decode"):
         out.sum().backward()
 
 
-def test_opcheck_and_compile(gen):
+def test_opcheck(gen):
+    scale = 16 ** -0.5
     q, k, v = randn(gen, 2, 2, 4, 16), randn(gen, 6, 4, 2, 16), randn(gen, 6, 4, 2, 16)
     lens = torch.tensor([3, 7], dtype=torch.int32)
     table = torch.tensor([[5, 0], [2, 4]], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.attnkit.decode.default, (q, k, v, lens, table, 0.25, 0.0, -1))
-    torch.library.opcheck(torch.ops.attnkit.decode.default, (q, k[:2], v[:2], lens.clamp(max=4), None, 0.25, 5.0, 2))
+    torch.library.opcheck(torch.ops.attnkit.decode.default, (q, k, v, lens, table, scale, 0.0, -1))
+    torch.library.opcheck(torch.ops.attnkit.decode.default, (q, k[:2], v[:2], lens.clamp(max=4), None, scale, 5.0, 2))
+
+
+def test_torch_compile_fullgraph(gen):
+    q, k, v = randn(gen, 2, 2, 4, 16), randn(gen, 6, 4, 2, 16), randn(gen, 6, 4, 2, 16)
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    table = torch.tensor([[5, 0], [2, 4]], dtype=torch.int32)
 
     def f(q, k, v, lens, table):
-        return attnkit.decode(q, k, v, lens, block_table=table) * 2
+        out, lse = attnkit.decode(q, k, v, lens, block_table=table, softcap=3.0, window=4, return_lse=True)
+        return out * 2, lse
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    assert torch.allclose(compiled(q, k, v, lens, table), f(q, k, v, lens, table))
+    (out, lse), (cout, clse) = f(q, k, v, lens, table), compiled(q, k, v, lens, table)
+    assert torch.equal(out, cout) and torch.equal(lse, clse)
 
 
-def test_bad_input(gen):
+def bad_calls(gen):
+    """{case: (argument the message must name, call)}"""
     q, k, v = randn(gen, 2, 1, 4, 16), randn(gen, 2, 10, 2, 16), randn(gen, 2, 10, 2, 16)
     lens = torch.tensor([3, 7], dtype=torch.int32)
     pages, table = randn(gen, 4, 4, 2, 16), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-    bad = [
-        ("q", lambda: attnkit.decode(q[0], k, v, lens)),
-        ("16", lambda: attnkit.decode(randn(gen, 2, 17, 4, 16), k, v, lens)),
-        ("k_cache", lambda: attnkit.decode(q, k.half(), v, lens)),
-        ("k_cache", lambda: attnkit.decode(q, k[..., :8], v[..., :8], lens)),
-        ("v_cache", lambda: attnkit.decode(q, k, v[:, :5], lens)),
-        ("heads", lambda: attnkit.decode(q[:, :, :3], k, v, lens)),
-        ("q", lambda: attnkit.decode(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, lens)),
-        ("cache_seqlens", lambda: attnkit.decode(q, k, v, lens.long())),
-        ("cache_seqlens", lambda: attnkit.decode(q, k, v, lens[:1])),
-        ("cache_seqlens", lambda: attnkit.decode(q, k, v, torch.tensor([3, 11], dtype=torch.int32))),
-        ("cache_seqlens", lambda: attnkit.decode(q, pages, pages, torch.tensor([3, 9], dtype=torch.int32),
-                                                 block_table=table)),
-        ("block_table", lambda: attnkit.decode(q, pages, pages, lens, block_table=torch.tensor([[0, 1], [2, 4]], dtype=torch.int32))),
-        ("block_table", lambda: attnkit.decode(q, pages, pages, lens, block_table=torch.tensor([[-1, 1], [2, 3]], dtype=torch.int32))),
-        ("block_table", lambda: attnkit.decode(q, pages, pages, lens, block_table=table.long())),
-        ("window", lambda: attnkit.decode(q, k, v, lens, window=-2)),
-        ("softcap", lambda: attnkit.decode(q, k, v, lens, softcap=-0.5)),
-    ]
-    for name, call in bad:
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32)
+    stride = lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)  # head_dim not contiguous
+    dec = attnkit.decode
+    return {
+        "q-rank": (r"\bq\b", lambda: dec(q[0], k, v, lens)),
+        "q-17-queries": (r"\bq\b", lambda: dec(randn(gen, 2, 17, 4, 16), k, v, lens)),
+        "q-int": (r"\bq\b", lambda: dec(q.int(), k.int(), v.int(), lens)),
+        "k_cache-dtype": ("k_cache", lambda: dec(q, k.half(), v, lens)),
+        "v_cache-dtype": ("v_cache", lambda: dec(q, k, v.bfloat16(), lens)),
+        "k_cache-head_dim": ("k_cache", lambda: dec(q, k[..., :8], v[..., :8], lens)),
+        "v_cache-shape": ("v_cache", lambda: dec(q, k, v[:, :5], lens)),
+        "k_cache-rank": ("k_cache", lambda: dec(q, k[0], v[0], lens)),
+        "k_cache-batch": ("k_cache", lambda: dec(q, k[:1], v[:1], lens)),
+        "q-heads-not-multiple": (r"\bq\b", lambda: dec(q[:, :, :3], k, v, lens)),
+        "q-head_dim-stride": (r"\bq\b", lambda: dec(stride(q), k, v, lens)),
+        "k_cache-head_dim-stride": ("k_cache", lambda: dec(q, stride(k), v, lens)),
+        "cache_seqlens-int64": ("cache_seqlens", lambda: dec(q, k, v, lens.long())),
+        "cache_seqlens-length": ("cache_seqlens", lambda: dec(q, k, v, lens[:1])),
+        "cache_seqlens-capacity": ("cache_seqlens", lambda: dec(q, k, v, i32(3, 11))),
+        "cache_seqlens-negative": ("cache_seqlens", lambda: dec(q, k, v, i32(-1, 3))),
+        "cache_seqlens-paged-capacity": ("cache_seqlens", lambda: dec(q, pages, pages, i32(3, 9), block_table=table)),
+        "block_table-too-large": ("block_table", lambda: dec(q, pages, pages, lens, block_table=i32([0, 1], [2, 4]))),
+        "block_table-negative": ("block_table", lambda: dec(q, pages, pages, lens, block_table=i32([-1, 1], [2, 3]))),
+        "block_table-int64": ("block_table", lambda: dec(q, pages, pages, lens, block_table=table.long())),
+        "block_table-rows": ("block_table", lambda: dec(q, pages, pages, lens, block_table=table[:1])),
+        "window": ("window", lambda: dec(q, k, v, lens, window=-2)),
+        "softcap": ("softcap", lambda: dec(q, k, v, lens, softcap=-0.5)),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_calls(torch.Generator())))
+def test_bad_input(case, gen):
+    name, call = bad_calls(gen)[case]
+    with pytest.raises((ValueError, RuntimeError), match=name):
+        call()
+
+
+def test_unused_block_table_entries_are_not_checked(gen):
+    """Page ids past a sequence's last page are ignored, whatever they hold."""
+    q, pages = randn(gen, 2, 1, 4, 16), randn(gen, 4, 4, 2, 16)
+    table = torch.tensor([[0, 99], [2, -5]], dtype=torch.int32)
+    attnkit.decode(q, pages, pages, torch.tensor([3, 4], dtype=torch.int32), block_table=table)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not attnkit.cuda_available(), reason="needs a CUDA GPU and the CUDA kernels")
+def test_device_mismatch(gen):
+    q, k, v = randn(gen, 2, 1, 4, 16), randn(gen, 2, 10, 2, 16), randn(gen, 2, 10, 2, 16)
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    for name, args in (("k_cache", (q, k.cuda(), v, lens)), ("v_cache", (q, k, v.cuda(), lens)),
+                       ("cache_seqlens", (q, k, v, lens.cuda()))):
         with pytest.raises((ValueError, RuntimeError), match=name):
-            call()
-    # Page ids past a sequence's last page are ignored, whatever they hold.
-    attnkit.decode(q, pages, pages, torch.tensor([3, 4], dtype=torch.int32),
-                   block_table=torch.tensor([[0, 99], [2, -5]], dtype=torch.int32))
+            attnkit.decode(*args)
+    pages, table = randn(gen, 4, 4, 2, 16), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises((ValueError, RuntimeError), match="block_table"):
+        attnkit.decode(q, pages, pages, lens, block_table=table.cuda())

@@ -71,11 +71,17 @@ def main(argv=None):
     commit, dirty = report.git_commit()
     devname = report.device_name(device)
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    busy_start = monitor = None
     if device == "cpu":
         busy = timing.compile_running()
         if busy:
             print(f"WARNING: a compiler is running ({', '.join(sorted(busy))}): CPU timings will be unreliable",
                   flush=True)
+        busy_start = timing.others_busy_now()
+        if busy_start is not None and busy_start > 0.2:
+            print(f"WARNING: other processes are using {busy_start:.1f} cores of {cores}: CPU timings will be "
+                  f"unreliable", flush=True)
+        monitor = timing.CpuMonitor()
     print(f"attnkit.bench on {devname}, commit {commit}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; measuring ceilings...", flush=True)
     ceilings = timing.measure_ceilings(device, quick=args.quick)
@@ -83,6 +89,7 @@ def main(argv=None):
 
     runner = Runner(args, device, ceilings, commit)
     runner.loadavg = loadavg
+    runner.busy_start = busy_start
 
     def write_reports(r):
         header = report.header_lines(r, devname, commit, dirty, date, argv_str)
@@ -96,6 +103,10 @@ def main(argv=None):
         print(f"\n== {fam} ==", flush=True)
         families.FAMILIES[fam](runner)
 
+    if monitor is not None:
+        got = monitor.others()
+        if got is not None:
+            runner.busy_during = got[0] / got[1]
     header = report.header_lines(runner, devname, commit, dirty, date, argv_str)
     write_reports(runner)
     report.print_report(runner, header)

@@ -109,7 +109,14 @@ def header_lines(runner, devname, commit, dirty, date, argv):
              "max_rel_err: largest relative L2 error vs attnkit.reference (float64) over the outputs "
              "(and gradients), on what the JSON shape's err_on says."]
     if runner.device == "cpu":
-        lines.append(f"load average at start (1/5/15 min): {runner.loadavg}")
+        cpu_note = f"load average at start (1/5/15 min): {runner.loadavg}"
+        if runner.busy_start is not None:
+            cpu_note += f"; other processes used {runner.busy_start:.2f} cores just before the run"
+        if runner.busy_during is not None:
+            cpu_note += f" and {runner.busy_during:.2f} cores on average during it"
+        lines.append(cpu_note)
+        if max(runner.busy_start or 0, runner.busy_during or 0) > 0.2:
+            lines.append("WARNING: other processes shared the CPU during this benchmark: CPU timings are unreliable")
         busy = runner.compilers_seen
         if busy:
             lines.append(f"WARNING: a compiler ({', '.join(sorted(busy))}) ran during this benchmark: "

@@ -1,6 +1,7 @@
 """The state of one benchmark run: options, ceilings, the rows measured so far, and the
 helpers every family uses (case selection, the time budget, timing an implementation
 with the skip rules, relative errors)."""
+import math
 import shlex
 import time
 import warnings
@@ -32,9 +33,13 @@ class Row:
     cmd: str = ""
 
     def to_json(self, device, commit):
+        err, shape = self.max_rel_err, self.shape
+        if err is not None and not math.isfinite(err):  # keep the file strict JSON
+            err = None
+            shape = dict(shape, err_on=f"{shape.get('err_on', '')} (error not finite: {self.max_rel_err})")
         return {"family": self.family, "case": self.case, "device": device, "commit": commit,
-                "dtype": self.dtype, "shape": self.shape, "ms": self.stat.median, "tflops": self.tflops,
-                "gbps": self.gbps, "pct_of_ceiling": self.pct_of_ceiling, "max_rel_err": self.max_rel_err,
+                "dtype": self.dtype, "shape": shape, "ms": self.stat.median, "tflops": self.tflops,
+                "gbps": self.gbps, "pct_of_ceiling": self.pct_of_ceiling, "max_rel_err": err,
                 "vs": self.vs}
 
 
@@ -77,6 +82,8 @@ class Runner:
         self._noted = set()
         self.compilers_seen = set()
         self.loadavg = "unknown"  # set by main() before anything runs
+        self.busy_start = None    # cores used by other processes just before the run (CPU)
+        self.busy_during = None   # ... on average during the run
 
     # -- selection and budget -------------------------------------------------------
     def selected(self, case_id):

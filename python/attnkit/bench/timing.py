@@ -222,3 +222,41 @@ def compile_running():
         if name in _COMPILERS:
             found.add(name)
     return found
+
+
+class CpuMonitor:
+    """CPU time used by other processes while this one runs (Linux /proc): the machine's busy
+    time minus this process's own, so a report can say whether its CPU timings were shared."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(x) for x in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            tick = os.sysconf("SC_CLK_TCK")
+            busy = (sum(vals[:8]) - vals[3] - vals[4]) / tick  # all but idle and iowait (steal included)
+            own = (int(fields[11]) + int(fields[12])) / tick   # utime + stime of this process
+            return busy, own, time.perf_counter()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def others(self):
+        """(core-seconds used by other processes, wall seconds) since start or the last call."""
+        now = self._read()
+        if now is None or self.start is None:
+            return None
+        (b0, o0, t0), (b1, o1, t1) = self.start, now
+        return max(0.0, (b1 - b0) - (o1 - o0)), t1 - t0
+
+
+def others_busy_now(interval=0.5):
+    """Cores' worth of CPU used by other processes over a short sleep (None off Linux)."""
+    mon = CpuMonitor()
+    time.sleep(interval)
+    got = mon.others()
+    return None if got is None else got[0] / got[1]
