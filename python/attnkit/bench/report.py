@@ -180,9 +180,20 @@ def write_plot(path, runner, title):
     for j, p in enumerate(peers):
         xs = [i + (j - (len(peers) - 1) / 2) * width for i, r in enumerate(rows) if p in r.vs]
         ys = [r.vs[p] for r in rows if p in r.vs]
-        ax.bar(xs, ys, width, label=p)
+        # Bars grow from 1.0 (parity), up when attnkit is faster, down when slower.
+        bars = ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=p)
+        for bar, y in zip(bars, ys):
+            ax.annotate(f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y), ha="center",
+                        va="bottom" if y >= 1 else "top", fontsize=6)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    lo = min(min(r.vs.values()) for r in rows)
+    hi = max(max(r.vs.values()) for r in rows)
+    ax.set_ylim(min(lo, 1.0) / 1.3, max(hi, 1.0) * 1.3)
+    from matplotlib.ticker import FuncFormatter
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_ylabel("peer ms / attnkit ms  (> 1: attnkit faster)")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r.family}/{r.case}\n{r.dtype} {r.shape_str}" for r in rows], rotation=70, ha="right",
