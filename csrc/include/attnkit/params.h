@@ -60,6 +60,14 @@ struct AttentionBwdParams {
   void* dk;
   void* dv;
   Strides dout_strides, dq_strides, dk_strides, dv_strides;
+
+  // fp32 scratch of the CUDA backward (unused by the CPU kernel), allocated by the caller:
+  // dq_accum laid out like q (dense (batch, seqlen_q, heads_q, head_dim), varlen
+  // (total_q, heads_q, head_dim)) and zeroed by the kernel's pre-pass; delta = rowsum(dO * O)
+  // laid out like lse.
+  float* dq_accum = nullptr;
+  Strides dq_accum_strides;
+  float* delta = nullptr;
 };
 
 // Decode: a few queries per sequence against a contiguous or paged KV cache.
