@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include "attnkit/dtype.h"
 #include "attnkit/mask.h"
@@ -70,9 +71,52 @@ void test_mask() {
                 EXPECT(u.begin == lo && u.end == hi, "rows %d..%d: got [%d,%d) want [%d,%d)", q0, q1, u.begin,
                        u.end, lo, hi);
             }
+            // rows_of_keys and block_fully_visible over key blocks of 3 and row blocks of 4.
+            for (int k0 = 0; k0 < sk; k0 += 3) {
+              const int k1 = std::min(sk, k0 + 3);
+              int lo = sq, hi = 0;
+              for (int i = 0; i < sq; ++i)
+                for (int j = k0; j < k1; ++j)
+                  if (visible(i, j, sq, sk, causal, wl, wr)) lo = std::min(lo, i), hi = std::max(hi, i + 1);
+              const attnkit::RowRange rows = mask.rows_of_keys(k0, k1);
+              if (hi <= lo)
+                EXPECT(rows.empty(), "keys %d..%d should be seen by no row, got [%d,%d)", k0, k1, rows.begin,
+                       rows.end);
+              else
+                EXPECT(rows.begin == lo && rows.end == hi, "keys %d..%d: got rows [%d,%d) want [%d,%d)", k0, k1,
+                       rows.begin, rows.end, lo, hi);
+              for (int q0 = 0; q0 < sq; q0 += 4) {
+                bool all = true;
+                for (int i = q0; i < std::min(sq, q0 + 4); ++i)
+                  for (int j = k0; j < k0 + 3; ++j) all = all && visible(i, j, sq, sk, causal, wl, wr);
+                // May be conservative (false when all are visible) only for rows that see nothing.
+                const bool got = mask.block_fully_visible(q0, q0 + 4, k0, k0 + 3);
+                EXPECT(!got || all, "block rows %d.. keys %d..%d claimed fully visible", q0, k0, k0 + 3);
+                EXPECT(got || !all, "block rows %d.. keys %d..%d is fully visible", q0, k0, k0 + 3);
+              }
+            }
             ++cases;
           }
   std::printf("mask: %d configurations checked\n", cases);
+}
+
+void test_tiles() {
+  using attnkit::KeyRange;
+  for (int begin = 0; begin < 40; ++begin)
+    for (int end = 0; end < 40; ++end)
+      for (int tile : {1, 3, 16}) {
+        const KeyRange t = attnkit::tiles_of({begin, end}, tile);
+        for (int i = 0; i < 40; ++i) {
+          const bool in_tiles = i / tile >= t.begin && i / tile < t.end;
+          if (i >= begin && i < end) EXPECT(in_tiles, "[%d,%d) tile %d: index %d not covered", begin, end, tile, i);
+        }
+        if (end > begin)
+          EXPECT(t.begin * tile <= begin && (t.begin + 1) * tile > begin && (t.end - 1) * tile < end,
+                 "[%d,%d) tile %d: tiles [%d,%d) not tight", begin, end, tile, t.begin, t.end);
+        else
+          EXPECT(t.empty(), "empty range has tiles");
+      }
+  std::printf("tiles: ok\n");
 }
 
 void test_merge() {
@@ -142,6 +186,7 @@ void test_dtype() {
 
 int main() {
   test_mask();
+  test_tiles();
   test_merge();
   test_dtype();
   if (failures) std::fprintf(stderr, "%d failure(s)\n", failures);

@@ -7,12 +7,21 @@
 
 namespace attnkit {
 
+// A half-open index range [begin, end): keys of a query, queries of a key block, tiles.
 struct KeyRange {
   int begin;  // first visible key
   int end;    // one past the last visible key; end <= begin means the row sees nothing
   ATTNKIT_HD bool empty() const { return end <= begin; }
   ATTNKIT_HD bool contains(int j) const { return j >= begin && j < end; }
 };
+
+using RowRange = KeyRange;
+
+// Tiles of `tile` indices that intersect r: [first tile, one past the last tile).
+ATTNKIT_HD KeyRange tiles_of(KeyRange r, int tile) {
+  if (r.empty()) return {0, 0};
+  return {r.begin / tile, (r.end + tile - 1) / tile};
+}
 
 // Mask of one (sequence, head): seqlen_q queries against seqlen_k keys.
 // window_left / window_right = -1 means unbounded; causal forces window_right = 0.
@@ -50,6 +59,35 @@ struct AttentionMask {
     if (first.empty()) begin = last.empty() ? end : first_nonempty_begin(q_begin, q_end);
     if (end < begin) end = begin;
     return {begin, end};
+  }
+
+  // Queries that see at least one key of [k_begin, k_end) (the backward's rows of a key
+  // block). Both ends of keys_of are monotone, so the set is one range: rows whose end
+  // passes k_begin and whose begin stays below k_end. Such rows are never empty.
+  ATTNKIT_HD RowRange rows_of_keys(int k_begin, int k_end) const {
+    if (k_begin < 0) k_begin = 0;
+    if (k_end > seqlen_k) k_end = seqlen_k;
+    if (k_end <= k_begin || seqlen_q <= 0) return {0, 0};
+    const int shift = seqlen_k - seqlen_q;  // diagonal(i) = i + shift
+    int begin = 0, end = seqlen_q;
+    // end(i) = d + window_right + 1 > k_begin  <=>  i >= k_begin - window_right - shift
+    if (window_right >= 0 && k_begin - window_right - shift > begin) begin = k_begin - window_right - shift;
+    // begin(i) = d - window_left < k_end  <=>  i < k_end + window_left - shift
+    if (window_left >= 0 && k_end + window_left - shift < end) end = k_end + window_left - shift;
+    if (end < begin) end = begin;
+    return {begin, end};
+  }
+
+  // True when every query of [q_begin, q_end) sees every key of [k_begin, k_end), so a
+  // tile needs no per-element mask. The key range must lie inside the sequence.
+  ATTNKIT_HD bool block_fully_visible(int q_begin, int q_end, int k_begin, int k_end) const {
+    if (q_end > seqlen_q) q_end = seqlen_q;
+    if (q_end <= q_begin) return true;  // no real rows: nothing to mask
+    if (k_end > seqlen_k) return false;
+    const KeyRange first = keys_of(q_begin), last = keys_of(q_end - 1);
+    // begins and ends grow with the row: the last row's begin is the largest, the first
+    // row's end the smallest.
+    return last.begin <= k_begin && first.end >= k_end && !first.empty();
   }
 
  private:
