@@ -1,12 +1,20 @@
 // Bindings of attention_fwd / attention_bwd (dense and varlen): checks, allocation,
-// params, dispatch to the CPU kernels. The CUDA kernels arrive with the prefill issue.
+// params, dispatch to the CPU or CUDA kernels.
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 
-#include "cpu/kernels.h"
 #include "checks.h"
+#include "cpu/kernels.h"
+
+#ifdef ATTNKIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/kernels.h"
+#endif
 
 namespace attnkit::binding {
 namespace {
@@ -73,6 +81,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
     p.seqlen_k = int(max_seqlen_k);
     p.cu_seqlens_q = cu_q->data_ptr<int32_t>();
     p.cu_seqlens_k = cu_k->data_ptr<int32_t>();
+    p.total_q = int(q.size(0));
+    p.total_k = int(k.size(0));
   } else {
     TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got ", k.size(0));
     p.batch = int(q.size(0));
@@ -96,24 +106,61 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
-void require_cpu(const at::Tensor& q, const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cpu(), "attnkit.", op, " has no kernel for ", q.device(),
-                              " yet (CPU only; the CUDA prefill kernels arrive with the prefill issue)");
+#ifdef ATTNKIT_WITH_CUDA
+// The CUDA kernels move 16-byte vectors: every stride but head_dim's and the start must be
+// multiples of 8 fp16 / bf16 elements. Other layouts are copied once.
+at::Tensor cuda_ready(const at::Tensor& t) {
+  const auto aligned = [](const at::Tensor& x) {
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d)
+      if (x.stride(d) % 8 != 0 && x.size(d) > 1) return false;
+    return true;
+  };
+  if (aligned(t)) return t;
+  at::Tensor c = t.contiguous();
+  return aligned(c) ? c : c.clone();
+}
+
+void check_cuda(const AttentionParams& p, const char* op) {
+  TORCH_CHECK_VALUE(p.dtype != DType::kFloat32, "attnkit.", op,
+                    " on CUDA takes float16 or bfloat16 q, k, v (dtype float32 runs on the CPU only)");
+  TORCH_CHECK_VALUE(cuda::attention_supports(p.dtype, p.head_dim), "attnkit.", op,
+                    " on CUDA needs head_dim a multiple of 8 and at most 256, got head_dim ", p.head_dim);
+  TORCH_CHECK_VALUE(p.batch <= 65535 && p.heads_q <= 65535, "attnkit.", op,
+                    " on CUDA takes at most 65535 sequences and heads, got batch ", p.batch, " and ", p.heads_q,
+                    " heads");
+}
+#endif
+
+// A tensor as the kernels of its device take it (CUDA: 16-byte aligned rows).
+at::Tensor for_device(const at::Tensor& t) {
+#ifdef ATTNKIT_WITH_CUDA
+  if (t.is_cuda()) return cuda_ready(t);
+#endif
+  return t;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
                                                  int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
                                                  int64_t window_right, double softcap) {
-  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qd = for_device(q), kd = for_device(k), vd = for_device(v);
+  AttentionParams p = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
                                   window_right, softcap);
-  require_cpu(q, "attention");
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = p.is_varlen() ? at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))
                                  : at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) {
+    check_cuda(p, "attention");
+    if (q.numel() > 0) cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+    return {out, lse};
+  }
+#endif
   if (q.numel() > 0) cpu::attention_fwd(p);
   return {out, lse};
 }
@@ -122,8 +169,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     bool causal, double scale, int64_t window_left, int64_t window_right, double softcap) {
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qd = for_device(q), kd = for_device(k), vd = for_device(v);
   AttentionBwdParams bp{};
-  bp.fwd = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right,
+  bp.fwd = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right,
                        softcap);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
   TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
@@ -137,16 +186,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                                                             : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "lse must have shape ", at::IntArrayRef(lse_shape),
                     ", got ", lse.sizes());
-  require_cpu(q, "attention backward");
-  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor lse_c = lse.contiguous(), out_d = for_device(out), dout_d = for_device(dout);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  bp.fwd.out = const_cast<void*>(out.data_ptr());
-  bp.fwd.out_strides = strides_of(out);
+  bp.fwd.out = const_cast<void*>(out_d.data_ptr());
+  bp.fwd.out_strides = strides_of(out_d);
   bp.fwd.lse = const_cast<float*>(lse_c.data_ptr<float>());
-  bp.dout = dout.data_ptr();
-  bp.dout_strides = strides_of(dout);
+  bp.dout = dout_d.data_ptr();
+  bp.dout_strides = strides_of(dout_d);
   bp.dq = dq.data_ptr();
   bp.dk = dk.data_ptr();
   bp.dv = dv.data_ptr();
@@ -157,9 +205,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     dq.zero_();
     dk.zero_();
     dv.zero_();
-  } else {
-    cpu::attention_bwd(bp);
+    return {dq, dk, dv};
   }
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) {
+    check_cuda(bp.fwd, "attention backward");
+    at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed by the kernel
+    at::Tensor delta = at::empty(lse_shape, q.options().dtype(at::kFloat));
+    bp.dq_accum = dq_accum.data_ptr<float>();
+    bp.dq_accum_strides = strides_of(dq_accum);
+    bp.delta = delta.data_ptr<float>();
+    cuda::attention_bwd(bp, c10::cuda::getCurrentCUDAStream().stream());
+    return {dq, dk, dv};
+  }
+#endif
+  cpu::attention_bwd(bp);
   return {dq, dk, dv};
 }
 
@@ -169,5 +229,12 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
 }
+
+#ifdef ATTNKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+#endif
 
 }  // namespace attnkit::binding

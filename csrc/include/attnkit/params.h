@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "attnkit/dtype.h"
+#include "attnkit/macros.h"
 
 namespace attnkit {
 
@@ -42,6 +43,8 @@ struct AttentionParams {
   int seqlen_k;
   const int32_t* cu_seqlens_q;  // nullptr when dense
   const int32_t* cu_seqlens_k;
+  int total_q;  // varlen: rows of q and k; the CUDA kernels clamp cu_seqlens into them
+  int total_k;
 
   float scale;
   float softcap;  // 0 = off
@@ -49,7 +52,7 @@ struct AttentionParams {
   int window_left;  // -1 = unbounded
   int window_right;
 
-  bool is_varlen() const { return cu_seqlens_q != nullptr; }
+  ATTNKIT_HD bool is_varlen() const { return cu_seqlens_q != nullptr; }
 };
 
 // Prefill backward: dq, dk, dv from dout, recomputing probabilities from lse.
@@ -97,7 +100,7 @@ struct DecodeParams {
   float softcap;
   int window_left;  // -1 = unbounded
 
-  bool is_paged() const { return block_table != nullptr; }
+  ATTNKIT_HD bool is_paged() const { return block_table != nullptr; }
 };
 
 // merge_attention_states: two partial results over disjoint keys -> one.

@@ -1,0 +1,228 @@
+// Building blocks of the CUDA prefill kernels (forward and backward), FlashAttention-2
+// style on CuTe: tile configurations, where a (batch, head) lives in memory, predicated
+// global->shared copies, shared->register GEMMs, and fragment re-layouts. The mask rule
+// and the softmax arithmetic come from the shared headers (attnkit/mask.h, softmax.h).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/array.h>
+#include <cutlass/numeric_conversion.h>
+#include <cutlass/numeric_types.h>
+
+#include <cstdint>
+
+#include "attnkit/mask.h"
+#include "attnkit/params.h"
+
+namespace attnkit::cuda::prefill {
+
+using namespace cute;
+
+template <typename Element>
+struct MmaAtomFor;
+template <>
+struct MmaAtomFor<cutlass::half_t> {
+  using type = MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>;
+};
+template <>
+struct MmaAtomFor<cutlass::bfloat16_t> {
+  using type = MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>;
+};
+
+// Shared-memory tiles of rows x head_dim: atoms of 8 rows x 64 (or 32) columns, XOR-swizzled
+// so that 16-byte cp.async stores and ldmatrix loads of one phase hit distinct banks.
+template <typename Element, int kHeadDim>
+struct SmemTiles {
+  static constexpr int kAtomCols = kHeadDim % 64 == 0 ? 64 : 32;
+  using Atom = decltype(composition(Swizzle<kAtomCols == 64 ? 3 : 2, 3, 3>{},
+                                    Layout<Shape<_8, Int<kAtomCols>>, Stride<Int<kAtomCols>, _1>>{}));
+  template <int kRows>
+  using Tile = decltype(tile_to_shape(Atom{}, Shape<Int<kRows>, Int<kHeadDim>>{}));
+  // A tile read transposed ((head_dim, rows) view of a (rows, head_dim) tile): the B operand
+  // of O = P V, dK = dS^T Q and friends, loaded with ldmatrix.trans.
+  template <int kRows>
+  using TileT = decltype(composition(Tile<kRows>{}, make_layout(Shape<Int<kHeadDim>, Int<kRows>>{}, GenRowMajor{})));
+
+  static constexpr int kElemsPerVec = 16 / sizeof(Element);
+  static constexpr int kThreadsPerRow = kAtomCols / kElemsPerVec;
+  template <int kThreads>
+  using ThreadLayout = Layout<Shape<Int<kThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>;
+  // 16-byte asynchronous global->shared loads and plain 16-byte shared->global stores.
+  template <int kThreads>
+  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Element>{},
+                                            ThreadLayout<kThreads>{}, Layout<Shape<_1, Int<kElemsPerVec>>>{}));
+  template <int kThreads>
+  using GmemStore = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<uint128_t>, Element>{}, ThreadLayout<kThreads>{},
+                                             Layout<Shape<_1, Int<kElemsPerVec>>>{}));
+};
+
+// Where one sequence of a dense or varlen batch lives. Varlen lengths come from cu_seqlens
+// on the device and are clamped into the tensors (total_q / total_k rows), so bad lengths
+// give wrong numbers, never out-of-bounds accesses.
+struct Sequence {
+  int len_q, len_k;
+  int64_t row_q, row_k;  // first row of the sequence in the (batch-offset) tensors
+};
+
+__device__ __forceinline__ Sequence sequence_of(const AttentionParams& p, int b) {
+  if (!p.is_varlen()) return {p.seqlen_q, p.seqlen_k, 0, 0};
+  const auto clamp = [](int begin, int end, int total, int max_len) {
+    begin = min(max(begin, 0), total);
+    end = min(max(end, begin), total);
+    return int2{begin, min(end - begin, max_len)};
+  };
+  const int2 q = clamp(p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1], p.total_q, p.seqlen_q);
+  const int2 k = clamp(p.cu_seqlens_k[b], p.cu_seqlens_k[b + 1], p.total_k, p.seqlen_k);
+  return {q.y, k.y, q.x, k.x};
+}
+
+// Offset of (batch b, first row of the sequence, head h) in a (batch, seqlen, heads, dim) or
+// (total, heads, dim) tensor.
+__device__ __forceinline__ int64_t offset_of(const Strides& s, int b, int64_t row, int h) {
+  return b * s.batch + row * s.row + int64_t(h) * s.head;
+}
+
+// Index of row 0 of (b, h) in an lse-shaped tensor: (batch, heads_q, seqlen_q) dense,
+// (heads_q, total_q) varlen; rows are then contiguous.
+__device__ __forceinline__ int64_t lse_offset(const AttentionParams& p, int b, int h, const Sequence& seq) {
+  if (p.is_varlen()) return int64_t(h) * p.total_q + seq.row_q;
+  return (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+}
+
+// (rows, head_dim) global tensor of one (sequence, head), row stride `row_stride`.
+template <typename Element>
+__device__ __forceinline__ auto gmem_rows(const void* base, int64_t offset, int rows, int cols, int64_t row_stride) {
+  return make_tensor(make_gmem_ptr(static_cast<const Element*>(base) + offset), make_shape(rows, cols),
+                     make_stride(row_stride, _1{}));
+}
+template <typename Element>
+__device__ __forceinline__ auto gmem_rows(void* base, int64_t offset, int rows, int cols, int64_t row_stride) {
+  return make_tensor(make_gmem_ptr(static_cast<Element*>(base) + offset), make_shape(rows, cols),
+                     make_stride(row_stride, _1{}));
+}
+
+// Copies a partitioned tile (CPY, CPY_M, CPY_K) with rows >= rows_left or columns >= cols
+// skipped; with kClear the skipped vectors of dst are zeroed (shared memory that an MMA
+// reads must hold finite values: 0 * NaN would poison the output). coords holds the tile
+// coordinates of src, partitioned like it.
+template <bool kClear, typename TiledCopy, typename Src, typename Dst, typename Coords>
+__device__ __forceinline__ void copy_tile(const TiledCopy& tiled_copy, const Src& src, Dst&& dst, const Coords& coords,
+                                          int rows_left, int cols) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    const bool row_ok = get<0>(coords(0, m, 0)) < rows_left;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(src); ++k) {
+      if (row_ok && get<1>(coords(0, m, k)) < cols) {
+        copy(tiled_copy, src(_, m, k), dst(_, m, k));
+      } else if constexpr (kClear) {
+        clear(dst(_, m, k));
+      }
+    }
+  }
+}
+
+// acc += A B^T with both operands in shared memory, double-buffering the k-slices through
+// registers (load slice k + 1 while multiplying slice k).
+template <typename Acc, typename RegA, typename RegB, typename SmemA, typename SmemB, typename TiledMma,
+          typename CopyA, typename CopyB, typename ThrCopyA, typename ThrCopyB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, RegA& rA, RegB& rB, const SmemA& sA, const SmemB& sB,
+                                        const TiledMma& mma, const CopyA& copy_a, const CopyB& copy_b,
+                                        const ThrCopyA& thr_a, const ThrCopyB& thr_b) {
+  auto rA_view = thr_a.retile_D(rA);
+  auto rB_view = thr_b.retile_D(rB);
+  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) {
+      copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
+      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    }
+    gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// acc += A B^T with A already in registers (probabilities) and B in shared memory.
+template <typename Acc, typename RegA, typename RegB, typename SmemB, typename TiledMma, typename CopyB,
+          typename ThrCopyB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, const RegA& rA, RegB& rB, const SmemB& sB, const TiledMma& mma,
+                                        const CopyB& copy_b, const ThrCopyB& thr_b) {
+  auto rB_view = thr_b.retile_D(rB);
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// The accumulator of SM80 m16n8k16 MMAs, ((2 cols, 2 rows), MMA_M, MMA_N), viewed as
+// (rows, cols) = ((2, MMA_M), (2, MMA_N)) so row-wise softmax can loop over it.
+template <typename Layout>
+__device__ __forceinline__ auto rowcol(Layout l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// The same accumulator re-read as the A operand of the next MMA (P in O += P V): two
+// neighbouring n8 tiles form one k16 slice, ((2, 2, 2), MMA_M, MMA_N / 2).
+template <typename Layout>
+__device__ __forceinline__ auto acc_as_operand_a(Layout l) {
+  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});
+  return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+}
+
+// Element-wise conversion of a register fragment (fp32 accumulators to fp16 / bf16).
+template <typename To, typename Fragment>
+__device__ __forceinline__ auto convert_fragment(const Fragment& x) {
+  using From = typename Fragment::value_type;
+  constexpr int kN = decltype(size(x))::value;
+  cutlass::NumericArrayConverter<To, From, kN> convert;
+  auto out = make_tensor_like<To>(x);
+  *reinterpret_cast<cutlass::Array<To, kN>*>(out.data()) =
+      convert(*reinterpret_cast<const cutlass::Array<From, kN>*>(x.data()));
+  return out;
+}
+
+// 2^x on the special function unit (ex2.approx: 2^-inf = +0, 2 ulp).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Sets the logits of an accumulator tile that the mask hides to -inf. Tile element
+// (r, c) is query m0 + r against key n0 + c; coords is the identity tile partitioned like
+// acc. Rows past the sequence get some finite or -inf values: they are never stored.
+template <typename Acc, typename Coords>
+__device__ __forceinline__ void apply_mask(Acc& acc, const Coords& coords, const AttentionMask& mask, int m0, int n0) {
+  Tensor s = make_tensor(acc.data(), rowcol(acc.layout()));
+  Tensor c = make_tensor(coords.data(), rowcol(coords.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(s); ++r) {
+    const KeyRange keys = mask.keys_of(m0 + get<0>(c(r, 0)));
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j)
+      if (!keys.contains(n0 + get<1>(c(r, j)))) s(r, j) = -INFINITY;
+  }
+}
+
+// Logits -> softcap * tanh(scale * s / softcap), in place (the softmax then uses scale 1).
+template <typename Acc>
+__device__ __forceinline__ void apply_softcap(Acc& acc, float scale, float softcap) {
+  const float pre = scale / softcap;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) acc(i) = softcap * tanhf(acc(i) * pre);
+}
+
+// Reductions over the 4 threads (a quad) that share a row of an MMA accumulator.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+}  // namespace attnkit::cuda::prefill

@@ -1,0 +1,6 @@
+// One instantiation per file keeps builds parallel and incremental.
+#include "cuda/prefill/fwd.cuh"
+
+namespace attnkit::cuda::prefill {
+template void launch_fwd<cutlass::half_t, 128>(const AttentionParams&, cudaStream_t);
+}

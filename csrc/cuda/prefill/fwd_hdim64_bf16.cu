@@ -1,0 +1,6 @@
+// One instantiation per file keeps builds parallel and incremental.
+#include "cuda/prefill/fwd.cuh"
+
+namespace attnkit::cuda::prefill {
+template void launch_fwd<cutlass::bfloat16_t, 64>(const AttentionParams&, cudaStream_t);
+}
