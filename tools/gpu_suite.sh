@@ -2,17 +2,23 @@
 # One call on an offline GPU test machine (torch present, no network; see
 # ../shared/device/README.md): install the carried wheels (.whl/, from
 # ../shared/device/fetch_wheels.sh), build in place with 16 jobs, run the CUDA tests, then
-# the whole test suite, then the benchmark on CUDA, and write logs + report to the output
+# compute-sanitizer on a few small ones (tools/sanitize.sh), the whole test suite, the C++
+# microbenchmark bench/prefill (built by CMake in the background while the tests run, a
+# short case list), then the Python benchmark on CUDA, and write logs + report to the output
 # folder (argument, else $OUT, else ./bench_out). A short summary is printed last.
 #
 #   bash tools/gpu_suite.sh [OUT_DIR]
 #   env: ATTNKIT_CUDA_ARCHS (default 90a), MAX_JOBS (16), PYTHON (python3),
 #        ATTNKIT_COMMIT (the commit to report where the tree travels without .git),
 #        SUITE_BUDGET_S (default 540: every step is fitted inside it, under the 10-minute limit),
-#        BENCH_ARGS (extra arguments of python -m attnkit.bench, e.g. "--quick" or "--family decode").
+#        BENCH_ARGS (extra arguments of python -m attnkit.bench, e.g. "--quick" or "--family decode"),
+#        SUITE_SANITIZE=0 (skip compute-sanitizer), SUITE_CPP_BENCH=0 (skip bench/prefill),
+#        CPP_BENCH_ARGS (arguments of bench/prefill; default a short list, fwd + bwd).
 #
 # Files written (at most 8, what the device tool brings back): suite.log (wheels, GPU,
-# versions, step times), build.log, test_cuda.log, test_all.log, bench.log, and the report
+# versions, step times), build.log (setup.py, then the CMake build of bench/prefill),
+# test_cuda.log (pytest -m cuda, then compute-sanitizer), test_all.log, bench.log (the
+# Python benchmark, then bench/prefill's table), and the report
 # <gpu>-<yyyymmdd>-<commit>.{json,md,png} named as bench/results/ wants them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,17 +85,72 @@ if (( rc != 0 )); then
   exit 1
 fi
 
+# -- C++ microbenchmark build, in the background while the tests run ---------------
+cpp_build_log=$(mktemp) cpp_log=$(mktemp)
+cpp_pid=""
+if [[ ${SUITE_CPP_BENCH:-1} != 0 ]] && command -v cmake >/dev/null 2>&1; then
+  tc=$(step_timeout 420 120)
+  pybin=$(command -v "$PY")
+  # Its own session (setsid), so that the whole build can be stopped by its process group.
+  setsid bash -c "s=\$(date +%s)
+    timeout -k 10 $tc cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE='$pybin' \
+        -DCMAKE_CUDA_ARCHITECTURES='$ATTNKIT_CUDA_ARCHS' \
+      && timeout -k 10 $tc nice -n 10 cmake --build build/cmake --target prefill -j $MAX_JOBS
+    echo \"== cmake build of bench/prefill: exit \$? in \$(( \$(date +%s) - s ))s (limit ${tc}s)\"" \
+    > "$cpp_build_log" 2>&1 &
+  cpp_pid=$!
+  say "bench/prefill: CMake build started in the background (limit ${tc}s)"
+else
+  say "bench/prefill: skipped (SUITE_CPP_BENCH=0 or no cmake)"
+fi
+
 # -- tests --------------------------------------------------------------------------
 s=$(date +%s)
 tt=$(step_timeout 120 180)
 timeout -k 10 "$tt" "$PY" -m pytest -q -m cuda tests > "$out/test_cuda.log" 2>&1
 rc_cuda=$?
 say "pytest -m cuda: exit $rc_cuda in $(( $(date +%s) - s ))s (limit ${tt}s)"
+rc_san=skipped
+if [[ ${SUITE_SANITIZE:-1} != 0 ]]; then
+  s=$(date +%s)
+  tsan=$(step_timeout 200 200)
+  if (( tsan >= 60 )); then
+    echo -e "\n======== tools/sanitize.sh (compute-sanitizer) ========" >> "$out/test_cuda.log"
+    SANITIZE_TIMEOUT_S=$(( tsan / 2 )) PYTHON="$PY" bash tools/sanitize.sh "$out/test_cuda.log"
+    rc_san=$?
+  fi
+  say "sanitize: exit $rc_san in $(( $(date +%s) - s ))s (limit ${tsan}s)"
+fi
 s=$(date +%s)
 tt=$(step_timeout 180 130)
 timeout -k 10 "$tt" "$PY" -m pytest -q tests > "$out/test_all.log" 2>&1
 rc_all=$?
 say "pytest (all): exit $rc_all in $(( $(date +%s) - s ))s (limit ${tt}s)"
+
+# -- C++ microbenchmark: wait for its build, run a short case list --------------------
+rc_cpp=skipped
+if [[ -n $cpp_pid ]]; then
+  tw=$(step_timeout 120 200)
+  for (( i = 0; i < tw; i++ )); do kill -0 "$cpp_pid" 2>/dev/null || break; sleep 1; done
+  if kill -0 "$cpp_pid" 2>/dev/null; then
+    kill -- "-$cpp_pid" 2>/dev/null
+    echo "== cmake build of bench/prefill: stopped, still running after the wait of ${tw}s" >> "$cpp_build_log"
+  fi
+  wait "$cpp_pid" 2>/dev/null
+  { echo; echo "======== CMake build of bench/prefill ========"; cat "$cpp_build_log"; } >> "$out/build.log"
+  if [[ -x build/cmake/prefill ]]; then
+    s=$(date +%s)
+    tcpp=$(step_timeout 90 160)
+    # shellcheck disable=SC2086
+    timeout -k 5 "$tcpp" build/cmake/prefill ${CPP_BENCH_ARGS:---seqlen 1024,4096,16384 --bwd --iters 10} > "$cpp_log" 2>&1
+    rc_cpp=$?
+    say "bench/prefill: exit $rc_cpp in $(( $(date +%s) - s ))s (limit ${tcpp}s)"
+  else
+    echo "bench/prefill was not built; see build.log" > "$cpp_log"
+    rc_cpp=nobuild
+    say "bench/prefill: not built (see build.log)"
+  fi
+fi
 
 # -- benchmark ----------------------------------------------------------------------
 tag="$(echo "$gpu" | sed 's/^NVIDIA //' | tr -c 'A-Za-z0-9._-' '-' | sed 's/-*$//')-$(date +%Y%m%d)-$sha"
@@ -108,14 +169,20 @@ else
   echo "bench skipped: ${tbench}s left of the budget" > "$out/bench.log"
 fi
 say "bench: exit $rc_bench in $(( $(date +%s) - s ))s (limit ${tbench}s)"
+if [[ $rc_cpp != skipped ]]; then
+  { echo; echo "======== bench/prefill (C++, torch-free) ========"; cat "$cpp_log"; } >> "$out/bench.log"
+fi
 
 # -- summary (last, so the device tool's output tail holds it) ------------------------
 echo
 echo "== attnkit GPU suite: $gpu, commit $sha, archs $ATTNKIT_CUDA_ARCHS, total $(( $(date +%s) - t0 ))s"
 echo "build:       ok in ${build_s}s"
 echo "cuda tests:  $(pytest_line "$out/test_cuda.log" $rc_cuda)"
+echo "sanitize:    exit $rc_san; $(grep -E '^== (memcheck|racecheck):|^sanitize:' "$out/test_cuda.log" | tr '\n' ' ')"
 echo "all tests:   $(pytest_line "$out/test_all.log" $rc_all)"
 echo "bench:       exit $rc_bench; $(grep -E '^[0-9]+ rows' "$out/bench.log" | tail -n 1)"
+echo "bench/prefill (C++): exit $rc_cpp"
+[[ -s $cpp_log ]] && tail -n 25 "$cpp_log"
 fails=$(grep -hE '^(FAILED|ERROR) ' "$out/test_cuda.log" "$out/test_all.log" 2>/dev/null | sort -u | head -n 15)
 [[ -n $fails ]] && { echo "failures (first 15):"; echo "$fails"; }
 if [[ -s "$out/$tag.md" ]]; then
@@ -130,6 +197,8 @@ echo
 echo "files in $out: $(cd "$out" && ls | tr '\n' ' ')"
 status=0
 [[ $rc_cuda == 0 || $rc_cuda == 5 ]] || status=1   # 5: no CUDA tests collected
+[[ $rc_san == 0 || $rc_san == skipped ]] || status=1
+[[ $rc_cpp == 0 || $rc_cpp == skipped ]] || status=1
 [[ $rc_all == 0 ]] || status=1
 [[ $rc_bench == 0 ]] || status=1
 exit $status
