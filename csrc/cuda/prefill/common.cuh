@@ -13,6 +13,7 @@
 
 #include "attnkit/mask.h"
 #include "attnkit/params.h"
+#include "cuda/prefill/layouts.hpp"
 
 namespace attnkit::cuda::prefill {
 
@@ -155,21 +156,6 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, const RegA& rA, RegB& rB, cons
     if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
     gemm(mma, rA(_, _, k), rB(_, _, k), acc);
   }
-}
-
-// The accumulator of SM80 m16n8k16 MMAs, ((2 cols, 2 rows), MMA_M, MMA_N), viewed as
-// (rows, cols) = ((2, MMA_M), (2, MMA_N)) so row-wise softmax can loop over it.
-template <typename Layout>
-__device__ __forceinline__ auto rowcol(Layout l) {
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
-}
-
-// The same accumulator re-read as the A operand of the next MMA (P in O += P V): two
-// neighbouring n8 tiles form one k16 slice, ((2, 2, 2), MMA_M, MMA_N / 2).
-template <typename Layout>
-__device__ __forceinline__ auto acc_as_operand_a(Layout l) {
-  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});
-  return make_layout(make_layout(get<0, 0>(d), get<0, 1>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
 }
 
 // Element-wise conversion of a register fragment (fp32 accumulators to fp16 / bf16).
