@@ -256,6 +256,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
     }
   }
 
+  cp_async_wait<0>();  // K and V may still be landing when no query block saw them
   const Tensor tdKc = thr_mma.partition_C(cKV);
   store_acc(acc_dk, tdKc, static_cast<Element*>(bp.dk) + offset_of(bp.dk_strides, b, seq.row_k + n0, h_kv),
             bp.dk_strides.row, keys_left, p.head_dim, p.scale);
