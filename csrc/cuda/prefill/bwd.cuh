@@ -184,75 +184,96 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
   auto copy_p = make_tiled_copy_C(Copy_Atom<DefaultCopy, Element>{}, mma);
   auto thr_copy_p = copy_p.get_thread_slice(tid);
 
-  for (int i = 0; i < group; ++i) {
-    const int h = h_kv * group + i;
+  // The (q head of the group, query block) steps, flattened so that the next step's Q and
+  // dO loads can be issued as soon as the current step is done reading sdO (after dV) and
+  // sQ (after dK): they land while dK and dQ are computed.
+  const int m_count = m_tiles.end > m_tiles.begin ? m_tiles.end - m_tiles.begin : 0;
+  const int steps = group * m_count;
+  const auto head_of = [&](int step) { return h_kv * group + step / m_count; };
+  const auto block_of = [&](int step) { return m_tiles.begin + step % m_count; };
+  const auto tile_of = [&](const void* base, const Strides& strides, int step) {
+    return local_tile(gmem_rows<Element>(base, offset_of(strides, b, seq.row_q, head_of(step)), seq.len_q,
+                                         p.head_dim, strides.row),
+                      TileQ{}, make_coord(block_of(step), 0));
+  };
+  const auto load_q = [&](int step) {
+    copy_tile<true>(gmem_load, thr_load.partition_S(tile_of(p.q, p.q_strides, step)), tQsQ, tQc,
+                    seq.len_q - block_of(step) * kBlockM, p.head_dim);
+    cp_async_fence();
+  };
+  const auto load_do = [&](int step) {
+    copy_tile<true>(gmem_load, thr_load.partition_S(tile_of(bp.dout, bp.dout_strides, step)), tQsdO, tQc,
+                    seq.len_q - block_of(step) * kBlockM, p.head_dim);
+    cp_async_fence();
+  };
+  if (steps > 0) {
+    load_q(0);
+    load_do(0);
+  }
+
+  for (int step = 0; step < steps; ++step) {
+    const int h = head_of(step);
+    const int m0 = block_of(step) * kBlockM;
+    const int rows_left = seq.len_q - m0;
     const int64_t lse_row0 = lse_offset(p, b, h, seq);
-    for (int m_block = m_tiles.begin; m_block < m_tiles.end; ++m_block) {
-      const int m0 = m_block * kBlockM;
-      const int rows_left = seq.len_q - m0;
-      Tensor gQ = local_tile(gmem_rows<Element>(p.q, offset_of(p.q_strides, b, seq.row_q, h), seq.len_q,
-                                                p.head_dim, p.q_strides.row),
-                             TileQ{}, make_coord(m_block, 0));
-      Tensor gdO = local_tile(gmem_rows<Element>(bp.dout, offset_of(bp.dout_strides, b, seq.row_q, h), seq.len_q,
-                                                 p.head_dim, bp.dout_strides.row),
-                              TileQ{}, make_coord(m_block, 0));
-      __syncthreads();  // every warp is done with the previous block's Q, dO, P, dS
-      copy_tile<true>(gmem_load, thr_load.partition_S(gQ), tQsQ, tQc, rows_left, p.head_dim);
-      copy_tile<true>(gmem_load, thr_load.partition_S(gdO), tQsdO, tQc, rows_left, p.head_dim);
-      cp_async_fence();
-      for (int r = tid; r < kBlockM; r += kThreads) {
-        // Padding rows and rows that see no key (lse = -inf) get P = exp2(s - inf) = 0.
-        const float lse = r < rows_left ? p.lse[lse_row0 + m0 + r] : -INFINITY;
-        s_lse[r] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
-        s_delta[r] = r < rows_left ? bp.delta[lse_row0 + m0 + r] : 0.f;
-      }
-      cp_async_wait<0>();
-      __syncthreads();
+    // The previous step read s_lse / s_delta before its first barrier after them, which
+    // every thread has passed by now.
+    for (int r = tid; r < kBlockM; r += kThreads) {
+      // Padding rows and rows that see no key (lse = -inf) get P = exp2(s - inf) = 0.
+      const float lse = r < rows_left ? p.lse[lse_row0 + m0 + r] : -INFINITY;
+      s_lse[r] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
+      s_delta[r] = r < rows_left ? bp.delta[lse_row0 + m0 + r] : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // Q, dO (and K, V) landed; s_lse, s_delta written; sP, sdS free
 
-      // S = Q K^T -> P = exp(logit - lse), masked.
-      Tensor acc_s = partition_fragment_C(mma, TileS{});
-      clear(acc_s);
-      gemm_ss(acc_s, rQ, rK, thr_a_n.partition_S(sQ), thr_b_n.partition_S(sK), mma, copy_a_n, copy_b_n, thr_a_n,
-              thr_b_n);
-      if (capped) apply_softcap(acc_s, p.scale, p.softcap);
-      Tensor capped_logits = make_fragment_like(acc_s);  // for the softcap derivative
-      if (capped) copy(acc_s, capped_logits);
-      if (!mask.block_fully_visible(m0, m0 + kBlockM, n0, n0 + kBlockN)) apply_mask(acc_s, tScS, mask, m0, n0);
-      CUTE_UNROLL
-      for (int e = 0; e < size(acc_s); ++e)
-        acc_s(e) = fast_exp2(acc_s(e) * scale_log2 - s_lse[get<0>(tScS(e))]);
+    // S = Q K^T -> P = exp(logit - lse), masked.
+    Tensor acc_s = partition_fragment_C(mma, TileS{});
+    clear(acc_s);
+    gemm_ss(acc_s, rQ, rK, thr_a_n.partition_S(sQ), thr_b_n.partition_S(sK), mma, copy_a_n, copy_b_n, thr_a_n,
+            thr_b_n);
+    if (capped) apply_softcap(acc_s, p.scale, p.softcap);
+    Tensor capped_logits = make_fragment_like(acc_s);  // for the softcap derivative
+    if (capped) copy(acc_s, capped_logits);
+    if (!mask.block_fully_visible(m0, m0 + kBlockM, n0, n0 + kBlockN)) apply_mask(acc_s, tScS, mask, m0, n0);
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc_s); ++e)
+      acc_s(e) = fast_exp2(acc_s(e) * scale_log2 - s_lse[get<0>(tScS(e))]);
 
-      // dP = dO V^T -> dS = P (dP - delta) (times the softcap derivative).
-      Tensor acc_dp = partition_fragment_C(mma, TileS{});
-      clear(acc_dp);
-      gemm_ss(acc_dp, rdO, rV, thr_a_n.partition_S(sdO), thr_b_n.partition_S(sV), mma, copy_a_n, copy_b_n, thr_a_n,
-              thr_b_n);
-      CUTE_UNROLL
-      for (int e = 0; e < size(acc_dp); ++e) {
-        float ds = acc_s(e) * (acc_dp(e) - s_delta[get<0>(tScS(e))]);
-        if (capped) ds *= softcap_grad(capped_logits(e), p.softcap);
-        acc_dp(e) = ds;
-      }
-      // P and dS go through shared memory: the next GEMMs read them transposed.
-      copy(copy_p, thr_copy_p.retile_S(convert_fragment<Element>(acc_s)), thr_copy_p.partition_D(sP));
-      copy(copy_p, thr_copy_p.retile_S(convert_fragment<Element>(acc_dp)), thr_copy_p.partition_D(sdS));
-      __syncthreads();
+    // dP = dO V^T -> dS = P (dP - delta) (times the softcap derivative).
+    Tensor acc_dp = partition_fragment_C(mma, TileS{});
+    clear(acc_dp);
+    gemm_ss(acc_dp, rdO, rV, thr_a_n.partition_S(sdO), thr_b_n.partition_S(sV), mma, copy_a_n, copy_b_n, thr_a_n,
+            thr_b_n);
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc_dp); ++e) {
+      float ds = acc_s(e) * (acc_dp(e) - s_delta[get<0>(tScS(e))]);
+      if (capped) ds *= softcap_grad(capped_logits(e), p.softcap);
+      acc_dp(e) = ds;
+    }
+    // P and dS go through shared memory: the next GEMMs read them transposed.
+    copy(copy_p, thr_copy_p.retile_S(convert_fragment<Element>(acc_s)), thr_copy_p.partition_D(sP));
+    copy(copy_p, thr_copy_p.retile_S(convert_fragment<Element>(acc_dp)), thr_copy_p.partition_D(sdS));
+    __syncthreads();
 
-      gemm_ss(acc_dv, rPt, rdOt, thr_a_t.partition_S(sPt), thr_b_t.partition_S(sdOt), mma, copy_a_t, copy_b_t,
-              thr_a_t, thr_b_t);
-      gemm_ss(acc_dk, rdSt, rQt, thr_a_t.partition_S(sdSt), thr_b_t.partition_S(sQt), mma, copy_a_t, copy_b_t,
-              thr_a_t, thr_b_t);
-      Tensor acc_dq = partition_fragment_C(mma, TileQ{});
-      clear(acc_dq);
-      gemm_ss(acc_dq, rdS, rKt, thr_a_n.partition_S(sdS), thr_b_t.partition_S(sKt), mma, copy_a_n, copy_b_t, thr_a_n,
-              thr_b_t);
-      float* dq_accum = bp.dq_accum + offset_of(bp.dq_accum_strides, b, seq.row_q + m0, h);
-      const Tensor tdQc = thr_mma.partition_C(cQ);
-      CUTE_UNROLL
-      for (int e = 0; e < size(acc_dq); ++e) {
-        const int r = get<0>(tdQc(e)), c = get<1>(tdQc(e));
-        if (r < rows_left && c < p.head_dim) atomicAdd(dq_accum + r * bp.dq_accum_strides.row + c, acc_dq(e));
-      }
+    gemm_ss(acc_dv, rPt, rdOt, thr_a_t.partition_S(sPt), thr_b_t.partition_S(sdOt), mma, copy_a_t, copy_b_t,
+            thr_a_t, thr_b_t);
+    __syncthreads();  // every warp is done with sdO
+    if (step + 1 < steps) load_do(step + 1);
+    gemm_ss(acc_dk, rdSt, rQt, thr_a_t.partition_S(sdSt), thr_b_t.partition_S(sQt), mma, copy_a_t, copy_b_t,
+            thr_a_t, thr_b_t);
+    __syncthreads();  // every warp is done with sQ
+    if (step + 1 < steps) load_q(step + 1);
+    Tensor acc_dq = partition_fragment_C(mma, TileQ{});
+    clear(acc_dq);
+    gemm_ss(acc_dq, rdS, rKt, thr_a_n.partition_S(sdS), thr_b_t.partition_S(sKt), mma, copy_a_n, copy_b_t, thr_a_n,
+            thr_b_t);
+    float* dq_accum = bp.dq_accum + offset_of(bp.dq_accum_strides, b, seq.row_q + m0, h);
+    const Tensor tdQc = thr_mma.partition_C(cQ);
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc_dq); ++e) {
+      const int r = get<0>(tdQc(e)), c = get<1>(tdQc(e));
+      if (r < rows_left && c < p.head_dim) atomicAdd(dq_accum + r * bp.dq_accum_strides.row + c, acc_dq(e));
     }
   }
 
