@@ -1,0 +1,356 @@
+// bench/decode: torch-free microbenchmark of the CUDA decode kernel
+// (attnkit::cuda::decode from csrc/cuda/kernels.h, lean / stream-K schedule).
+//
+//   decode [--dtype bf16|fp16] [--hdim D] [--heads H] [--kv-heads HKV] [--seqlen-q Q]
+//          [--cases B:CTX[,B:CTX...]] [--page P] [--iters N] [--warmup N] [--no-check]
+//
+// Default: bf16, head_dim 128, 32 q heads / 8 kv heads, one query per sequence, batch x
+// context in {1 x 8k, 1 x 32k, 1 x 128k, 1 x 512k, 8 x 32k, 32 x 8k, 64 x 32k}, each with a
+// contiguous cache and a paged one (page 16, shuffled block table). Method
+// (docs/benchmarking.md): random inputs filled on the device, input sets rotated to exceed
+// 3x the L2, warm-up, CUDA events around each call, median and min-max; GB/s counts the K
+// and V bytes the call must read (every cached key of every kv head), and "% copy" divides
+// it by a device-to-device copy measured in the same run. Each case checks 8 sampled
+// (sequence, q head) rows against a naive fp32 kernel and scans the output for NaN / inf.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "attnkit/params.h"
+#include "common.cuh"
+#include "cuda/kernels.h"
+
+namespace {
+
+using attnkit::DecodeParams;
+using attnkit::Strides;
+using namespace attnkit::bench;
+
+struct Options {
+  DType dtype = DType::kBFloat16;
+  int hdim = 128, heads = 32, kv_heads = 8, seqlen_q = 1;
+  std::vector<std::pair<int, int>> cases{{1, 8192},  {1, 32768}, {1, 131072}, {1, 524288},
+                                         {8, 32768}, {32, 8192}, {64, 32768}};
+  std::vector<int> pages{0, 16};  // 0 = contiguous
+  int iters = 20, warmup = 5;
+  bool check_rows = true;
+};
+
+[[noreturn]] void usage(const char* why, int code = 2) {
+  std::fprintf(code ? stderr : stdout,
+               "decode: %s\n"
+               "usage: decode [--dtype bf16|fp16] [--hdim D] [--heads H] [--kv-heads HKV] [--seqlen-q Q]\n"
+               "              [--cases B:CTX[,B:CTX...]] [--page P (0 = contiguous only)] [--iters N]\n"
+               "              [--warmup N] [--no-check]\n",
+               why);
+  std::exit(code);
+}
+
+int to_int(const std::string& s, const char* flag, int min = 1) {
+  char* end = nullptr;
+  const long v = std::strtol(s.c_str(), &end, 10);
+  if (end == s.c_str() || *end != '\0' || v < min || v > (1L << 30)) usage((std::string("bad value for ") + flag).c_str());
+  return int(v);
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage((a + " needs a value").c_str());
+      return argv[++i];
+    };
+    if (a == "--dtype") {
+      const std::string v = value();
+      if (v == "bf16") o.dtype = DType::kBFloat16;
+      else if (v == "fp16") o.dtype = DType::kFloat16;
+      else usage("--dtype takes bf16 or fp16");
+    } else if (a == "--hdim") {
+      o.hdim = to_int(value(), "--hdim");
+    } else if (a == "--heads") {
+      o.heads = to_int(value(), "--heads");
+    } else if (a == "--kv-heads") {
+      o.kv_heads = to_int(value(), "--kv-heads");
+    } else if (a == "--seqlen-q") {
+      o.seqlen_q = to_int(value(), "--seqlen-q");
+    } else if (a == "--cases") {
+      o.cases.clear();
+      const std::string list = value();
+      for (size_t pos = 0; pos < list.size();) {
+        size_t comma = list.find(',', pos);
+        if (comma == std::string::npos) comma = list.size();
+        const std::string item = list.substr(pos, comma - pos);
+        const size_t colon = item.find(':');
+        if (colon == std::string::npos) usage("--cases takes B:CTX pairs");
+        o.cases.push_back({to_int(item.substr(0, colon), "--cases"), to_int(item.substr(colon + 1), "--cases")});
+        pos = comma + 1;
+      }
+    } else if (a == "--page") {
+      const int page = to_int(value(), "--page", 0);
+      o.pages = page ? std::vector<int>{0, page} : std::vector<int>{0};
+    } else if (a == "--iters") {
+      o.iters = to_int(value(), "--iters");
+    } else if (a == "--warmup") {
+      o.warmup = to_int(value(), "--warmup");
+    } else if (a == "--no-check") {
+      o.check_rows = false;
+    } else if (a == "-h" || a == "--help") {
+      usage("torch-free microbenchmark of attnkit's CUDA decode kernel", 0);
+    } else {
+      usage(("unknown argument " + a).c_str());
+    }
+  }
+  if (o.heads % o.kv_heads != 0) usage("--heads must be a multiple of --kv-heads");
+  return o;
+}
+
+// Row t of (sequence b, kv head h) in a contiguous or paged cache.
+template <typename T>
+__device__ const T* key_row(const DecodeParams& p, const void* cache, const Strides& s, int b, int t, int h) {
+  if (!p.is_paged())
+    return static_cast<const T*>(cache) + b * s.batch + int64_t(t) * s.row + int64_t(h) * s.head;
+  const int page = p.block_table[b * p.block_table_stride + t / p.page_size];
+  return static_cast<const T*>(cache) + page * s.batch + int64_t(t % p.page_size) * s.row + int64_t(h) * s.head;
+}
+
+// Naive fp32 decode of one sampled (sequence, q head, query) per block: scores of every
+// visible key into `scratch`, then max, sum and P @ V. out: head_dim floats per row.
+constexpr int kRefThreads = 256;
+template <typename T>
+__global__ void reference_rows(const __grid_constant__ DecodeParams p, const int* rows, float* scratch, int max_len,
+                               float* out, float* lse) {
+  const int b = rows[3 * blockIdx.x], h = rows[3 * blockIdx.x + 1], i = rows[3 * blockIdx.x + 2];
+  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const int len = p.cache_seqlens[b];
+  const int last = len - p.seqlen_q + i;  // the query's own position: keys [0, last]
+  float* s = scratch + int64_t(blockIdx.x) * max_len;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + int64_t(i) * p.q_strides.row + h * p.q_strides.head;
+  __shared__ float red[kRefThreads];
+  float m = -INFINITY;
+  for (int t = threadIdx.x; t <= last; t += blockDim.x) {
+    const T* k = key_row<T>(p, p.k_cache, p.k_strides, b, t, h_kv);
+    float dot = 0.f;
+    for (int c = 0; c < p.head_dim; ++c) dot += attnkit::cuda::to_float(q[c]) * attnkit::cuda::to_float(k[c]);
+    s[t] = dot * p.scale;
+    m = fmaxf(m, s[t]);
+  }
+  red[threadIdx.x] = m;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + w]);
+    __syncthreads();
+  }
+  m = red[0];
+  __syncthreads();
+  float sum = 0.f;
+  for (int t = threadIdx.x; t <= last; t += blockDim.x) sum += (s[t] = expf(s[t] - m));
+  red[threadIdx.x] = sum;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  sum = red[0];
+  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+    float acc = 0.f;
+    for (int t = 0; t <= last; ++t) acc += s[t] * attnkit::cuda::to_float(key_row<T>(p, p.v_cache, p.v_strides, b, t, h_kv)[c]);
+    out[int64_t(blockIdx.x) * p.head_dim + c] = sum > 0.f ? acc / sum : 0.f;
+  }
+  if (threadIdx.x == 0) lse[blockIdx.x] = sum > 0.f ? m + logf(sum) : -INFINITY;
+}
+
+template <typename T>
+__global__ void gather_rows(const __grid_constant__ DecodeParams p, const int* rows, float* out, float* lse) {
+  const int b = rows[3 * blockIdx.x], h = rows[3 * blockIdx.x + 1], i = rows[3 * blockIdx.x + 2];
+  const T* o = static_cast<const T*>(p.out) + b * p.out_strides.batch + int64_t(i) * p.out_strides.row +
+               h * p.out_strides.head;
+  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x)
+    out[int64_t(blockIdx.x) * p.head_dim + c] = attnkit::cuda::to_float(o[c]);
+  if (threadIdx.x == 0) lse[blockIdx.x] = p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i];
+}
+
+// Checks 8 sampled rows against reference_rows and scans the output. Returns a verdict.
+std::string check_rows(const DecodeParams& p, int ctx) {
+  const int nrows = 8;
+  std::vector<int> rows(3 * nrows);
+  std::mt19937 rng(7);
+  for (int r = 0; r < nrows; ++r) {
+    rows[3 * r] = int(rng() % p.batch);
+    rows[3 * r + 1] = int(rng() % p.heads_q);
+    rows[3 * r + 2] = int(rng() % p.seqlen_q);
+  }
+  DeviceBuffer d_rows(rows.size() * 4), scratch(size_t(nrows) * ctx * 4), ref(size_t(nrows) * p.head_dim * 4),
+      got(size_t(nrows) * p.head_dim * 4), ref_lse(nrows * 4), got_lse(nrows * 4), bad(8);
+  check(cudaMemcpy(d_rows.ptr, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+  check(cudaMemset(bad.ptr, 0, 8), "cudaMemset");
+  const int64_t n_out = int64_t(p.batch) * p.seqlen_q * p.heads_q * p.head_dim;
+  for_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    reference_rows<T><<<nrows, kRefThreads>>>(p, d_rows.as<int>(), scratch.as<float>(), ctx, ref.as<float>(),
+                                              ref_lse.as<float>());
+    gather_rows<T><<<nrows, 128>>>(p, d_rows.as<int>(), got.as<float>(), got_lse.as<float>());
+    count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out, bad.as<unsigned long long>());
+  });
+  check(cudaGetLastError(), "check kernels");
+  std::vector<float> ro(size_t(nrows) * p.head_dim), go(ro.size()), rl(nrows), gl(nrows);
+  unsigned long long nonfinite = 0;
+  check(cudaMemcpy(ro.data(), ref.ptr, ro.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(go.data(), got.ptr, go.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(rl.data(), ref_lse.ptr, nrows * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(gl.data(), got_lse.ptr, nrows * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(&nonfinite, bad.ptr, 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  double num = 0, den = 0, lse_err = 0;
+  for (size_t i = 0; i < ro.size(); ++i) {
+    num += double(go[i] - ro[i]) * (go[i] - ro[i]);
+    den += double(ro[i]) * ro[i];
+  }
+  for (int r = 0; r < nrows; ++r) lse_err = std::max(lse_err, std::fabs(double(gl[r]) - rl[r]));
+  const double rel = std::sqrt(num / std::max(den, 1e-300));
+  const bool ok = nonfinite == 0 && rel < 2e-2 && lse_err < 1e-2;
+  char text[160];
+  std::snprintf(text, sizeof text, "%s (8 rows: out rel err %.1e, lse abs err %.1e; %llu non-finite)",
+                ok ? "ok" : "FAILED", rel, lse_err, nonfinite);
+  return text;
+}
+
+struct Sets {
+  std::vector<DeviceBuffer*> owned;
+  std::vector<DecodeParams> params;
+  ~Sets() {
+    for (auto* b : owned) delete b;
+  }
+  void* alloc(size_t bytes) {
+    owned.push_back(new DeviceBuffer(bytes));
+    return owned.back()->ptr;
+  }
+};
+
+bool run_case(const Options& o, int batch, int ctx, int page, double copy_gbps, int workers, int& failures) {
+  char name[128];
+  std::snprintf(name, sizeof name, "%s B%d ctx%d Hq%d Hkv%d D%d q%d %s", dtype_name(o.dtype), batch, ctx, o.heads,
+                o.kv_heads, o.hdim, o.seqlen_q, page ? ("page" + std::to_string(page)).c_str() : "contiguous");
+  if (!attnkit::cuda::decode_supports(o.dtype, o.hdim)) {
+    std::printf("%-48s  skipped: decode_supports is false\n", name);
+    return true;
+  }
+  if (page && ctx % page) {
+    std::printf("%-48s  skipped: context not a multiple of the page\n", name);
+    return true;
+  }
+  const size_t es = elem_size(o.dtype);
+  const int64_t n_q = int64_t(batch) * o.seqlen_q * o.heads * o.hdim;
+  const int64_t n_kv = int64_t(batch) * ctx * o.kv_heads * o.hdim;
+  const double kv_bytes = 2.0 * n_kv * es;
+  int dev = 0, l2 = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev), "cudaDeviceGetAttribute");
+  const int nsets = int(std::min<double>(4, std::max<double>(1, std::ceil(3.0 * l2 / kv_bytes))));
+  const int pages_per_seq = page ? ctx / page : 0;
+
+  Sets sets;
+  try {
+    for (int s = 0; s < nsets; ++s) {
+      DecodeParams p{};
+      p.dtype = o.dtype;
+      p.batch = batch;
+      p.seqlen_q = o.seqlen_q;
+      p.heads_q = o.heads;
+      p.heads_kv = o.kv_heads;
+      p.head_dim = o.hdim;
+      p.q = sets.alloc(n_q * es);
+      p.out = sets.alloc(n_q * es);
+      p.lse = static_cast<float*>(sets.alloc(size_t(batch) * o.heads * o.seqlen_q * 4));
+      p.q_strides = p.out_strides = Strides{int64_t(o.seqlen_q) * o.heads * o.hdim, int64_t(o.heads) * o.hdim, o.hdim};
+      p.k_cache = sets.alloc(n_kv * es);
+      p.v_cache = sets.alloc(n_kv * es);
+      const int64_t rows_per_block = page ? page : ctx;  // contiguous: one "page" per sequence
+      p.k_strides = p.v_strides =
+          Strides{rows_per_block * o.kv_heads * o.hdim, int64_t(o.kv_heads) * o.hdim, o.hdim};
+      std::vector<int32_t> lens(batch, ctx);
+      auto* d_lens = static_cast<int32_t*>(sets.alloc(batch * 4));
+      check(cudaMemcpy(d_lens, lens.data(), batch * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+      p.cache_seqlens = d_lens;
+      if (page) {
+        std::vector<int32_t> table(size_t(batch) * pages_per_seq);
+        std::iota(table.begin(), table.end(), 0);
+        std::shuffle(table.begin(), table.end(), std::mt19937(s + 1));
+        auto* d_table = static_cast<int32_t*>(sets.alloc(table.size() * 4));
+        check(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+        p.block_table = d_table;
+        p.block_table_stride = pages_per_seq;
+        p.page_size = page;
+      }
+      p.scale = 1.0f / std::sqrt(float(o.hdim));
+      p.softcap = 0.f;
+      p.window_left = -1;
+      fill(o.dtype, const_cast<void*>(p.q), n_q, 4 * s + 1);
+      fill(o.dtype, const_cast<void*>(p.k_cache), n_kv, 4 * s + 2);
+      fill(o.dtype, const_cast<void*>(p.v_cache), n_kv, 4 * s + 3);
+      sets.params.push_back(p);
+    }
+  } catch (const std::exception& e) {
+    cudaGetLastError();
+    std::printf("%-48s  skipped: %s\n", name, e.what());
+    return true;
+  }
+  try {
+    const int64_t ws_bytes = attnkit::cuda::decode_workspace_bytes(sets.params[0], ctx, workers);
+    void* workspace = sets.alloc(size_t(std::max<int64_t>(ws_bytes, 16)));
+    const Stat t = time_calls(
+        [&](int i) { attnkit::cuda::decode(sets.params[i % nsets], ctx, workers, workspace, nullptr); }, o.warmup,
+        o.iters);
+    std::string notes = std::to_string(workers) + " workers";
+    if (nsets > 1) notes += ", " + std::to_string(nsets) + " input sets";
+    if (o.check_rows) {
+      attnkit::cuda::decode(sets.params[0], ctx, workers, workspace, nullptr);
+      const std::string v = check_rows(sets.params[0], ctx);
+      if (v.rfind("ok", 0) != 0) ++failures;
+      notes = "check " + v + "; " + notes;
+    }
+    const double gbps = kv_bytes / (t.median * 1e-3) / 1e9;
+    std::printf("%-48s %9.4f  %9.4f-%-9.4f %8.1f  %6.1f%%  %s\n", name, t.median, t.lo, t.hi, gbps,
+                100.0 * gbps / copy_gbps, notes.c_str());
+    std::fflush(stdout);
+  } catch (const std::exception& e) {
+    std::printf("%-48s  FAILED: %s\n", name, e.what());
+    ++failures;
+    if (cudaDeviceSynchronize() != cudaSuccess) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options o = parse(argc, argv);
+  try {
+    int dev = 0;
+    cudaDeviceProp prop{};
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+    std::printf("attnkit bench/decode on %s (sm_%d%d, %d SMs, L2 %d MiB)\ncommand:", prop.name, prop.major, prop.minor,
+                prop.multiProcessorCount, prop.l2CacheSize >> 20);
+    for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
+    std::string desc;
+    const double copy_gbps = measure_copy_gbps(desc);
+    const int workers = attnkit::cuda::decode_workers(dev);
+    std::printf("\ncopy ceiling: %.0f GB/s (%s)\nGB/s = K and V bytes read / median time; %d warm-up + %d timed calls\n\n",
+                copy_gbps, desc.c_str(), o.warmup, o.iters);
+    std::printf("%-48s %9s  %-19s %8s  %7s  %s\n", "case", "ms(med)", "min-max ms", "GB/s", "% copy", "notes");
+    int failures = 0;
+    for (const auto& [batch, ctx] : o.cases)
+      for (const int page : o.pages)
+        if (!run_case(o, batch, ctx, page, copy_gbps, workers, failures)) {
+          std::printf("device error: stopping\n");
+          return 1;
+        }
+    if (failures) std::printf("\n%d case(s) FAILED\n", failures);
+    return failures ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "decode: %s\n", e.what());
+    return 1;
+  }
+}
