@@ -21,8 +21,8 @@ void attention_fwd(const AttentionParams& params, cudaStream_t stream);
 // Needs params.dq_accum and params.delta (see AttentionBwdParams).
 void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 
-// Decode (lean / stream-K schedule of attnkit/schedule.h), fp16/bf16, head_dim 64, 128 or
-// 256, contiguous or paged cache (any page size; docs/decode.md). K/V rows must start on
+// Decode (lean / stream-K schedule of attnkit/schedule.h), fp16/bf16, head_dim a multiple
+// of 8 up to 256 (kernels for 64, 128 and 256; others pad columns), contiguous or paged cache (any page size; docs/decode.md). K/V rows must start on
 // 16 bytes: cache pointers 16-byte aligned, cache strides multiples of 8 elements; out
 // contiguous. cache_seqlens and block_table are read on the device only (no host sync);
 // lengths are clamped to [0, max_seqlen_k], the cache capacity (contiguous: k_cache.size(1);

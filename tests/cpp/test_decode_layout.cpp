@@ -1,7 +1,8 @@
 // Unit tests of the CUDA decode's index math (attnkit/decode_layout.h), on the host:
 //  - decode_kv_offset: key j of a paged cache (page sizes 1..256, shuffled block table)
 //    lands on the element a contiguous cache with the same contents has, key by key;
-//  - decode_row: the rows of a pair cover each (query, q head of the kv head) once;
+//  - decode_row: the rows of a pair cover each (query, q head of the kv head) once, and
+//    decode_out_offset / decode_lse_index give each (sequence, row) its own place;
 //  - DecodeWorkspace: parts 16-byte aligned and disjoint, every (slot, row) of the lean
 //    bound inside its part, size independent of the lengths; the slots the schedule hands
 //    out for any lengths stay within it.
@@ -78,6 +79,30 @@ void check_rows() {
         EXPECT(std::all_of(hits.begin(), hits.end(), [](int n) { return n == 1; }),
                "group=%d seqlen_q=%d: rows do not cover each (query, head) once", group, seqlen_q);
       }
+  // out (contiguous, like q) and lse (batch, heads_q, seqlen_q): every (b, row of every kv
+  // head) has its own place.
+  DecodeParams p{};
+  p.batch = 3;
+  p.seqlen_q = 5;
+  p.heads_kv = 2;
+  p.heads_q = 8;
+  p.head_dim = 16;
+  p.out_strides = {int64_t(p.seqlen_q) * p.heads_q * p.head_dim, int64_t(p.heads_q) * p.head_dim, p.head_dim};
+  const int n = p.batch * p.heads_q * p.seqlen_q, group = p.heads_q / p.heads_kv;
+  std::vector<int> lse_hits(n, 0), out_hits(n, 0);
+  for (int b = 0; b < p.batch; ++b)
+    for (int h = 0; h < p.heads_kv; ++h)
+      for (int r = 0; r < group * p.seqlen_q; ++r) {
+        const attnkit::DecodeRow row = attnkit::decode_row(r, group, h);
+        const int64_t li = attnkit::decode_lse_index(p, b, row), oo = attnkit::decode_out_offset(p, b, row);
+        EXPECT(li >= 0 && li < n && oo % p.head_dim == 0 && oo / p.head_dim < n, "b=%d h=%d r=%d out of range", b, h,
+               r);
+        if (li >= 0 && li < n) ++lse_hits[li];
+        if (oo >= 0 && oo / p.head_dim < n) ++out_hits[oo / p.head_dim];
+        EXPECT(oo == ((int64_t(b) * p.seqlen_q + row.query) * p.heads_q + row.head_q) * p.head_dim, "out offset");
+      }
+  EXPECT(std::all_of(lse_hits.begin(), lse_hits.end(), [](int k) { return k == 1; }), "lse places not unique");
+  EXPECT(std::all_of(out_hits.begin(), out_hits.end(), [](int k) { return k == 1; }), "out places not unique");
 }
 
 void check_workspace(std::mt19937& rng) {

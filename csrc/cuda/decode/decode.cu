@@ -37,8 +37,11 @@ constexpr int kRows = 16;         // rows (q head x query) of a pair per pass ov
 constexpr int kCtasPerSm = 2;     // workers = SMs x this
 constexpr int kOffsetThreads = 256;
 
+// Kernels exist for head_dim 64, 128 and 256; a smaller multiple of 8 runs on the next one
+// with its extra columns zero (loaded as 0, never stored).
+constexpr int padded_head_dim(int head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
 // Keys per tile: K and V tiles of 16 KB (head_dim 64: 8 KB) each, double buffered.
-constexpr int tile_keys_for(int head_dim) { return head_dim <= 128 ? 64 : 32; }
+constexpr int tile_keys_for(int head_dim) { return padded_head_dim(head_dim) <= 128 ? 64 : 32; }
 
 template <typename T>
 struct alignas(16) Vec8 {
@@ -142,6 +145,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = p.heads_q / p.heads_kv, rows = group * p.seqlen_q;
+  const int head_chunks = p.head_dim / 8;  // columns past head_dim (kD rounds it up) are 0
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
 
@@ -155,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
     auto load_tile = [&](int tile, int buf) {
       for (int idx = tid; idx < kTK * kChunks; idx += kThreads) {
         const int j = idx / kChunks, c = idx % kChunks, key = tile * kTK + j;
-        const bool valid = key < len;
+        const bool valid = key < len && c < head_chunks;  // else zero-filled
         const int64_t k_off = valid ? decode_kv_offset(p, p.k_strides, b, key, h) : 0;
         const int64_t v_off = valid ? decode_kv_offset(p, p.v_strides, b, key, h) : 0;
         const int dst = (buf * kTK * kChunks + C::swizzle(j, c)) * 8;
@@ -170,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
       for (int idx = tid; idx < kRows * kD; idx += kThreads) {
         const int r = idx / kD, d = idx % kD;
         float x = 0.f;
-        if (r < pass_rows) {
+        if (r < pass_rows && d < p.head_dim) {
           const DecodeRow row = decode_row(row0 + r, group, h);
           x = to_float(static_cast<const T*>(p.q)[b * p.q_strides.batch + row.query * p.q_strides.row +
                                                  row.head_q * p.q_strides.head + d]) * p.scale;
@@ -208,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
           float dot[C::kRowsS];
 #pragma unroll
           for (int i = 0; i < C::kRowsS; ++i) dot[i] = 0.f;
-#pragma unroll 4
+#pragma unroll 2
           for (int c = 0; c < kChunks; ++c) {
             float kx[8];
             load8(kt + C::swizzle(j, c) * 8, kx);
@@ -259,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[i][e] *= f;
           }
-#pragma unroll 4
+#pragma unroll 2
           for (int j = 0; j < kTK; ++j) {
             float vx[8];
             load8(vt + C::swizzle(j, c) * 8, vx);
@@ -292,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
 #pragma unroll
       for (int i = 0; i < C::kRowsPV; ++i) {
         const int r = rg * C::kRowsPV + i;
-        if (r >= pass_rows) continue;
+        if (r >= pass_rows || c >= head_chunks) continue;
         const float inv = inv_sum_s[r];
         if (item.whole()) {
           Vec8<T> o;
@@ -366,19 +370,21 @@ void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspac
 
 template <typename T>
 void dispatch_head_dim(const DecodeParams& p, int max_seqlen_k, int workers, void* ws, cudaStream_t stream) {
-  switch (p.head_dim) {
+  if (!decode_supports(p.dtype, p.head_dim))
+    throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
+  switch (padded_head_dim(p.head_dim)) {  // kernels for 64, 128, 256; others pad columns
     case 64: launch<T, 64>(p, max_seqlen_k, workers, ws, stream); break;
     case 128: launch<T, 128>(p, max_seqlen_k, workers, ws, stream); break;
     case 256: launch<T, 256>(p, max_seqlen_k, workers, ws, stream); break;
-    default: throw std::invalid_argument("attnkit decode (CUDA): head_dim must be 64, 128 or 256");
+    default: throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
   }
 }
 
 }  // namespace
 
 bool decode_supports(DType dtype, int head_dim) {
-  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) &&
-         (head_dim == 64 || head_dim == 128 || head_dim == 256);
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && head_dim >= 8 && head_dim <= 256 &&
+         head_dim % 8 == 0;
 }
 
 int decode_workers(int device) {
