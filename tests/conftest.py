@@ -29,6 +29,18 @@ def devices_for(op):
     return params
 
 
+def cuda_module_marks(op, what):
+    """pytestmark of a module of CUDA-only tests of `op`: marked `cuda`, skipped with the
+    reason when there is no GPU or this build has no CUDA kernel for `op` (`what` names it)."""
+    if not torch.cuda.is_available():
+        reason = "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    elif not attnkit.has_cuda_kernel(op):
+        reason = f"this build has no CUDA {what} kernel (attnkit.has_cuda_kernel({op!r}) is False)"
+    else:
+        reason = None
+    return [pytest.mark.cuda, pytest.mark.skipif(reason is not None, reason=reason or "")]
+
+
 def skip_unsupported(op, device, dtype):
     """Skips a (device, dtype) pair that `op` does not support by design."""
     if device == "cuda" and op in CUDA_HALF_ONLY and dtype == torch.float32:

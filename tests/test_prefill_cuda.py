@@ -13,15 +13,9 @@ import torch
 
 import attnkit
 from attnkit import reference
-from conftest import FWD_TOL, GRAD_TOL, assert_close, assert_lse_close, cu_seqlens, randn
+from conftest import FWD_TOL, GRAD_TOL, assert_close, assert_lse_close, cu_seqlens, cuda_module_marks, randn
 
-if not torch.cuda.is_available():
-    _skip = "needs a CUDA GPU (torch.cuda.is_available() is False)"
-elif not attnkit.has_cuda_kernel("attention"):
-    _skip = "this build has no CUDA prefill kernel (attnkit.has_cuda_kernel('attention') is False)"
-else:
-    _skip = None
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_skip is not None, reason=_skip or "")]
+pytestmark = cuda_module_marks("attention", "prefill")
 
 NEG_INF = float("-inf")
 DEV = "cuda"

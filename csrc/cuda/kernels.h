@@ -4,6 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #include "attnkit/params.h"
 
 namespace attnkit::cuda {
@@ -18,5 +20,19 @@ bool attention_supports(DType dtype, int head_dim);
 void attention_fwd(const AttentionParams& params, cudaStream_t stream);
 // Needs params.dq_accum and params.delta (see AttentionBwdParams).
 void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
+
+// Decode (lean / stream-K schedule of attnkit/schedule.h), fp16/bf16, head_dim a multiple
+// of 8 up to 256 (kernels for 64, 128 and 256; others pad columns), contiguous or paged cache (any page size; docs/decode.md). K/V rows must start on
+// 16 bytes: cache pointers 16-byte aligned, cache strides multiples of 8 elements; out
+// contiguous. cache_seqlens and block_table are read on the device only (no host sync);
+// lengths are clamped to [0, max_seqlen_k], the cache capacity (contiguous: k_cache.size(1);
+// paged: block_table.size(1) * page_size). `workers` CTAs share the KV tiles (default:
+// decode_workers()); the workspace (decode_workspace_bytes(), any contents) depends on the
+// shapes and `workers` only, so one allocation serves every cache_seqlens and a decode
+// step can be captured in a CUDA graph.
+bool decode_supports(DType dtype, int head_dim);
+int decode_workers(int device);
+int64_t decode_workspace_bytes(const DecodeParams& params, int max_seqlen_k, int workers);
+void decode(const DecodeParams& params, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream);
 
 }  // namespace attnkit::cuda

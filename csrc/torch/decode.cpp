@@ -1,17 +1,42 @@
-// Binding of decode (contiguous and paged KV caches): checks, allocation, params, dispatch.
-// The CUDA lean-attention kernel arrives with the decode issue.
+// Binding of decode (contiguous and paged KV caches): checks, allocation, params, dispatch
+// to the CPU kernel or (built with CUDA) the lean-attention CUDA kernel.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
 
 #include "cpu/kernels.h"
 #include "checks.h"
 
+#ifdef ATTNKIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/kernels.h"
+#endif
+
 namespace attnkit::binding {
 namespace {
 
 constexpr int64_t kMaxDecodeQueries = 16;
+
+#ifdef ATTNKIT_WITH_CUDA
+// What the CUDA kernel needs beyond the common checks: its dtypes and head dims, and K/V
+// rows on 16 bytes (it copies them with 16-byte cp.async).
+void check_cuda_decode(DType dtype, int64_t head_dim, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK_VALUE(dtype == DType::kFloat16 || dtype == DType::kBFloat16,
+                    "q must be float16 or bfloat16 for the CUDA decode, got float32");
+  TORCH_CHECK_VALUE(cuda::decode_supports(dtype, int(head_dim)),
+                    "q must have a head_dim that is a multiple of 8 up to 256 for the CUDA decode, got ", head_dim);
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    const bool aligned = reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && t->stride(0) % 8 == 0 &&
+                         t->stride(1) % 8 == 0 && t->stride(2) % 8 == 0;
+    TORCH_CHECK_VALUE(aligned, name, " must have 16-byte aligned rows for the CUDA decode (data pointer on 16 "
+                      "bytes, strides of dims 0-2 multiples of 8 elements), got strides ", t->strides());
+  }
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                           const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
@@ -76,8 +101,9 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
                           " is not a page id in [0, ", num_pages, ")");
     }
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cpu(), "attnkit.decode has no kernel for ", q.device(),
-                              " yet (CPU only; the CUDA lean-attention decode arrives with the decode issue)");
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) check_cuda_decode(p.dtype, head_dim, k_cache, v_cache);
+#endif
 
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
@@ -99,12 +125,30 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.window_left = int(window_left);
-  if (batch > 0) cpu::decode(p);
+  if (batch == 0) return {out, lse};
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    // Workers and workspace depend on the shapes only (no read of cache_seqlens), so the
+    // call is capturable in a CUDA graph (the caching allocator serves captures too).
+    const int workers = cuda::decode_workers(q.device().index());
+    const int64_t bytes = cuda::decode_workspace_bytes(p, int(capacity), workers);
+    const at::Tensor workspace = at::empty({bytes}, q.options().dtype(at::kByte));
+    cuda::decode(p, int(capacity), workers, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+    return {out, lse};
+  }
+#endif
+  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cpu(), "attnkit.decode has no kernel for ", q.device());
+  cpu::decode(p);
   return {out, lse};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) { m.impl("decode", &decode); }
+
+#ifdef ATTNKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) { m.impl("decode", &decode); }
+#endif
 
 }  // namespace attnkit::binding

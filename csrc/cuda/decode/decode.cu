@@ -1,0 +1,411 @@
+// CUDA decode with the lean (stream-K) schedule of attnkit/schedule.h; docs/decode.md
+// ("CUDA") explains the design. Three launches, none of whose sizes depends on the values
+// of cache_seqlens, so a decode step can be captured in a CUDA graph:
+//  1. offsets_kernel: lean_seq_offsets() of cache_seqlens into the workspace (one block,
+//     a block-wide prefix sum of the per-sequence tile counts).
+//  2. lean_kernel: W CTAs; CTA w walks its share of KV tiles with for_each_lean_item().
+//     An item (sequence b, kv head h, tiles [t0, t1)) runs all rows of the pair (the q
+//     heads of h times the seqlen_q queries, kRows per pass) over its tiles with online
+//     softmax: K/V tiles stream through shared memory with cp.async double buffering
+//     (16-byte copies, rows of a paged cache found per key through block_table), scores
+//     and P @ V on CUDA cores in fp32. It writes the final output when it holds the whole
+//     pair, else an fp32 partial (out, lse) to its slot in the workspace.
+//  3. merge_kernel: each pair split over several workers merges its slots in key order with
+//     merge_weights() (pair_partials() finds them); pairs with no visible key get out 0 and
+//     lse -inf.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+
+#include "attnkit/decode_layout.h"
+#include "attnkit/mask.h"
+#include "attnkit/schedule.h"
+#include "attnkit/softmax.h"
+#include "cuda/check.h"
+#include "cuda/convert.cuh"
+#include "cuda/kernels.h"
+
+namespace attnkit::cuda {
+namespace {
+
+constexpr int kThreads = 128;     // 4 warps per CTA
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 16;         // rows (q head x query) of a pair per pass over its tiles
+constexpr int kCtasPerSm = 2;     // workers = SMs x this
+constexpr int kOffsetThreads = 256;
+
+// Kernels exist for head_dim 64, 128 and 256; a smaller multiple of 8 runs on the next one
+// with its extra columns zero (loaded as 0, never stored).
+constexpr int padded_head_dim(int head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
+// Keys per tile: K and V tiles of 16 KB (head_dim 64: 8 KB) each, double buffered.
+constexpr int tile_keys_for(int head_dim) { return padded_head_dim(head_dim) <= 128 ? 64 : 32; }
+
+template <typename T>
+struct alignas(16) Vec8 {
+  T v[8];
+};
+
+// Tile config of one (dtype, head_dim).
+template <typename T, int kHeadDim>
+struct Config {
+  static constexpr int kD = kHeadDim;
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per K/V row
+  static constexpr int kTileKeys = tile_keys_for(kHeadDim);
+  // Scores: thread = (key of the tile, group of kRowsS rows); a warp shares its rows.
+  static constexpr int kRowGroupsS = kThreads / kTileKeys;
+  static constexpr int kRowsS = kRows / kRowGroupsS;
+  // P @ V: thread = (16-byte column chunk, group of kRowsPV rows).
+  static constexpr int kRowGroupsPV = kThreads / kChunks;
+  static constexpr int kRowsPV = kRows / kRowGroupsPV;
+  static_assert(kChunks >= 8 && kChunks <= 32, "the swizzle and thread maps need head_dim in [64, 256]");
+  static_assert(kTileKeys >= 32 && kThreads % kTileKeys == 0 && kRows % kRowGroupsS == 0, "score map");
+  static_assert(kThreads % kChunks == 0 && kRows % kRowGroupsPV == 0, "P @ V map");
+  static_assert(kTileKeys % 32 == 0 && kRows % kWarps == 0, "softmax map");
+
+  // Shared memory, in bytes from the start.
+  static constexpr int kQBytes = kRows * kD * 4;              // float q rows, pre-scaled
+  static constexpr int kTileBytes = kTileKeys * kD * int(sizeof(T));
+  static constexpr int kSBytes = kRows * kTileKeys * 4;       // scores, then probabilities
+  static constexpr int kKOffset = kQBytes;
+  static constexpr int kVOffset = kKOffset + 2 * kTileBytes;
+  static constexpr int kSOffset = kVOffset + 2 * kTileBytes;
+  static constexpr int kRowOffset = kSOffset + kSBytes;       // per row: factor, inv_sum
+  static constexpr int kSmemBytes = kRowOffset + 2 * kRows * 4;
+
+  // Chunk c of tile row j, XOR-swizzled so that 8 consecutive rows read at one column hit
+  // 8 different 16-byte bank groups.
+  __device__ static int swizzle(int j, int c) { return j * kChunks + (c ^ (j & 7)); }
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 16 : 0;  // 0: zero-fill (keys past the sequence)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* smem, float (&x)[8]) {
+  const Vec8<T> v = *reinterpret_cast<const Vec8<T>*>(smem);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = to_float(v.v[i]);
+}
+
+// 1. seq_offset[0..batch] = lean_seq_offsets(shape, cache_seqlens), block-parallel.
+__global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape shape, const int32_t* lens,
+                                                                  int64_t* seq_offset) {
+  using Scan = cub::BlockScan<int64_t, kOffsetThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int per = (shape.batch + kOffsetThreads - 1) / kOffsetThreads;
+  const int b0 = min(shape.batch, int(threadIdx.x) * per), b1 = min(shape.batch, b0 + per);
+  int64_t local = 0;
+  for (int b = b0; b < b1; ++b) local += int64_t(shape.head_groups) * shape.tiles(lens[b]).size();
+  int64_t run;
+  Scan(scan_storage).ExclusiveSum(local, run);
+  if (threadIdx.x == 0) seq_offset[0] = 0;
+  for (int b = b0; b < b1; ++b) {
+    run += int64_t(shape.head_groups) * shape.tiles(lens[b]).size();
+    seq_offset[b + 1] = run;
+  }
+}
+
+// 2. The lean pass: CTA w = worker w.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape,
+                                                        const int workers, char* workspace) {
+  using C = Config<T, kHeadDim>;
+  constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks;
+  extern __shared__ __align__(16) char smem[];
+  float* q_s = reinterpret_cast<float*>(smem);
+  T* k_s = reinterpret_cast<T*>(smem + C::kKOffset);
+  T* v_s = reinterpret_cast<T*>(smem + C::kVOffset);
+  float* s_s = reinterpret_cast<float*>(smem + C::kSOffset);
+  float* factor_s = reinterpret_cast<float*>(smem + C::kRowOffset);
+  float* inv_sum_s = factor_s + kRows;
+
+  const DecodeWorkspace ws = DecodeWorkspace::make(p, lean_bounds(shape, workers).num_slots);
+  const int64_t* seq_offset = reinterpret_cast<const int64_t*>(workspace + ws.seq_offset_bytes);
+  float* part_lse = reinterpret_cast<float*>(workspace + ws.lse_bytes);
+  float* part_out = reinterpret_cast<float*>(workspace + ws.out_bytes);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int group = p.heads_q / p.heads_kv, rows = group * p.seqlen_q;
+  const int head_chunks = p.head_dim / 8;  // columns past head_dim (kD rounds it up) are 0
+  const T* k_cache = static_cast<const T*>(p.k_cache);
+  const T* v_cache = static_cast<const T*>(p.v_cache);
+
+  for_each_lean_item(shape, p.cache_seqlens, seq_offset, workers, int(blockIdx.x), [&](const LeanItem& item) {
+    const int b = item.b, h = item.group;
+    int len = p.cache_seqlens[b];
+    len = len < shape.max_seqlen_k ? len : shape.max_seqlen_k;  // tiles() > 0, so len > 0
+    const AttentionMask mask(p.seqlen_q, len, /*causal=*/true, p.window_left, -1);
+
+    // K and V rows [tile * kTK, +kTK) into buffer `buf`; keys past len are zero-filled.
+    auto load_tile = [&](int tile, int buf) {
+      for (int idx = tid; idx < kTK * kChunks; idx += kThreads) {
+        const int j = idx / kChunks, c = idx % kChunks, key = tile * kTK + j;
+        const bool valid = key < len && c < head_chunks;  // else zero-filled
+        const int64_t k_off = valid ? decode_kv_offset(p, p.k_strides, b, key, h) : 0;
+        const int64_t v_off = valid ? decode_kv_offset(p, p.v_strides, b, key, h) : 0;
+        const int dst = (buf * kTK * kChunks + C::swizzle(j, c)) * 8;
+        cp_async_16(k_s + dst, k_cache + k_off + c * 8, valid);
+        cp_async_16(v_s + dst, v_cache + v_off + c * 8, valid);
+      }
+    };
+
+    for (int row0 = 0; row0 < rows; row0 += kRows) {
+      const int pass_rows = min(kRows, rows - row0);
+      __syncthreads();  // the previous pass / item is done with shared memory
+      for (int idx = tid; idx < kRows * kD; idx += kThreads) {
+        const int r = idx / kD, d = idx % kD;
+        float x = 0.f;
+        if (r < pass_rows && d < p.head_dim) {
+          const DecodeRow row = decode_row(row0 + r, group, h);
+          x = to_float(static_cast<const T*>(p.q)[b * p.q_strides.batch + row.query * p.q_strides.row +
+                                                 row.head_q * p.q_strides.head + d]) * p.scale;
+        }
+        q_s[idx] = x;
+      }
+      // Softmax state of the rows this warp owns (rows warp, warp + kWarps, ...), in
+      // every lane; the visible keys of those rows.
+      RowSoftmax state[kRows / kWarps];
+      KeyRange visible[kRows / kWarps];
+#pragma unroll
+      for (int i = 0; i < kRows / kWarps; ++i) {
+        const int r = warp + i * kWarps;
+        visible[i] = r < pass_rows ? mask.keys_of(decode_row(row0 + r, group, h).query) : KeyRange{0, 0};
+      }
+      float acc[C::kRowsPV][8];
+#pragma unroll
+      for (int i = 0; i < C::kRowsPV; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
+
+      load_tile(item.tile_begin, 0);
+      cp_async_commit();
+      for (int tile = item.tile_begin; tile < item.tile_end; ++tile) {
+        const int buf = (tile - item.tile_begin) & 1;
+        if (tile + 1 < item.tile_end) load_tile(tile + 1, buf ^ 1);
+        cp_async_commit();  // possibly empty, so that wait_group 1 always means "this tile"
+        cp_async_wait_1();
+        __syncthreads();
+        const T* kt = k_s + buf * kTK * kChunks * 8;
+        const T* vt = v_s + buf * kTK * kChunks * 8;
+
+        {  // scores S[r][j] = q_r . k_j (q pre-scaled)
+          const int j = tid % kTK, rg = tid / kTK;
+          float dot[C::kRowsS];
+#pragma unroll
+          for (int i = 0; i < C::kRowsS; ++i) dot[i] = 0.f;
+#pragma unroll 2
+          for (int c = 0; c < kChunks; ++c) {
+            float kx[8];
+            load8(kt + C::swizzle(j, c) * 8, kx);
+#pragma unroll
+            for (int i = 0; i < C::kRowsS; ++i) {
+              const float4* qv = reinterpret_cast<const float4*>(q_s + (rg * C::kRowsS + i) * kD + c * 8);
+              const float4 a = qv[0], bq = qv[1];
+              dot[i] += a.x * kx[0] + a.y * kx[1] + a.z * kx[2] + a.w * kx[3] + bq.x * kx[4] + bq.y * kx[5] +
+                        bq.z * kx[6] + bq.w * kx[7];
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < C::kRowsS; ++i) s_s[(rg * C::kRowsS + i) * kTK + j] = dot[i];
+        }
+        __syncthreads();
+
+        // Online softmax, one warp per row: softcap, mask, rescale, probabilities.
+#pragma unroll
+        for (int i = 0; i < kRows / kWarps; ++i) {
+          const int r = warp + i * kWarps;
+          float s[kTK / 32];
+          float tile_max = kNegInf;
+#pragma unroll
+          for (int x = 0; x < kTK / 32; ++x) {
+            const int j = lane + 32 * x;
+            s[x] = visible[i].contains(tile * kTK + j) ? apply_softcap(s_s[r * kTK + j], p.softcap) : kNegInf;
+            tile_max = fmaxf(tile_max, s[x]);
+          }
+          tile_max = warp_max(tile_max);
+          const float factor = state[i].rescale_to(fmaxf(state[i].max, tile_max));
+          float sum = 0.f;
+#pragma unroll
+          for (int x = 0; x < kTK / 32; ++x) {
+            const float prob = exp_diff(s[x], state[i].max);
+            s_s[r * kTK + lane + 32 * x] = prob;
+            sum += prob;
+          }
+          state[i].sum += warp_sum(sum);
+          if (lane == 0) factor_s[r] = factor;
+        }
+        __syncthreads();
+
+        {  // acc = acc * factor + P @ V
+          const int c = tid % kChunks, rg = tid / kChunks;
+#pragma unroll
+          for (int i = 0; i < C::kRowsPV; ++i) {
+            const float f = factor_s[rg * C::kRowsPV + i];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[i][e] *= f;
+          }
+#pragma unroll 2
+          for (int j = 0; j < kTK; ++j) {
+            float vx[8];
+            load8(vt + C::swizzle(j, c) * 8, vx);
+#pragma unroll
+            for (int i = 0; i < C::kRowsPV; ++i) {
+              const float prob = s_s[(rg * C::kRowsPV + i) * kTK + j];
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[i][e] += prob * vx[e];
+            }
+          }
+        }
+        __syncthreads();  // before the next load overwrites this buffer
+      }
+
+      // Epilogue: lse by the warp that owns the row, out by the P @ V threads.
+#pragma unroll
+      for (int i = 0; i < kRows / kWarps; ++i) {
+        const int r = warp + i * kWarps;
+        if (lane == 0) inv_sum_s[r] = state[i].inv_sum();
+        if (lane == 0 && r < pass_rows) {
+          if (item.whole()) {
+            p.lse[decode_lse_index(p, b, decode_row(row0 + r, group, h))] = state[i].lse();
+          } else {
+            part_lse[ws.lse_index(item.slot, row0 + r)] = state[i].lse();
+          }
+        }
+      }
+      __syncthreads();
+      const int c = tid % kChunks, rg = tid / kChunks;
+#pragma unroll
+      for (int i = 0; i < C::kRowsPV; ++i) {
+        const int r = rg * C::kRowsPV + i;
+        if (r >= pass_rows || c >= head_chunks) continue;
+        const float inv = inv_sum_s[r];
+        if (item.whole()) {
+          Vec8<T> o;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o.v[e] = from_float<T>(acc[i][e] * inv);
+          T* out = static_cast<T*>(p.out) + decode_out_offset(p, b, decode_row(row0 + r, group, h));
+          *reinterpret_cast<Vec8<T>*>(out + c * 8) = o;
+        } else {
+          float4* dst = reinterpret_cast<float4*>(part_out + ws.out_index(item.slot, row0 + r) + c * 8);
+          dst[0] = make_float4(acc[i][0] * inv, acc[i][1] * inv, acc[i][2] * inv, acc[i][3] * inv);
+          dst[1] = make_float4(acc[i][4] * inv, acc[i][5] * inv, acc[i][6] * inv, acc[i][7] * inv);
+        }
+      }
+    }
+  });
+}
+
+// 3. One thread per (pair, row, 4 columns): merge the pair's partial slots in key order.
+template <typename T>
+__global__ void merge_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape, const int workers,
+                             const char* workspace) {
+  const DecodeWorkspace ws = DecodeWorkspace::make(p, lean_bounds(shape, workers).num_slots);
+  const int64_t* seq_offset = reinterpret_cast<const int64_t*>(workspace + ws.seq_offset_bytes);
+  const float* part_lse = reinterpret_cast<const float*>(workspace + ws.lse_bytes);
+  const float* part_out = reinterpret_cast<const float*>(workspace + ws.out_bytes);
+  const int group = p.heads_q / p.heads_kv, vecs = p.head_dim / 4;
+  const int64_t total = int64_t(shape.num_pairs()) * ws.rows * vecs;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int vec = int(idx % vecs), r = int(idx / vecs % ws.rows);
+    const int pair = int(idx / (int64_t(vecs) * ws.rows));
+    const int b = pair / p.heads_kv, h = pair % p.heads_kv;
+    const PairPartials pp = pair_partials(shape, p.cache_seqlens, seq_offset, workers, b, h);
+    if (pp.count == 1) continue;  // the item that held the whole pair wrote the output
+    float lse = kNegInf, o[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < pp.count; ++k) {
+      const int slot = pp.first_slot + k;
+      const MergeWeights w = merge_weights(lse, part_lse[ws.lse_index(slot, r)]);
+      const float4 x = *reinterpret_cast<const float4*>(part_out + ws.out_index(slot, r) + vec * 4);
+      o[0] = w.w_a * o[0] + w.w_b * x.x;
+      o[1] = w.w_a * o[1] + w.w_b * x.y;
+      o[2] = w.w_a * o[2] + w.w_b * x.z;
+      o[3] = w.w_a * o[3] + w.w_b * x.w;
+      lse = w.lse;
+    }
+    const DecodeRow row = decode_row(r, group, h);
+    T* out = static_cast<T*>(p.out) + decode_out_offset(p, b, row) + vec * 4;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = from_float<T>(o[e]);
+    if (vec == 0) p.lse[decode_lse_index(p, b, row)] = lse;
+  }
+}
+
+template <typename T, int kHeadDim>
+void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream) {
+  using C = Config<T, kHeadDim>;
+  const LeanShape shape = decode_lean_shape(p, C::kTileKeys, max_seqlen_k);
+  char* ws = static_cast<char*>(workspace);
+  offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(shape, p.cache_seqlens, reinterpret_cast<int64_t*>(ws));
+  check(cudaGetLastError(), "decode: offsets launch");
+  auto kernel = lean_kernel<T, kHeadDim>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes),
+        "decode: cudaFuncSetAttribute");
+  kernel<<<workers, kThreads, C::kSmemBytes, stream>>>(p, shape, workers, ws);
+  check(cudaGetLastError(), "decode: lean launch");
+  const int64_t threads = int64_t(shape.num_pairs()) * (p.heads_q / p.heads_kv * p.seqlen_q) * (kHeadDim / 4);
+  const int blocks = int(std::min<int64_t>((threads + 255) / 256, int64_t(workers) * 8));
+  merge_kernel<T><<<blocks, 256, 0, stream>>>(p, shape, workers, ws);
+  check(cudaGetLastError(), "decode: merge launch");
+}
+
+template <typename T>
+void dispatch_head_dim(const DecodeParams& p, int max_seqlen_k, int workers, void* ws, cudaStream_t stream) {
+  if (!decode_supports(p.dtype, p.head_dim))
+    throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
+  switch (padded_head_dim(p.head_dim)) {  // kernels for 64, 128, 256; others pad columns
+    case 64: launch<T, 64>(p, max_seqlen_k, workers, ws, stream); break;
+    case 128: launch<T, 128>(p, max_seqlen_k, workers, ws, stream); break;
+    case 256: launch<T, 256>(p, max_seqlen_k, workers, ws, stream); break;
+    default: throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
+  }
+}
+
+}  // namespace
+
+bool decode_supports(DType dtype, int head_dim) {
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && head_dim >= 8 && head_dim <= 256 &&
+         head_dim % 8 == 0;
+}
+
+int decode_workers(int device) {
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "decode: SM count");
+  return std::max(1, sms) * kCtasPerSm;
+}
+
+int64_t decode_workspace_bytes(const DecodeParams& p, int max_seqlen_k, int workers) {
+  const LeanShape shape = decode_lean_shape(p, tile_keys_for(p.head_dim), max_seqlen_k);
+  return DecodeWorkspace::make(p, lean_bounds(shape, workers).num_slots).total_bytes;
+}
+
+void decode(const DecodeParams& p, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads_kv == 0) return;
+  if (p.dtype == DType::kFloat16)
+    dispatch_head_dim<__half>(p, max_seqlen_k, workers, workspace, stream);
+  else if (p.dtype == DType::kBFloat16)
+    dispatch_head_dim<__nv_bfloat16>(p, max_seqlen_k, workers, workspace, stream);
+  else
+    throw std::invalid_argument("attnkit decode (CUDA): dtype must be float16 or bfloat16");
+}
+
+}  // namespace attnkit::cuda

@@ -1,0 +1,92 @@
+// Index math of the CUDA decode (csrc/cuda/decode/), torch-free and __host__ __device__
+// so that ctest checks what the kernel runs (tests/cpp/test_decode_layout.cpp):
+//  - where key j of kv head h of sequence b lies in a contiguous or paged cache,
+//  - the packing of (query, q head) into the rows of one (sequence, kv head) pair,
+//  - the lean schedule's shape for one decode call (one kv head per group),
+//  - the layout of the workspace: lean seq offsets, then the fp32 partial (lse, out) slots,
+//    sized by lean_bounds() only, so the same buffer serves every cache_seqlens (CUDA graphs).
+#pragma once
+
+#include <cstdint>
+
+#include "attnkit/macros.h"
+#include "attnkit/params.h"
+#include "attnkit/schedule.h"
+
+namespace attnkit {
+
+// Element offset of the row of key `key` of kv head `head` of sequence b in a cache with
+// strides s (k_strides or v_strides of DecodeParams). Paged: logical page key / page_size
+// of sequence b is physical page block_table[b][key / page_size], and s.batch is the
+// stride between pages. The caller keeps key < the (clamped) capacity.
+ATTNKIT_HD int64_t decode_kv_offset(const DecodeParams& p, const Strides& s, int b, int key, int head) {
+  int64_t offset;
+  if (p.is_paged()) {
+    const int64_t page = p.block_table[int64_t(b) * p.block_table_stride + key / p.page_size];
+    offset = page * s.batch + int64_t(key % p.page_size) * s.row;
+  } else {
+    offset = int64_t(b) * s.batch + int64_t(key) * s.row;
+  }
+  return offset + int64_t(head) * s.head;
+}
+
+// Row r of pair (b, kv head g) holds query r / group of q head g * group + r % group
+// (group = heads_q / heads_kv): the q heads of one kv head are adjacent, as on the CPU.
+struct DecodeRow {
+  int query;
+  int head_q;
+};
+
+ATTNKIT_HD DecodeRow decode_row(int r, int group, int kv_head) {
+  return {r / group, kv_head * group + r % group};
+}
+
+// Element offset of row (query, head_q) of sequence b in out (strides p.out_strides), and
+// its index in lse, laid out (batch, heads_q, seqlen_q) contiguously.
+ATTNKIT_HD int64_t decode_out_offset(const DecodeParams& p, int b, DecodeRow row) {
+  return b * p.out_strides.batch + row.query * p.out_strides.row + row.head_q * p.out_strides.head;
+}
+ATTNKIT_HD int64_t decode_lse_index(const DecodeParams& p, int b, DecodeRow row) {
+  return (int64_t(b) * p.heads_q + row.head_q) * p.seqlen_q + row.query;
+}
+
+// The lean schedule of one decode call on CUDA: one kv head per group, so pairs are
+// (sequence, kv head). max_seqlen_k is the cache capacity (contiguous: k_cache.size(1);
+// paged: block_table.size(1) * page_size); device-side lengths are clamped into it.
+ATTNKIT_HD LeanShape decode_lean_shape(const DecodeParams& p, int tile_keys, int max_seqlen_k) {
+  return {p.batch, p.heads_kv, p.seqlen_q, p.window_left, tile_keys, max_seqlen_k};
+}
+
+// Workspace of one decode call, in bytes from its start (every part 16-byte aligned):
+//   seq_offset  int64 [batch + 1]                 lean_seq_offsets() of this call
+//   lse         float [num_slots][rows]           partial log-sum-exp per slot and row
+//   out         float [num_slots][rows][head_dim] partial output, normalised
+// num_slots = lean_bounds().num_slots, rows = heads_q / heads_kv * seqlen_q. None of it
+// depends on the values of cache_seqlens.
+struct DecodeWorkspace {
+  int64_t seq_offset_bytes;  // offset of seq_offset (0)
+  int64_t lse_bytes;         // offset of lse
+  int64_t out_bytes;         // offset of out
+  int64_t total_bytes;
+  int rows;
+  int head_dim;
+
+  ATTNKIT_HD static int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
+  ATTNKIT_HD static DecodeWorkspace make(const DecodeParams& p, int num_slots) {
+    DecodeWorkspace w;
+    w.rows = p.heads_q / p.heads_kv * p.seqlen_q;
+    w.head_dim = p.head_dim;
+    w.seq_offset_bytes = 0;
+    w.lse_bytes = align16(int64_t(p.batch + 1) * int64_t(sizeof(int64_t)));
+    w.out_bytes = w.lse_bytes + align16(int64_t(num_slots) * w.rows * int64_t(sizeof(float)));
+    w.total_bytes = w.out_bytes + int64_t(num_slots) * w.rows * p.head_dim * int64_t(sizeof(float));
+    return w;
+  }
+
+  // Indices (in floats) of row r of slot `slot` in the lse and out parts.
+  ATTNKIT_HD int64_t lse_index(int slot, int r) const { return int64_t(slot) * rows + r; }
+  ATTNKIT_HD int64_t out_index(int slot, int r) const { return (int64_t(slot) * rows + r) * head_dim; }
+};
+
+}  // namespace attnkit

@@ -1,0 +1,156 @@
+// Unit tests of the CUDA decode's index math (attnkit/decode_layout.h), on the host:
+//  - decode_kv_offset: key j of a paged cache (page sizes 1..256, shuffled block table)
+//    lands on the element a contiguous cache with the same contents has, key by key;
+//  - decode_row: the rows of a pair cover each (query, q head of the kv head) once, and
+//    decode_out_offset / decode_lse_index give each (sequence, row) its own place;
+//  - DecodeWorkspace: parts 16-byte aligned and disjoint, every (slot, row) of the lean
+//    bound inside its part, size independent of the lengths; the slots the schedule hands
+//    out for any lengths stay within it.
+// Run by ctest; exits non-zero on failure.
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "attnkit/decode_layout.h"
+#include "expect.h"
+
+namespace {
+
+using attnkit::DecodeParams;
+
+void check_paged_offsets(int page_size, std::mt19937& rng) {
+  const int batch = 3, heads_kv = 2, head_dim = 8, max_pages = (300 + page_size - 1) / page_size;
+  const int num_pages = batch * max_pages + 2;
+  std::vector<int32_t> table(size_t(batch) * max_pages);
+  std::vector<int32_t> perm(num_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::copy(perm.begin(), perm.begin() + table.size(), table.begin());
+
+  DecodeParams p{};
+  p.batch = batch;
+  p.heads_kv = heads_kv;
+  p.head_dim = head_dim;
+  p.block_table = table.data();
+  p.block_table_stride = max_pages;
+  p.page_size = page_size;
+  const attnkit::Strides paged{int64_t(page_size) * heads_kv * head_dim, int64_t(heads_kv) * head_dim, head_dim};
+  // Logical key j of sequence b must be row j % page_size of physical page table[b][j / page_size].
+  std::vector<bool> seen(size_t(num_pages) * page_size * heads_kv, false);
+  for (int b = 0; b < batch; ++b)
+    for (int j = 0; j < max_pages * page_size; ++j)
+      for (int h = 0; h < heads_kv; ++h) {
+        const int64_t off = attnkit::decode_kv_offset(p, paged, b, j, h);
+        const int64_t want = (int64_t(table[b * max_pages + j / page_size]) * page_size + j % page_size) *
+                                 heads_kv * head_dim + h * head_dim;
+        EXPECT(off == want, "page_size=%d b=%d key=%d head=%d: offset %lld, want %lld", page_size, b, j, h,
+               (long long)off, (long long)want);
+        EXPECT(off % head_dim == 0, "page_size=%d: offset not on a row", page_size);
+        const int64_t row = off / head_dim;
+        EXPECT(!seen[row], "page_size=%d b=%d key=%d head=%d: row used twice", page_size, b, j, h);
+        seen[row] = true;
+      }
+}
+
+void check_contiguous_offsets() {
+  DecodeParams p{};
+  p.batch = 2;
+  const attnkit::Strides s{1000 * 4 * 64 + 64, 4 * 64 + 8, 64};  // padded strides
+  for (int b = 0; b < 2; ++b)
+    for (int j = 0; j < 1000; j += 37)
+      for (int h = 0; h < 4; ++h)
+        EXPECT(attnkit::decode_kv_offset(p, s, b, j, h) == b * s.batch + j * s.row + h * s.head,
+               "contiguous b=%d key=%d head=%d", b, j, h);
+}
+
+void check_rows() {
+  for (int group : {1, 2, 4, 8, 32})
+    for (int seqlen_q : {1, 3, 16})
+      for (int kv_head : {0, 3}) {
+        std::vector<int> hits(size_t(seqlen_q) * group, 0);
+        for (int r = 0; r < group * seqlen_q; ++r) {
+          const attnkit::DecodeRow row = attnkit::decode_row(r, group, kv_head);
+          EXPECT(row.query >= 0 && row.query < seqlen_q, "group=%d r=%d: query %d", group, r, row.query);
+          EXPECT(row.head_q / group == kv_head, "group=%d r=%d: q head %d is not of kv head %d", group, r,
+                 row.head_q, kv_head);
+          ++hits[row.query * group + row.head_q - kv_head * group];
+        }
+        EXPECT(std::all_of(hits.begin(), hits.end(), [](int n) { return n == 1; }),
+               "group=%d seqlen_q=%d: rows do not cover each (query, head) once", group, seqlen_q);
+      }
+  // out (contiguous, like q) and lse (batch, heads_q, seqlen_q): every (b, row of every kv
+  // head) has its own place.
+  DecodeParams p{};
+  p.batch = 3;
+  p.seqlen_q = 5;
+  p.heads_kv = 2;
+  p.heads_q = 8;
+  p.head_dim = 16;
+  p.out_strides = {int64_t(p.seqlen_q) * p.heads_q * p.head_dim, int64_t(p.heads_q) * p.head_dim, p.head_dim};
+  const int n = p.batch * p.heads_q * p.seqlen_q, group = p.heads_q / p.heads_kv;
+  std::vector<int> lse_hits(n, 0), out_hits(n, 0);
+  for (int b = 0; b < p.batch; ++b)
+    for (int h = 0; h < p.heads_kv; ++h)
+      for (int r = 0; r < group * p.seqlen_q; ++r) {
+        const attnkit::DecodeRow row = attnkit::decode_row(r, group, h);
+        const int64_t li = attnkit::decode_lse_index(p, b, row), oo = attnkit::decode_out_offset(p, b, row);
+        EXPECT(li >= 0 && li < n && oo % p.head_dim == 0 && oo / p.head_dim < n, "b=%d h=%d r=%d out of range", b, h,
+               r);
+        if (li >= 0 && li < n) ++lse_hits[li];
+        if (oo >= 0 && oo / p.head_dim < n) ++out_hits[oo / p.head_dim];
+        EXPECT(oo == ((int64_t(b) * p.seqlen_q + row.query) * p.heads_q + row.head_q) * p.head_dim, "out offset");
+      }
+  EXPECT(std::all_of(lse_hits.begin(), lse_hits.end(), [](int k) { return k == 1; }), "lse places not unique");
+  EXPECT(std::all_of(out_hits.begin(), out_hits.end(), [](int k) { return k == 1; }), "out places not unique");
+}
+
+void check_workspace(std::mt19937& rng) {
+  for (int batch : {1, 3, 17})
+    for (int heads_kv : {1, 8})
+      for (int group : {1, 4})
+        for (int seqlen_q : {1, 5, 16})
+          for (int head_dim : {64, 128, 256})
+            for (int workers : {1, 7, 264}) {
+              DecodeParams p{};
+              p.batch = batch;
+              p.heads_kv = heads_kv;
+              p.heads_q = heads_kv * group;
+              p.seqlen_q = seqlen_q;
+              p.head_dim = head_dim;
+              p.window_left = (batch % 2) ? -1 : 100;
+              const int cap = 5000, tile = head_dim <= 128 ? 64 : 32;
+              const attnkit::LeanShape shape = attnkit::decode_lean_shape(p, tile, cap);
+              const attnkit::LeanBounds bounds = attnkit::lean_bounds(shape, workers);
+              const auto ws = attnkit::DecodeWorkspace::make(p, bounds.num_slots);
+              const int rows = group * seqlen_q;
+              EXPECT(ws.rows == rows, "rows %d, want %d", ws.rows, rows);
+              EXPECT(ws.lse_bytes % 16 == 0 && ws.out_bytes % 16 == 0, "parts not 16-byte aligned");
+              EXPECT(ws.lse_bytes >= int64_t(batch + 1) * 8, "seq_offset does not fit");
+              EXPECT(ws.lse_bytes + ws.lse_index(bounds.num_slots - 1, rows - 1) * 4 + 4 <= ws.out_bytes,
+                     "lse part overlaps out");
+              EXPECT(ws.out_bytes + (ws.out_index(bounds.num_slots - 1, rows - 1) + head_dim) * 4 == ws.total_bytes,
+                     "out part does not end the workspace");
+              // Any lengths: the items' slots are inside the bound.
+              std::vector<int32_t> lens(batch);
+              for (int trial = 0; trial < 3; ++trial) {
+                for (auto& n : lens) n = std::uniform_int_distribution<int>(0, trial == 2 ? 40 : cap)(rng);
+                const attnkit::LeanPlan plan = attnkit::make_lean_plan(shape, lens.data(), workers);
+                for (const attnkit::LeanItem& item : plan.items)
+                  EXPECT(item.slot >= 0 && item.slot < bounds.num_slots, "slot %d outside [0, %d)", item.slot,
+                         bounds.num_slots);
+              }
+            }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(7);
+  for (int page_size : {1, 2, 3, 16, 64, 100, 256}) check_paged_offsets(page_size, rng);
+  check_contiguous_offsets();
+  check_rows();
+  check_workspace(rng);
+  if (failures == 0) std::printf("decode_layout: all checks passed\n");
+  return failures == 0 ? 0 : 1;
+}
