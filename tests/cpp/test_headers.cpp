@@ -9,20 +9,9 @@
 #include "attnkit/dtype.h"
 #include "attnkit/mask.h"
 #include "attnkit/softmax.h"
+#include "expect.h"
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond, ...)                                         \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                          \
-      std::fprintf(stderr, "\n");                                 \
-      if (++failures > 20) std::exit(1);                          \
-    }                                                             \
-  } while (0)
 
 // The rule of docs/semantics.md, written out key by key.
 bool visible(int i, int j, int sq, int sk, bool causal, int wl, int wr) {
