@@ -1,7 +1,8 @@
 """attnkit.decode against the float64 reference (reference.decode): contiguous and paged
 caches, page sizes 1, 16 and 64 with shuffled page tables, 1..16 queries, GQA 8:1 and 4:2,
-window, softcap, lengths below / at / across page boundaries and long enough to cross the
-internal split chunks (256..1024 tokens), strided caches, opcheck, torch.compile, bad input."""
+window, softcap, lengths below / at / across page boundaries and tile edges, strided caches,
+opcheck, torch.compile, bad input; and the lean (stream-K) schedule through the op: batch
+mixes with empty and long sequences, windows, head groups and thread counts from 1 to 16."""
 import pytest
 import torch
 
@@ -253,3 +254,82 @@ def test_device_mismatch(gen):
     pages, table = randn(gen, 4, 4, 2, 16), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     with pytest.raises((ValueError, RuntimeError), match="block_table"):
         attnkit.decode(q, pages, pages, lens, block_table=table.cuda())
+
+
+# ---- the lean (stream-K) schedule through the op -----------------------------------------
+# The CPU decode splits the KV tiles of all (sequence, kv head group) pairs into one equal
+# share per thread (csrc/include/attnkit/schedule.h, docs/decode.md): shares cut sequences
+# anywhere, several short sequences fall into one share, threads may outnumber tiles, and
+# split sequences are merged by LSE. These cases move those cuts around.
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for the test (the schedule's worker count); restores it."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+MIXES = {
+    "zeros-and-long": [0, 3000, 0, 0, 1, 4100, 0],
+    "one-long-many-short": [4100] + [1, 2, 3, 0, 5, 17, 64, 65, 0, 2] * 3,
+    "all-zero": [0, 0, 0],
+    "fewer-tiles-than-threads": [1, 0, 2],
+    "tile-edges": [63, 64, 65, 127, 128, 129, 0, 192],
+}
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("mix", MIXES.values(), ids=MIXES.keys())
+def test_decode_schedule_mixes(mix, num_threads, threads, gen):
+    threads(num_threads)
+    cap = max(max(mix), 1)
+    lens = torch.tensor(mix, dtype=torch.int32)
+    q = randn(gen, len(mix), 3, 8, 64)
+    k, v = randn(gen, len(mix), cap, 2, 64), randn(gen, len(mix), cap, 2, 64)
+    out, lse = check(q, k, v, lens)
+    assert (out[lens == 0] == 0).all() and (lse[lens == 0] == NEG_INF).all()
+    kp, vp, table, lens_p = paged(gen, mix, 16, 2, 64, torch.float32, "cpu")
+    check(q, kp, vp, lens_p, table)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 5, 16])
+@pytest.mark.parametrize("window", [-1, 0, 63, 64, 200])
+def test_decode_schedule_windows_bf16(window, num_threads, threads, gen):
+    """Windows drop whole tiles from the front of a sequence: only tiles holding a visible
+    key are scheduled, so the shares move with the window."""
+    threads(num_threads)
+    mix = [4100, 0, 70, 1000, 5, 129]
+    k, v, table, lens = paged(gen, mix, 32, 2, 128, torch.bfloat16, "cpu")
+    q = randn(gen, len(mix), 4, 8, 128, dtype=torch.bfloat16)
+    check(q, k, v, lens, table, window=window)
+    check(q, k, v, lens, table, window=window, softcap=10.0)
+
+
+@pytest.mark.parametrize("num_threads", [1, 3, 8])
+@pytest.mark.parametrize("heads", [(40, 5), (64, 8), (16, 16)], ids=["gqa8:5", "gqa8:8", "mha16"])
+def test_decode_schedule_head_groups(heads, num_threads, threads, gen):
+    """Many q rows per kv head (16 queries, large groups) split the kv heads into several
+    groups, the last one smaller; each group is its own pair in the schedule."""
+    threads(num_threads)
+    h, hkv = heads
+    lens = torch.tensor([700, 0, 1, 300], dtype=torch.int32)
+    q = randn(gen, 4, 16, h, 128)
+    k, v = randn(gen, 4, 700, hkv, 128), randn(gen, 4, 700, hkv, 128)
+    check(q, k, v, lens)
+    check(q[:, :1], k, v, lens, window=50)
+
+
+def test_decode_same_result_for_any_thread_count(threads, gen):
+    """Thread counts change where sequences are cut and merged, not the result (beyond
+    float32 rounding of the merge)."""
+    mix = [3000, 0, 129, 1, 64]
+    k, v, table, lens = paged(gen, mix, 16, 2, 64, torch.float32, "cpu")
+    q = randn(gen, len(mix), 2, 8, 64)
+    results = []
+    for n in (1, 2, 3, 6, 13):
+        threads(n)
+        results.append(attnkit.decode(q, k, v, lens, block_table=table, return_lse=True))
+    for out, lse in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, results[0][1], rtol=1e-6, atol=1e-6)

@@ -1,14 +1,29 @@
-// CPU decode: a few queries per sequence against a long contiguous or paged KV cache.
-// The KV axis of every (sequence, kv head) is split into chunks so that all threads have
-// work even at batch 1; each chunk yields a partial (out, lse) for the q heads of its kv
-// group and all queries (packed as rows), and the partials are combined with
-// merge_weights() from attnkit/softmax.h, the rule the CUDA split-KV kernels use.
+// CPU decode: a few queries per sequence against a long contiguous or paged KV cache, on
+// the lean (stream-K) schedule of attnkit/schedule.h that the CUDA decode uses too: the
+// KV tiles of all (sequence, kv head group) pairs are split into one equal share per
+// thread; an item that holds a whole pair writes the output directly, split pairs leave
+// normalised partial results (out, lse) in their slots, merged afterwards with
+// merge_weights() from attnkit/softmax.h. docs/decode.md has the design.
+//
+// A head group is a run of kv heads processed together (all of them unless the
+// accumulators would outgrow the L2 budget): key row j of every head of the group is
+// one contiguous run of group_heads * head_dim elements in both cache layouts, so a
+// worker streams K and V sequentially. Reading one kv head at a time instead strides by
+// kv_heads * head_dim elements (4 KB at 8 x 128 fp32), which the hardware prefetchers do
+// not follow across pages: docs/decode.md has the numbers.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "attnkit/mask.h"
+#include "attnkit/schedule.h"
 #include "attnkit/softmax.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
@@ -17,152 +32,355 @@
 namespace attnkit::cpu {
 namespace {
 
-constexpr int kBlockK = 64;      // keys per online-softmax step
-constexpr int kMinChunk = 256;   // smallest KV chunk worth a partial result
+constexpr int kTileKeys = 64;                 // keys per schedule tile and per online-softmax step
+constexpr int kValueKeys = 4;                 // keys per pass over the accumulators
+constexpr int64_t kGroupFloats = 32 * 1024;   // accumulator floats of one head group (128 KB)
 
-// One unit of work: keys [key_begin, key_end) of kv head `head` of sequence `b`.
-struct Chunk {
-  int b, head, key_begin, key_end;
+// kv heads per group: as many as the accumulator budget allows, evened out.
+int heads_per_group(const DecodeParams& p) {
+  const int64_t per_head = int64_t(p.heads_q / p.heads_kv) * p.seqlen_q * round_up(p.head_dim, kVec);
+  const int most = int(std::clamp<int64_t>(kGroupFloats / per_head, 1, p.heads_kv));
+  const int groups = (p.heads_kv + most - 1) / most;
+  return (p.heads_kv + groups - 1) / groups;
+}
+
+// Row r of the head group that starts at kv head h0 is query `s` of q head `h`: rows go
+// kv head by kv head, then query by query, then q head by q head within the kv group.
+struct GroupRow {
+  int s, h;
+  GroupRow(int r, int h0, int qgroup, int rows_head)
+      : s((r % rows_head) / qgroup), h((h0 + r / rows_head) * qgroup + r % qgroup) {}
 };
 
-// Equal-size chunks, sized so that there are several per thread in total.
-std::vector<Chunk> plan_chunks(const DecodeParams& p) {
-  int64_t total_keys = 0;
-  for (int b = 0; b < p.batch; ++b) total_keys += std::max(p.cache_seqlens[b], 0);
-  const int64_t wanted = 8 * int64_t(at::get_num_threads());
-  const int64_t per_chunk = (total_keys * p.heads_kv + wanted - 1) / wanted;
-  const int chunk = std::max<int64_t>(kMinChunk, (per_chunk + kBlockK - 1) / kBlockK * kBlockK);
-  std::vector<Chunk> chunks;
-  for (int b = 0; b < p.batch; ++b) {
-    const int len = std::max(p.cache_seqlens[b], 0);
-    for (int h = 0; h < p.heads_kv; ++h) {
-      int k0 = 0;
-      do {  // an empty sequence still gets one (empty) chunk so its output is written
-        chunks.push_back({b, h, k0, std::min(len, k0 + chunk)});
-        k0 += chunk;
-      } while (k0 < len);
+// Final output row of (b, row): src * mul, and its lse.
+template <typename T>
+void write_output(const DecodeParams& p, int b, GroupRow row, const float* src, float mul, float lse) {
+  T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + row.s * p.out_strides.row + row.h * p.out_strides.head;
+  store_row(src, p.head_dim, mul, out);
+  p.lse[(int64_t(b) * p.heads_q + row.h) * p.seqlen_q + row.s] = lse;
+}
+
+// Offset of key row j of kv head 0 of sequence b in a cache with strides s.
+inline int64_t row_offset(const DecodeParams& p, const Strides& s, int b, int j) {
+  if (!p.is_paged()) return b * s.batch + int64_t(j) * s.row;
+  const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
+  return page * s.batch + int64_t(j % p.page_size) * s.row;
+}
+
+// Prefetches key row `row` of `heads` kv heads (head_stride elements apart) into the cache.
+template <typename T>
+inline void prefetch_heads(const T* row, int heads, int64_t head_stride, int D) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t run = int64_t(D) * int64_t(sizeof(T));
+  if (head_stride == D) {  // one contiguous run
+    for (int64_t i = 0; i < run * heads; i += 64) __builtin_prefetch(bytes + i);
+    return;
+  }
+  for (int h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < run; i += 64) __builtin_prefetch(bytes + h * head_stride * int64_t(sizeof(T)) + i);
+}
+
+// 8 elements of a cache row as floats (fp32: tile_math.h's load8).
+using cpu::load8;
+inline vec8 load8(const BFloat16* src) {
+#if defined(__AVX2__)
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
+  vec8 f;
+  std::memcpy(&f, &wide, sizeof(f));
+  return f;
+#else
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  u16x8 bits;
+  std::memcpy(&bits, src, sizeof(bits));
+  const ivec8 wide = __builtin_convertvector(bits, ivec8) << 16;
+  vec8 f;
+  std::memcpy(&f, &wide, sizeof(f));
+  return f;
+#endif
+}
+inline vec8 load8(const Half* src) {
+#if defined(__F16C__)
+  vec8 f;
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  std::memcpy(&f, &v, sizeof(f));
+  return f;
+#else
+  vec8 f;
+  for (int i = 0; i < kVec; ++i) f[i] = to_float(src[i]);
+  return f;
+#endif
+}
+
+// The four horizontal sums of a, b, c, d.
+inline void hsum4(vec8 a, vec8 b, vec8 c, vec8 d, float* out0, float* out1, float* out2, float* out3) {
+  const vec8 ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
+                  __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  const vec8 cd = __builtin_shufflevector(c, d, 0, 8, 2, 10, 4, 12, 6, 14) +
+                  __builtin_shufflevector(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
+  const vec8 abcd = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+                    __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+  *out0 = abcd[0] + abcd[4];
+  *out1 = abcd[1] + abcd[5];
+  *out2 = abcd[2] + abcd[6];
+  *out3 = abcd[3] + abcd[7];
+}
+
+// Scores of keys k0 and k1 (two adjacent columns of s) for the `rows` query rows q (Dp
+// apart, Dp a multiple of 8): s[r * ss] = q_r . k0, s[r * ss + 1] = q_r . k1. Two keys and
+// four rows give eight independent FMA chains and share every q load.
+template <typename U>
+inline void score_rows2(const float* q, int rows, int Dp, const U* k0, const U* k1, float* s, int ss) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4, q += 4 * Dp, s += 4 * ss) {
+    vec8 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+    for (int d = 0; d < Dp; d += kVec) {
+      const vec8 x = load8(k0 + d), y = load8(k1 + d);
+      const vec8 q0 = load8(q + d), q1 = load8(q + Dp + d), q2 = load8(q + 2 * Dp + d), q3 = load8(q + 3 * Dp + d);
+      a0 += q0 * x, b0 += q0 * y;
+      a1 += q1 * x, b1 += q1 * y;
+      a2 += q2 * x, b2 += q2 * y;
+      a3 += q3 * x, b3 += q3 * y;
+    }
+    hsum4(a0, a1, a2, a3, s, s + ss, s + 2 * ss, s + 3 * ss);
+    hsum4(b0, b1, b2, b3, s + 1, s + ss + 1, s + 2 * ss + 1, s + 3 * ss + 1);
+  }
+  for (; r < rows; ++r, q += Dp, s += ss) {
+    vec8 a{}, b{};
+    for (int d = 0; d < Dp; d += kVec) {
+      const vec8 qv = load8(q + d);
+      a += qv * load8(k0 + d), b += qv * load8(k1 + d);
+    }
+    s[0] = hsum8(a), s[1] = hsum8(b);
+  }
+}
+
+// One key: s[r * ss] = q_r . k.
+template <typename U>
+inline void score_rows1(const float* q, int rows, int Dp, const U* k, float* s, int ss) {
+  for (int r = 0; r < rows; ++r, q += Dp, s += ss) {
+    vec8 a0{}, a1{};
+    int d = 0;
+    for (; d + 2 * kVec <= Dp; d += 2 * kVec) {
+      a0 += load8(q + d) * load8(k + d);
+      a1 += load8(q + d + kVec) * load8(k + d + kVec);
+    }
+    if (d < Dp) a0 += load8(q + d) * load8(k + d);
+    *s = hsum8(a0 + a1);
+  }
+}
+
+// o_r += sum over i < kKeys of prob[r * ps + i] * v[i], for the `rows` accumulator rows o
+// (Dp apart): several keys per pass cut the loads and stores of o.
+template <int kKeys, typename U>
+inline void accumulate_rows(float* o, int rows, int Dp, const float* prob, int ps, const U* const* v) {
+  int r = 0;
+  for (; r + 2 <= rows; r += 2, o += 2 * Dp, prob += 2 * ps) {
+    float p0[kKeys], p1[kKeys];
+    for (int i = 0; i < kKeys; ++i) p0[i] = prob[i], p1[i] = prob[ps + i];
+    for (int d = 0; d < Dp; d += kVec) {
+      vec8 o0 = load8(o + d), o1 = load8(o + Dp + d);
+      for (int i = 0; i < kKeys; ++i) {
+        const vec8 x = load8(v[i] + d);
+        o0 += p0[i] * x, o1 += p1[i] * x;
+      }
+      store8(o + d, o0);
+      store8(o + Dp + d, o1);
     }
   }
-  return chunks;
-}
-
-template <typename T>
-const T* cache_row(const DecodeParams& p, const void* cache, const Strides& s, int b, int j, int h) {
-  int64_t offset;
-  if (p.is_paged()) {
-    const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
-    offset = page * s.batch + int64_t(j % p.page_size) * s.row;
-  } else {
-    offset = b * s.batch + int64_t(j) * s.row;
+  if (r < rows) {
+    for (int d = 0; d < Dp; d += kVec) {
+      vec8 o0 = load8(o + d);
+      for (int i = 0; i < kKeys; ++i) o0 += prob[i] * load8(v[i] + d);
+      store8(o + d, o0);
+    }
   }
-  return static_cast<const T*>(cache) + offset + int64_t(h) * s.head;
 }
 
-// Rows of one kv head are heads_kv * head_dim elements apart (often 4 KB or more), a stride
-// the hardware prefetchers do not follow across pages: fetch a few rows ahead by hand.
-constexpr int kPrefetchRows = 16;
-
+// Runs the items of one worker; its buffers live as long as the worker.
 template <typename T>
-void prefetch_row(const T* row, int D) {
-  for (int64_t byte = 0; byte < int64_t(D) * int64_t(sizeof(T)); byte += 64)
-    __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
-}
+class DecodeWorker {
+ public:
+  DecodeWorker(const DecodeParams& p, int group_heads, float* part_out, float* part_lse)
+      : p_(p),
+        D_(p.head_dim),
+        Dp_(round_up(p.head_dim, kVec)),
+        qgroup_(p.heads_q / p.heads_kv),
+        rows_head_(qgroup_ * p.seqlen_q),
+        group_heads_(group_heads),
+        part_out_(part_out),
+        part_lse_(part_lse),
+        q_tile_(size_t(rows_head_) * group_heads * Dp_),
+        acc_(q_tile_.size()),
+        s_tile_(size_t(rows_head_) * group_heads * kTileKeys),
+        row_buf_(Dp_, 0.f),
+        state_(size_t(rows_head_) * group_heads),
+        visible_(state_.size()) {}
+
+  void run(const LeanItem& item) {
+    const int b = item.b, h0 = item.group * group_heads_;
+    const int heads = std::min(group_heads_, p_.heads_kv - h0), rows = heads * rows_head_;
+    const int len = std::max(p_.cache_seqlens[b], 0);
+    const AttentionMask mask(p_.seqlen_q, len, /*causal=*/true, p_.window_left, -1);
+    const KeyRange span = mask.keys_of_rows(0, p_.seqlen_q);
+    const int first = std::max(span.begin, item.tile_begin * kTileKeys);
+    const int last = std::min(span.end, item.tile_end * kTileKeys);
+    for (int r = 0; r < rows; ++r) {
+      const GroupRow row(r, h0, qgroup_, rows_head_);
+      const T* q = static_cast<const T*>(p_.q) + b * p_.q_strides.batch + row.s * p_.q_strides.row +
+                   row.h * p_.q_strides.head;
+      float* dst = q_tile_.data() + size_t(r) * Dp_;
+      load_row(q, D_, dst, p_.scale);
+      std::fill(dst + D_, dst + Dp_, 0.f);
+      state_[r] = RowSoftmax{};
+      const KeyRange keys = mask.keys_of(row.s);
+      visible_[r] = {std::max(keys.begin, first), std::min(keys.end, last)};
+    }
+    std::fill(acc_.begin(), acc_.begin() + size_t(rows) * Dp_, 0.f);
+
+    const T* k_cache = static_cast<const T*>(p_.k_cache);
+    const T* v_cache = static_cast<const T*>(p_.v_cache);
+    const int64_t k_head = p_.k_strides.head, v_head = p_.v_strides.head;
+    for (int key0 = first; key0 < last; key0 += kTileKeys) {
+      const int n = std::min(kTileKeys, last - key0), n_pad = round_up(n, kVec);
+      for (int c = 0; c < n; ++c) {
+        k_off_[c] = row_offset(p_, p_.k_strides, b, key0 + c) + int64_t(h0) * k_head;
+        v_off_[c] = row_offset(p_, p_.v_strides, b, key0 + c) + int64_t(h0) * v_head;
+      }
+      // Scores: keys in pairs, in memory order (key, then head), each against its head's
+      // rows; meanwhile this tile's values are prefetched.
+      int c = 0;
+      for (; c + 2 <= n; c += 2) {
+        prefetch_heads(v_cache + v_off_[c], heads, v_head, D_);
+        prefetch_heads(v_cache + v_off_[c + 1], heads, v_head, D_);
+        for (int hh = 0; hh < heads; ++hh) {
+          const T* key_a = k_cache + k_off_[c] + hh * k_head;
+          const T* key_b = k_cache + k_off_[c + 1] + hh * k_head;
+          const float* q = q_tile_.data() + size_t(hh) * rows_head_ * Dp_;
+          float* s = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
+          if (D_ == Dp_) {
+            score_rows2(q, rows_head_, Dp_, key_a, key_b, s, kTileKeys);
+          } else {
+            score_rows1(q, rows_head_, Dp_, padded(key_a), s, kTileKeys);
+            score_rows1(q, rows_head_, Dp_, padded(key_b), s + 1, kTileKeys);
+          }
+        }
+      }
+      for (; c < n; ++c)
+        for (int hh = 0; hh < heads; ++hh) {
+          const T* k = k_cache + k_off_[c] + hh * k_head;
+          const float* q = q_tile_.data() + size_t(hh) * rows_head_ * Dp_;
+          float* s = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
+          if (D_ == Dp_) score_rows1(q, rows_head_, Dp_, k, s, kTileKeys);
+          else score_rows1(q, rows_head_, Dp_, padded(k), s, kTileKeys);
+        }
+      for (int r = 0; r < rows; ++r) {
+        float* s = s_tile_.data() + size_t(r) * kTileKeys;
+        transform_and_mask_row(s, n_pad, n, key0, visible_[r], p_.softcap);
+        const float factor = softmax_update_row(s, n_pad, state_[r]);
+        if (factor != 1.f) scale_row(acc_.data() + size_t(r) * Dp_, Dp_, factor);
+      }
+      // Values: keys in fours, same order; meanwhile the next tile's keys are prefetched.
+      for (c = 0; c < n; c += kValueKeys) {
+        const int m = std::min(kValueKeys, n - c);
+        for (int j = key0 + kTileKeys + c; j < std::min(last, key0 + kTileKeys + c + m); ++j)
+          prefetch_heads(k_cache + row_offset(p_, p_.k_strides, b, j) + int64_t(h0) * k_head, heads, k_head, D_);
+        for (int hh = 0; hh < heads; ++hh) {
+          float* o = acc_.data() + size_t(hh) * rows_head_ * Dp_;
+          const float* prob = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
+          if (D_ == Dp_ && m == kValueKeys) {
+            const T* v[kValueKeys];
+            for (int i = 0; i < kValueKeys; ++i) v[i] = v_cache + v_off_[c + i] + hh * v_head;
+            accumulate_rows<kValueKeys>(o, rows_head_, Dp_, prob, kTileKeys, v);
+          } else {
+            for (int i = 0; i < m; ++i) {
+              const T* row = v_cache + v_off_[c + i] + hh * v_head;
+              if (D_ == Dp_) {
+                accumulate_rows<1>(o, rows_head_, Dp_, prob + i, kTileKeys, &row);
+              } else {
+                const float* f = padded(row);
+                accumulate_rows<1>(o, rows_head_, Dp_, prob + i, kTileKeys, &f);
+              }
+            }
+          }
+        }
+      }
+    }
+
+    for (int r = 0; r < rows; ++r) {
+      const float inv = state_[r].inv_sum();
+      const float* acc = acc_.data() + size_t(r) * Dp_;
+      if (item.whole()) {  // the only item of its pair: final output
+        write_output<T>(p_, b, GroupRow(r, h0, qgroup_, rows_head_), acc, inv, state_[r].lse());
+      } else {
+        const size_t row = size_t(item.slot) * group_heads_ * rows_head_ + r;
+        float* out = part_out_ + row * D_;
+        for (int d = 0; d < D_; ++d) out[d] = acc[d] * inv;
+        part_lse_[row] = state_[r].lse();
+      }
+    }
+  }
+
+ private:
+  // A cache row whose head_dim is not a multiple of 8, as floats zero-padded to Dp_ (rows
+  // of a multiple of 8 are read in place, converted 8 elements at a time).
+  const float* padded(const T* row) {
+    load_row(row, D_, row_buf_.data(), 1.f);
+    return row_buf_.data();
+  }
+
+  const DecodeParams& p_;
+  const int D_, Dp_, qgroup_, rows_head_, group_heads_;
+  float* part_out_;
+  float* part_lse_;
+  std::vector<float> q_tile_, acc_, s_tile_, row_buf_;
+  int64_t k_off_[kTileKeys], v_off_[kTileKeys];  // rows of kv head h0 of the current keys
+  std::vector<RowSoftmax> state_;
+  std::vector<KeyRange> visible_;
+};
 
 template <typename T>
 void decode_impl(const DecodeParams& p) {
-  const int D = p.head_dim, Dp = round_up(D, kVec), group = p.heads_q / p.heads_kv;
-  const int rows = group * p.seqlen_q;  // row r = query (r / group) of q head (r % group)
-  const std::vector<Chunk> chunks = plan_chunks(p);
-  // Partial results, normalised: out (rows x D) and lse (rows) per chunk.
-  std::vector<float> part_out(chunks.size() * rows * D), part_lse(chunks.size() * rows);
+  const int group_heads = heads_per_group(p);
+  const int head_groups = (p.heads_kv + group_heads - 1) / group_heads;
+  const int qgroup = p.heads_q / p.heads_kv, rows_head = qgroup * p.seqlen_q;
+  const int rows_group = group_heads * rows_head, D = p.head_dim;
+  int max_len = 0;
+  for (int b = 0; b < p.batch; ++b) max_len = std::max(max_len, p.cache_seqlens[b]);
+  const LeanShape shape{p.batch, head_groups, p.seqlen_q, p.window_left, kTileKeys, max_len};
+  const int workers = std::max(1, at::get_num_threads());
+  const LeanPlan plan = make_lean_plan(shape, p.cache_seqlens, workers);
 
-  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(rows * Dp), acc(rows * Dp), s_tile(rows * kBlockK), kv_row(Dp, 0.f);
-    std::vector<RowSoftmax> state(rows);
-    std::vector<KeyRange> visible(rows);
-    for (int64_t ci = begin; ci < end; ++ci) {
-      const Chunk& ch = chunks[ci];
-      const int len = std::max(p.cache_seqlens[ch.b], 0);
-      const AttentionMask mask(p.seqlen_q, len, /*causal=*/true, p.window_left, -1);
-      for (int r = 0; r < rows; ++r) {
-        const int s = r / group, h = ch.head * group + r % group;
-        const T* q = static_cast<const T*>(p.q) + ch.b * p.q_strides.batch + s * p.q_strides.row +
-                     h * p.q_strides.head;
-        load_row(q, D, q_tile.data() + r * Dp, p.scale);
-        std::fill(q_tile.begin() + r * Dp + D, q_tile.begin() + (r + 1) * Dp, 0.f);
-        state[r] = RowSoftmax{};
-        const KeyRange keys = mask.keys_of(s);
-        visible[r] = {std::max(keys.begin, ch.key_begin), std::min(keys.end, ch.key_end)};
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const KeyRange span = mask.keys_of_rows(0, p.seqlen_q);
-      const int first = std::max(span.begin, ch.key_begin), last = std::min(span.end, ch.key_end);
+  // Partial results of split pairs, by slot; slots of whole pairs are never touched, so
+  // the buffers are left uninitialised (their untouched pages cost nothing).
+  const size_t slot_rows = size_t(plan.num_slots) * rows_group;
+  std::unique_ptr<float[]> part_out(new float[slot_rows * D]), part_lse(new float[slot_rows]);
 
-      for (int k0 = first; k0 < last; k0 += kBlockK) {
-        const int n = std::min(kBlockK, last - k0), n_pad = round_up(n, kVec);
-        // Scores: one key row at a time against every packed query row.
-        for (int c = 0; c < n; ++c) {
-          if (k0 + c + kPrefetchRows < last)
-            prefetch_row(cache_row<T>(p, p.k_cache, p.k_strides, ch.b, k0 + c + kPrefetchRows, ch.head), D);
-          load_row(cache_row<T>(p, p.k_cache, p.k_strides, ch.b, k0 + c, ch.head), D, kv_row.data(), 1.f);
-          for (int r = 0; r < rows; ++r) {
-            const float* q = q_tile.data() + r * Dp;
-            vec8 dot{};
-            for (int d = 0; d < Dp; d += kVec) dot += load8(q + d) * load8(kv_row.data() + d);
-            s_tile[r * kBlockK + c] = hsum8(dot);
-          }
-        }
-        for (int r = 0; r < rows; ++r) {
-          float* s = s_tile.data() + r * kBlockK;
-          transform_and_mask_row(s, n_pad, n, k0, visible[r], p.softcap);
-          const float factor = softmax_update_row(s, n_pad, state[r]);
-          if (factor != 1.f) scale_row(acc.data() + r * Dp, Dp, factor);
-        }
-        for (int c = 0; c < n; ++c) {
-          if (k0 + c + kPrefetchRows < last)
-            prefetch_row(cache_row<T>(p, p.v_cache, p.v_strides, ch.b, k0 + c + kPrefetchRows, ch.head), D);
-          load_row(cache_row<T>(p, p.v_cache, p.v_strides, ch.b, k0 + c, ch.head), D, kv_row.data(), 1.f);
-          for (int r = 0; r < rows; ++r) {
-            const float prob = s_tile[r * kBlockK + c];
-            float* o = acc.data() + r * Dp;
-            for (int d = 0; d < Dp; d += kVec) store8(o + d, load8(o + d) + prob * load8(kv_row.data() + d));
-          }
-        }
-      }
-      for (int r = 0; r < rows; ++r) {
-        const float inv = state[r].inv_sum();
-        float* out = part_out.data() + (ci * rows + r) * D;
-        for (int d = 0; d < D; ++d) out[d] = acc[r * Dp + d] * inv;
-        part_lse[ci * rows + r] = state[r].lse();
-      }
-    }
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    DecodeWorker<T> worker(p, group_heads, part_out.get(), part_lse.get());
+    for (int64_t w = begin; w < end; ++w)
+      for (int i = plan.worker_items[w]; i < plan.worker_items[w + 1]; ++i) worker.run(plan.items[i]);
   });
 
-  // Merge the chunks of each (sequence, kv head): they are consecutive in `chunks`.
-  std::vector<int64_t> first_chunk;
-  for (int64_t ci = 0; ci < int64_t(chunks.size()); ++ci)
-    if (ci == 0 || chunks[ci].b != chunks[ci - 1].b || chunks[ci].head != chunks[ci - 1].head)
-      first_chunk.push_back(ci);
-  first_chunk.push_back(int64_t(chunks.size()));
-
-  at::parallel_for(0, int64_t(first_chunk.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+  // Fix-up: pairs with no visible key get 0 / -inf; split pairs merge their slots in key order.
+  at::parallel_for(0, shape.num_pairs(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> merged(D);
-    for (int64_t g = begin; g < end; ++g) {
-      const int b = chunks[first_chunk[g]].b, head = chunks[first_chunk[g]].head;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const PairPartials parts = plan.pairs[pair];
+      if (parts.count == 1) continue;  // written by its only item
+      const int b = int(pair / head_groups), h0 = int(pair % head_groups) * group_heads;
+      const int rows = std::min(group_heads, p.heads_kv - h0) * rows_head;
       for (int r = 0; r < rows; ++r) {
         float lse = kNegInf;
         std::fill(merged.begin(), merged.end(), 0.f);
-        for (int64_t ci = first_chunk[g]; ci < first_chunk[g + 1]; ++ci) {
-          const MergeWeights w = merge_weights(lse, part_lse[ci * rows + r]);
-          const float* part = part_out.data() + (ci * rows + r) * D;
+        for (int slot = parts.first_slot; slot < parts.first_slot + parts.count; ++slot) {
+          const size_t row = size_t(slot) * rows_group + r;
+          const MergeWeights w = merge_weights(lse, part_lse[row]);
+          const float* part = part_out.get() + row * D;
           for (int d = 0; d < D; ++d) merged[d] = w.w_a * merged[d] + w.w_b * part[d];
           lse = w.lse;
         }
-        const int s = r / group, h = head * group + r % group;
-        T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + s * p.out_strides.row +
-                 h * p.out_strides.head;
-        store_row(merged.data(), D, 1.f, out);
-        p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + s] = lse;
+        write_output<T>(p, b, GroupRow(r, h0, qgroup, rows_head), merged.data(), 1.f, lse);
       }
     }
   });
