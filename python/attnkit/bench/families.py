@@ -280,6 +280,31 @@ def decode_configs(device, quick):
     return [dict(B=b, ctx=ctx, dtype=torch.bfloat16) for b, ctx in shapes]
 
 
+def _decode_peers(contig, lens, Hq, Hkv):
+    """CUDA decode peers on the contiguous cache, name -> callables factory (each raises
+    when its library is missing, and the runner skips it): FlexAttention (its decoding
+    path for one query), flash-attn's flash_attn_with_kvcache, FlashInfer's single-request
+    decode (batch 1 only)."""
+    def flex():
+        fa, _ = _flex()
+        kw = {"enable_gqa": True} if Hq != Hkv else {}
+        return [(lambda q=q, k=k, v=v: fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw))
+                for q, k, v in contig]
+
+    def flash_attn():
+        from flash_attn import flash_attn_with_kvcache
+        return [(lambda q=q, k=k, v=v: flash_attn_with_kvcache(q, k, v, cache_seqlens=lens)) for q, k, v in contig]
+
+    def flashinfer():
+        import flashinfer
+        if contig[0][0].shape[0] != 1:
+            raise ValueError("single-request decode peer: batch 1 only")
+        return [(lambda q=q, k=k, v=v: flashinfer.single_decode_with_kv_cache(q[0, 0], k[0], v[0]))
+                for q, k, v in contig]
+
+    return {"flex": flex, "flash_attn": flash_attn, "flashinfer": flashinfer}
+
+
 _REF_DECODE_MAX = 1 << 25  # elements of one cache above which the reference runs on one kv head
 
 
@@ -364,6 +389,9 @@ def run_decode(r):
         for peer, pctx in _sdpa_backends(r.device).items():
             peer_stats[peer], _ = r.time_peer(id_contig, peer, lambda pctx=pctx: [
                 (lambda q=q, k=k, v=v: _sdpa(q, k, v, False, pctx)) for q, k, v in contig], graph=graph)
+        if r.device == "cuda":
+            for peer, make in _decode_peers(contig, lens, Hq, Hkv).items():
+                peer_stats[peer], _ = r.time_peer(id_contig, peer, make)
         if ak_contig is not None and id_contig in todo:
             q, k, v = contig[0]
             out = attnkit.decode(q, k, v, lens)
