@@ -1,13 +1,15 @@
 """attnkit: hand-written attention kernels (C++ CPU and CUDA) as torch ops.
 
 Ops: attention, attention_varlen (prefill, with autograd), decode (contiguous or paged KV
-cache), merge_attention_states. attnkit.reference holds the float64 oracle of each.
+cache), merge_attention_states; PagedKVCache (a paged KV cache with a page
+allocator and per-page key min / max). attnkit.reference holds the float64 oracle of each op.
 """
 import torch
 
 from ._ops import CUDA_KERNELS
 from .decode import decode
 from .merge import merge_attention_states
+from .paged_cache import PagedKVCache
 from .prefill import attention, attention_varlen
 
 __version__ = "0.1.0"
@@ -25,4 +27,4 @@ def cuda_available():
 
 
 __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
-           "cuda_available"]
+           "cuda_available", "PagedKVCache"]

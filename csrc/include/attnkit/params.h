@@ -121,4 +121,27 @@ struct MergeParams {
   int head_dim;
 };
 
+
+// PagedKVCache append: row i of k / v (n_tokens, heads_kv, head_dim) goes to slot
+// slot_mapping[i] = page * page_size + offset of k_pages / v_pages (num_pages, page_size,
+// heads_kv, head_dim), and the page's per-head, per-channel key_min / key_max (num_pages,
+// heads_kv, head_dim, float32, contiguous) take the stored key. Writing offset 0 starts a
+// fresh page, so its min / max are reset first; rows of one page come in offset order.
+struct PagedAppendParams {
+  DType dtype;
+  const void* k;
+  const void* v;
+  Strides k_strides, v_strides;  // row and head; batch unused
+  void* k_pages;
+  void* v_pages;
+  Strides k_pages_strides, v_pages_strides;  // batch = stride between pages
+  float* key_min;
+  float* key_max;
+  const int64_t* slot_mapping;  // (n_tokens,), each in [0, num_pages * page_size), distinct
+  int n_tokens;
+  int heads_kv;
+  int head_dim;
+  int page_size;
+};
+
 }  // namespace attnkit

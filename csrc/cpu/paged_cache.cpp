@@ -1,0 +1,56 @@
+// CPU PagedKVCache append: copy each new key / value row into its slot and fold the stored
+// key into its page's per-channel min / max (the Quest page metadata).
+#include "cpu/paged_cache.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "cpu/dispatch.h"
+
+namespace attnkit::cpu {
+namespace {
+
+// One kv head per task: its min / max rows are touched by that task only, and its tokens go
+// in order, so a page's offset-0 reset comes before the page's other rows.
+template <typename T>
+void append_impl(const PagedAppendParams& p) {
+  at::parallel_for(0, p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      for (int i = 0; i < p.n_tokens; ++i) {
+        const int64_t page = p.slot_mapping[i] / p.page_size;
+        const int64_t offset = p.slot_mapping[i] % p.page_size;
+        const T* k_src = static_cast<const T*>(p.k) + i * p.k_strides.row + h * p.k_strides.head;
+        const T* v_src = static_cast<const T*>(p.v) + i * p.v_strides.row + h * p.v_strides.head;
+        T* k_dst = static_cast<T*>(p.k_pages) + page * p.k_pages_strides.batch + offset * p.k_pages_strides.row +
+                   h * p.k_pages_strides.head;
+        T* v_dst = static_cast<T*>(p.v_pages) + page * p.v_pages_strides.batch + offset * p.v_pages_strides.row +
+                   h * p.v_pages_strides.head;
+        std::memcpy(k_dst, k_src, sizeof(T) * p.head_dim);
+        std::memcpy(v_dst, v_src, sizeof(T) * p.head_dim);
+        float* kmin = p.key_min + (page * p.heads_kv + h) * p.head_dim;
+        float* kmax = p.key_max + (page * p.heads_kv + h) * p.head_dim;
+        if (offset == 0) {
+          std::fill(kmin, kmin + p.head_dim, std::numeric_limits<float>::infinity());
+          std::fill(kmax, kmax + p.head_dim, -std::numeric_limits<float>::infinity());
+        }
+        for (int d = 0; d < p.head_dim; ++d) {
+          const float x = to_float(k_src[d]);
+          kmin[d] = std::min(kmin[d], x);
+          kmax[d] = std::max(kmax[d], x);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void paged_cache_append(const PagedAppendParams& p) {
+  if (p.n_tokens == 0 || p.heads_kv == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) { append_impl<decltype(tag)>(p); });
+}
+
+}  // namespace attnkit::cpu
