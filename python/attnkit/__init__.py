@@ -9,6 +9,7 @@ from ._ops import CUDA_KERNELS
 from .decode import decode
 from .merge import merge_attention_states
 from .prefill import attention, attention_varlen
+from .sparse import page_scores, select_pages
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,4 @@ def cuda_available():
 
 
 __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
-           "cuda_available"]
+           "cuda_available", "page_scores", "select_pages"]
