@@ -11,6 +11,7 @@ from .decode import decode
 from .merge import merge_attention_states
 from .paged_cache import PagedKVCache
 from .prefill import attention, attention_varlen
+from .sparse import page_scores, select_pages
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,4 @@ def cuda_available():
 
 
 __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
-           "cuda_available", "PagedKVCache"]
+           "cuda_available", "PagedKVCache", "page_scores", "select_pages"]

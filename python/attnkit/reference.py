@@ -191,3 +191,50 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     # lse is (..., heads, seqlen); out is (..., seqlen, heads, head_dim).
     w_a, w_b = w_a.transpose(-1, -2).unsqueeze(-1), w_b.transpose(-1, -2).unsqueeze(-1)
     return out_a.double() * w_a + out_b.double() * w_b, lse
+
+
+def page_scores(q, key_min, key_max, block_table, cache_seqlens, *, page_size, scale=None):
+    """Quest page scores in float64 -> (batch, kv_heads, max_pages); see attnkit.page_scores.
+
+    Score of logical page j of (b, kv head g): max over queries and the group's q heads of
+    sum_d max(scale*q_d*key_min[p, g, d], scale*q_d*key_max[p, g, d]), p = block_table[b, j];
+    -inf for j >= ceil(cache_seqlens[b] / page_size).
+    """
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv, max_pages = key_min.shape[1], block_table.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.full((batch, heads_kv, max_pages), float("-inf"), dtype=torch.float64)
+    qs = q.double().cpu() * scale
+    for b, length in enumerate(cache_seqlens.tolist()):
+        n = -(-int(length) // page_size)
+        if n == 0:
+            continue
+        phys = block_table[b, :n].long().cpu()
+        lo = key_min[phys].double().cpu().permute(1, 0, 2)[None, :, None]  # (1, Hkv, 1, n, D)
+        hi = key_max[phys].double().cpu().permute(1, 0, 2)[None, :, None]
+        qg = qs[b].view(seqlen_q, heads_kv, heads_q // heads_kv, 1, head_dim)
+        bound = torch.maximum(qg * lo, qg * hi).sum(-1)  # (seqlen_q, Hkv, group, n)
+        out[b, :, :n] = bound.amax(dim=(0, 2))
+    return out
+
+
+def select_pages(scores, top_k, *, sink_pages=1, recent_pages=1):
+    """The pages attnkit.select_pages keeps, by plain Python sorting -> int32 (batch, kv_heads, width).
+
+    Valid pages: the leading scores that are not -inf. Keeps the first sink_pages and the last
+    recent_pages of them and the top_k best of the rest (ties to the lower index), ascending,
+    -1 padded to width = top_k + sink_pages + recent_pages.
+    """
+    batch, heads_kv, max_pages = scores.shape
+    width = top_k + sink_pages + recent_pages
+    out = torch.full((batch, heads_kv, width), -1, dtype=torch.int32)
+    for b in range(batch):
+        for g in range(heads_kv):
+            row = scores[b, g].tolist()
+            n = next((j for j, s in enumerate(row) if s == float("-inf")), max_pages)
+            keep = set(range(min(sink_pages, n))) | set(range(max(n - recent_pages, 0), n))
+            rest = [j for j in range(n) if j not in keep]
+            rest.sort(key=lambda j: (math.isnan(row[j]), -row[j] if not math.isnan(row[j]) else 0.0, j))
+            chosen = sorted(keep | set(rest[:top_k]))
+            out[b, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return out

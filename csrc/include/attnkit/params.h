@@ -121,7 +121,6 @@ struct MergeParams {
   int head_dim;
 };
 
-
 // PagedKVCache append: row i of k / v (n_tokens, heads_kv, head_dim) goes to slot
 // slot_mapping[i] = page * page_size + offset of k_pages / v_pages (num_pages, page_size,
 // heads_kv, head_dim), and the page's per-head, per-channel key_min / key_max (num_pages,
@@ -142,6 +141,39 @@ struct PagedAppendParams {
   int heads_kv;
   int head_dim;
   int page_size;
+};
+
+// page_scores: per (sequence, kv head, logical page) the Quest upper bound of the scaled
+// logits of the group's queries over the page's keys (attnkit/quest.h), max-combined over
+// the heads of the group and the queries; -inf for pages at or past the sequence's end.
+struct PageScoresParams {
+  const float* q;  // float32 (batch, seqlen_q, heads_q, head_dim)
+  Strides q_strides;
+  const float* key_min;  // float32 (num_pages, heads_kv, head_dim), contiguous
+  const float* key_max;  // like key_min
+  const int32_t* block_table;  // (batch, max_pages) logical -> physical page, contiguous
+  const int32_t* cache_seqlens;  // (batch,)
+  float* scores;  // float32 (batch, heads_kv, max_pages), contiguous
+  int batch;
+  int seqlen_q;
+  int heads_q;
+  int heads_kv;
+  int head_dim;
+  int max_pages;
+  int page_size;
+  float scale;
+};
+
+// select_pages: per (sequence, kv head) the sink, recent and top_k highest-scoring logical
+// pages, ascending, -1 padded.
+struct SelectPagesParams {
+  const float* scores;  // float32 (batch * heads_kv, max_pages), contiguous; -inf = past the end
+  int32_t* pages;  // int32 (batch * heads_kv, top_k + sink_pages + recent_pages)
+  int64_t rows;  // batch * heads_kv
+  int max_pages;
+  int top_k;
+  int sink_pages;
+  int recent_pages;
 };
 
 }  // namespace attnkit
