@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attnkit/mask.h"
+#include "attnkit/sequence.h"
 #include "attnkit/softmax.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
@@ -24,32 +25,13 @@ namespace {
 constexpr int kBlockQ = 64;
 constexpr int kBlockK = 64;
 
-// One sequence of a dense or varlen batch: its lengths and the first row of its tokens.
-struct Sequence {
-  int len_q, len_k;
-  int64_t q_row0, k_row0;
-};
-
-Sequence sequence_of(const AttentionParams& p, int b) {
-  if (!p.is_varlen()) return {p.seqlen_q, p.seqlen_k, 0, 0};
-  const int32_t* cq = p.cu_seqlens_q;
-  const int32_t* ck = p.cu_seqlens_k;
-  return {cq[b + 1] - cq[b], ck[b + 1] - ck[b], cq[b], ck[b]};
-}
-
-// Index of (batch b, head h, global query row) in lse: (B, H, Sq) dense, (H, total_q) varlen.
-int64_t lse_index(const AttentionParams& p, int b, int h, int64_t row) {
-  if (p.is_varlen()) return int64_t(h) * p.cu_seqlens_q[p.batch] + row;
-  return (int64_t(b) * p.heads_q + h) * p.seqlen_q + row;
-}
-
 template <typename T>
 const T* row_ptr(const void* base, const Strides& s, int b, int64_t row, int h) {
-  return static_cast<const T*>(base) + b * s.batch + row * s.row + int64_t(h) * s.head;
+  return static_cast<const T*>(base) + offset_of(s, b, row, h);
 }
 template <typename T>
 T* row_ptr(void* base, const Strides& s, int b, int64_t row, int h) {
-  return static_cast<T*>(base) + b * s.batch + row * s.row + int64_t(h) * s.head;
+  return static_cast<T*>(base) + offset_of(s, b, row, h);
 }
 
 // Query q of a tile sees keys [lo[q], hi[q]); padding columns see nothing.
@@ -140,9 +122,9 @@ void forward(const AttentionParams& p) {
       const Sequence seq = sequence_of(p, b);
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
-      auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.q_row0 + i, h); };
-      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.k_row0 + j, hk); };
-      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.k_row0 + j, hk); };
+      auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
+      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + j, hk); };
+      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + j, hk); };
 
       load_transposed<T>(q_row, q0, rows, D, p.scale, row_buf.data(), qt.data());
       tile_mask.set(mask, q0, rows);
@@ -166,8 +148,8 @@ void forward(const AttentionParams& p) {
 
       for (int r = 0; r < rows; ++r) {
         const RowSoftmax stats{max[r], sum[r]};
-        store_row(acc.data() + r * Dp, D, stats.inv_sum(), row_ptr<T>(p.out, p.out_strides, b, seq.q_row0 + q0 + r, h));
-        p.lse[lse_index(p, b, h, seq.q_row0 + q0 + r)] = stats.lse();
+        store_row(acc.data() + r * Dp, D, stats.inv_sum(), row_ptr<T>(p.out, p.out_strides, b, seq.row_q + q0 + r, h));
+        p.lse[lse_offset(p, b, h, seq) + q0 + r] = stats.lse();
       }
     }
   });
@@ -197,14 +179,14 @@ void backward(const AttentionBwdParams& bp) {
       const auto [b, h, q0] = q_items[it];
       const Sequence seq = sequence_of(p, b);
       const int rows = std::min(kBlockQ, seq.len_q - q0);
-      auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.q_row0 + i, h); };
-      auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.q_row0 + i, h); };
+      auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
+      auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.row_q + i, h); };
       load_transposed<T>(q_row, q0, rows, D, p.scale, o.data(), qt_all.data() + it * tile_elems);
       load_transposed<T>(do_row, q0, rows, D, 1.f, o.data(), dot_all.data() + it * tile_elems);
       for (int r = 0; r < kBlockQ; ++r) {
         float dot = 0.f;
         if (r < rows) {
-          load_row(row_ptr<T>(p.out, p.out_strides, b, seq.q_row0 + q0 + r, h), D, o.data(), 1.f);
+          load_row(row_ptr<T>(p.out, p.out_strides, b, seq.row_q + q0 + r, h), D, o.data(), 1.f);
           load_row(do_row(q0 + r), D, d_o.data(), 1.f);
           for (int d = 0; d < D; ++d) dot += o[d] * d_o[d];
         }
@@ -225,7 +207,7 @@ void backward(const AttentionBwdParams& bp) {
   };
   auto load_lse = [&](Scratch& s, int b, int h, const Sequence& seq, int q0, int rows) {
     for (int r = 0; r < kBlockQ; ++r)
-      s.lse[r] = r < rows ? p.lse[lse_index(p, b, h, seq.q_row0 + q0 + r)] : INFINITY;  // padding: p = 0
+      s.lse[r] = r < rows ? p.lse[lse_offset(p, b, h, seq) + q0 + r] : INFINITY;  // padding: p = 0
   };
   // Probabilities Pt (in s.st) and dSt (in s.dpt) of keys k (ldk) and values v (ldv) against
   // query tile `tile`.
@@ -247,8 +229,8 @@ void backward(const AttentionBwdParams& bp) {
       const Sequence seq = sequence_of(p, b);
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
       const int n = std::min(kBlockK, seq.len_k - k0);
-      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.k_row0 + j, hk); };
-      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.k_row0 + j, hk); };
+      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + j, hk); };
+      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + j, hk); };
       int64_t ldk, ldv;
       const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, false, s.k_buf.data(), ldk);
       const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, false, s.v_buf.data(), ldv);
@@ -264,8 +246,8 @@ void backward(const AttentionBwdParams& bp) {
           s.mask.set(mask, q0, rows);
           load_lse(s, b, h, seq, q0, rows);
           recompute(s, tile_of(b, h, q0), k, ldk, v, ldv, n, cols, k0);
-          auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.q_row0 + i, h); };
-          auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.q_row0 + i, h); };
+          auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
+          auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.row_q + i, h); };
           int64_t ldq, lddo;
           const float* q = fp32_rows<T>(q_row, q0, rows, D, Dp, true, s.q_buf.data(), ldq);
           const float* d_o = fp32_rows<T>(do_row, q0, rows, D, Dp, true, s.do_buf.data(), lddo);
@@ -274,8 +256,8 @@ void backward(const AttentionBwdParams& bp) {
         }
       }
       for (int c = 0; c < n; ++c) {
-        store_row(dk + c * Dp, D, p.scale, row_ptr<T>(bp.dk, bp.dk_strides, b, seq.k_row0 + k0 + c, hk));
-        store_row(dv + c * Dp, D, 1.f, row_ptr<T>(bp.dv, bp.dv_strides, b, seq.k_row0 + k0 + c, hk));
+        store_row(dk + c * Dp, D, p.scale, row_ptr<T>(bp.dk, bp.dk_strides, b, seq.row_k + k0 + c, hk));
+        store_row(dv + c * Dp, D, 1.f, row_ptr<T>(bp.dv, bp.dv_strides, b, seq.row_k + k0 + c, hk));
       }
     }
   });
@@ -289,8 +271,8 @@ void backward(const AttentionBwdParams& bp) {
       const Sequence seq = sequence_of(p, b);
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
-      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.k_row0 + j, hk); };
-      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.k_row0 + j, hk); };
+      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + j, hk); };
+      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + j, hk); };
       s.mask.set(mask, q0, rows);
       load_lse(s, b, h, seq, q0, rows);
       float* dq = s.acc_a.data();
@@ -305,7 +287,7 @@ void backward(const AttentionBwdParams& bp) {
         gemm<true, true>(rows, Dp, n, s.dpt.data(), kBlockQ, k, ldk, dq, Dp);  // dQ += dS K
       }
       for (int r = 0; r < rows; ++r)
-        store_row(dq + r * Dp, D, p.scale, row_ptr<T>(bp.dq, bp.dq_strides, b, seq.q_row0 + q0 + r, h));
+        store_row(dq + r * Dp, D, p.scale, row_ptr<T>(bp.dq, bp.dq_strides, b, seq.row_q + q0 + r, h));
     }
   });
 }

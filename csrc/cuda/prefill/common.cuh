@@ -13,6 +13,7 @@
 
 #include "attnkit/mask.h"
 #include "attnkit/params.h"
+#include "attnkit/sequence.h"
 #include "cuda/prefill/layouts.hpp"
 
 namespace attnkit::cuda::prefill {
@@ -56,39 +57,6 @@ struct SmemTiles {
   using GmemStore = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<uint128_t>, Element>{}, ThreadLayout<kThreads>{},
                                              Layout<Shape<_1, Int<kElemsPerVec>>>{}));
 };
-
-// Where one sequence of a dense or varlen batch lives. Varlen lengths come from cu_seqlens
-// on the device and are clamped into the tensors (total_q / total_k rows), so bad lengths
-// give wrong numbers, never out-of-bounds accesses.
-struct Sequence {
-  int len_q, len_k;
-  int64_t row_q, row_k;  // first row of the sequence in the (batch-offset) tensors
-};
-
-__device__ __forceinline__ Sequence sequence_of(const AttentionParams& p, int b) {
-  if (!p.is_varlen()) return {p.seqlen_q, p.seqlen_k, 0, 0};
-  const auto clamp = [](int begin, int end, int total, int max_len) {
-    begin = min(max(begin, 0), total);
-    end = min(max(end, begin), total);
-    return int2{begin, min(end - begin, max_len)};
-  };
-  const int2 q = clamp(p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1], p.total_q, p.seqlen_q);
-  const int2 k = clamp(p.cu_seqlens_k[b], p.cu_seqlens_k[b + 1], p.total_k, p.seqlen_k);
-  return {q.y, k.y, q.x, k.x};
-}
-
-// Offset of (batch b, first row of the sequence, head h) in a (batch, seqlen, heads, dim) or
-// (total, heads, dim) tensor.
-__device__ __forceinline__ int64_t offset_of(const Strides& s, int b, int64_t row, int h) {
-  return b * s.batch + row * s.row + int64_t(h) * s.head;
-}
-
-// Index of row 0 of (b, h) in an lse-shaped tensor: (batch, heads_q, seqlen_q) dense,
-// (heads_q, total_q) varlen; rows are then contiguous.
-__device__ __forceinline__ int64_t lse_offset(const AttentionParams& p, int b, int h, const Sequence& seq) {
-  if (p.is_varlen()) return int64_t(h) * p.total_q + seq.row_q;
-  return (int64_t(b) * p.heads_q + h) * p.seqlen_q;
-}
 
 // (rows, head_dim) global tensor of one (sequence, head), row stride `row_stride`.
 template <typename Element>
