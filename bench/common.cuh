@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <stdexcept>
@@ -146,6 +147,35 @@ inline double measure_matmul_tflops(DType dt, std::string& desc) {
   desc = "not measured (built without cuBLAS)";
   return 0.0;
 #endif
+}
+
+// The verdict of a sampled-rows check: nrows x head_dim outputs and nrows LSEs of the kernel
+// (got_*) against a reference kernel (ref_*), all fp32 device buffers, plus a device count of
+// non-finite output elements. "ok (...)" or "FAILED (...)"; bf16 output rounding alone gives
+// ~3e-3, the Python tests' budget is 2e-2.
+inline std::string rows_verdict(const DeviceBuffer& ref_out, const DeviceBuffer& got_out, const DeviceBuffer& ref_lse,
+                                const DeviceBuffer& got_lse, const DeviceBuffer& nonfinite_count, int nrows,
+                                int head_dim) {
+  std::vector<float> ro(size_t(nrows) * head_dim), go(ro.size()), rl(nrows), gl(nrows);
+  unsigned long long nonfinite = 0;
+  check(cudaMemcpy(ro.data(), ref_out.ptr, ro.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(go.data(), got_out.ptr, go.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(rl.data(), ref_lse.ptr, nrows * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(gl.data(), got_lse.ptr, nrows * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  check(cudaMemcpy(&nonfinite, nonfinite_count.ptr, sizeof nonfinite, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  double num = 0, den = 0, lse_err = 0;
+  for (size_t i = 0; i < ro.size(); ++i) {
+    num += double(go[i] - ro[i]) * (go[i] - ro[i]);
+    den += double(ro[i]) * ro[i];
+  }
+  for (int r = 0; r < nrows; ++r)
+    lse_err = std::max(lse_err, std::isinf(rl[r]) ? (gl[r] == rl[r] ? 0.0 : INFINITY) : std::fabs(double(gl[r]) - rl[r]));
+  const double rel = std::sqrt(num / std::max(den, 1e-300));
+  const bool ok = nonfinite == 0 && rel < 2e-2 && lse_err < 1e-2;
+  char text[160];
+  std::snprintf(text, sizeof text, "%s (%d rows: out rel err %.1e, lse abs err %.1e; %llu non-finite)",
+                ok ? "ok" : "FAILED", nrows, rel, lse_err, nonfinite);
+  return text;
 }
 
 // The copy ceiling: GB/s (bytes read + bytes written) of a large device-to-device copy.

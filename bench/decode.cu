@@ -195,25 +195,7 @@ std::string check_rows(const DecodeParams& p, int ctx) {
     count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out, bad.as<unsigned long long>());
   });
   check(cudaGetLastError(), "check kernels");
-  std::vector<float> ro(size_t(nrows) * p.head_dim), go(ro.size()), rl(nrows), gl(nrows);
-  unsigned long long nonfinite = 0;
-  check(cudaMemcpy(ro.data(), ref.ptr, ro.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
-  check(cudaMemcpy(go.data(), got.ptr, go.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
-  check(cudaMemcpy(rl.data(), ref_lse.ptr, nrows * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
-  check(cudaMemcpy(gl.data(), got_lse.ptr, nrows * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
-  check(cudaMemcpy(&nonfinite, bad.ptr, 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
-  double num = 0, den = 0, lse_err = 0;
-  for (size_t i = 0; i < ro.size(); ++i) {
-    num += double(go[i] - ro[i]) * (go[i] - ro[i]);
-    den += double(ro[i]) * ro[i];
-  }
-  for (int r = 0; r < nrows; ++r) lse_err = std::max(lse_err, std::fabs(double(gl[r]) - rl[r]));
-  const double rel = std::sqrt(num / std::max(den, 1e-300));
-  const bool ok = nonfinite == 0 && rel < 2e-2 && lse_err < 1e-2;
-  char text[160];
-  std::snprintf(text, sizeof text, "%s (8 rows: out rel err %.1e, lse abs err %.1e; %llu non-finite)",
-                ok ? "ok" : "FAILED", rel, lse_err, nonfinite);
-  return text;
+  return rows_verdict(ref, got, ref_lse, got_lse, bad, nrows, p.head_dim);
 }
 
 struct Sets {

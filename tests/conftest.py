@@ -115,3 +115,14 @@ def randn(gen, *shape, dtype=torch.float32, device="cpu"):
 def cu_seqlens(lengths, device="cpu"):
     """int32 (batch + 1,) offsets of packed sequences of the given lengths."""
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def paged(gen, lens, page_size, kv_heads, head_dim, dtype, device, spare_pages=5):
+    """A paged cache with room for `lens` and a shuffled (torch.randperm) page table, one
+    spare logical page per sequence; unused table entries hold arbitrary valid ids."""
+    pages_per_seq = max((n + page_size - 1) // page_size for n in lens) + 1
+    num_pages = len(lens) * pages_per_seq + spare_pages
+    table = torch.randperm(num_pages, generator=gen)[:len(lens) * pages_per_seq].view(len(lens), pages_per_seq)
+    k = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+    v = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+    return k, v, table.int().to(device), torch.tensor(lens, dtype=torch.int32, device=device)

@@ -8,7 +8,7 @@ import torch
 
 import attnkit
 from attnkit import reference
-from conftest import FWD_TOL, assert_close, assert_lse_close, devices_for, randn, skip_unsupported
+from conftest import FWD_TOL, assert_close, assert_lse_close, devices_for, paged, randn, skip_unsupported
 
 DEVICES = devices_for("decode")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -27,17 +27,6 @@ def check(q, k_cache, v_cache, lens, table=None, **opts):
     assert_lse_close(lse, ref_lse, FWD_TOL[q.dtype])
     assert (out.cpu()[(ref_lse == NEG_INF).transpose(1, 2)] == 0).all(), "queries that see no key must be exactly 0"
     return out, lse
-
-
-def paged(gen, lens, page_size, kv_heads, head_dim, dtype, device, spare_pages=5):
-    """A paged cache with room for `lens` and a shuffled (torch.randperm) page table, one
-    spare logical page per sequence; unused table entries hold arbitrary valid ids."""
-    pages_per_seq = max((n + page_size - 1) // page_size for n in lens) + 1
-    num_pages = len(lens) * pages_per_seq + spare_pages
-    table = torch.randperm(num_pages, generator=gen)[:len(lens) * pages_per_seq].view(len(lens), pages_per_seq)
-    k = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
-    v = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
-    return k, v, table.int().to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

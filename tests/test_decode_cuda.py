@@ -14,6 +14,7 @@ import torch
 import attnkit
 from attnkit import reference
 from conftest import FWD_TOL, assert_close, assert_lse_close, cuda_module_marks, randn
+from conftest import paged as paged_cache
 
 pytestmark = cuda_module_marks("decode", "decode")
 
@@ -38,14 +39,9 @@ def check(q, k, v, lens, table=None, **opts):
     return out, lse
 
 
-def paged(gen, lens, page_size, kv_heads, head_dim, dtype, spare_pages=3):
-    """Paged cache with room for `lens`, a shuffled page table and one spare page per row."""
-    pages_per_seq = max((n + page_size - 1) // page_size for n in lens) + 1
-    num_pages = len(lens) * pages_per_seq + spare_pages
-    table = torch.randperm(num_pages, generator=gen)[:len(lens) * pages_per_seq].view(len(lens), pages_per_seq)
-    k = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=DEV)
-    v = randn(gen, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=DEV)
-    return k, v, table.int().to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV)
+def paged(gen, lens, page_size, kv_heads, head_dim, dtype):
+    """A paged cache on the GPU (conftest.paged)."""
+    return paged_cache(gen, lens, page_size, kv_heads, head_dim, dtype, DEV, spare_pages=3)
 
 
 def contiguous(gen, lens, capacity, kv_heads, head_dim, dtype):

@@ -18,21 +18,11 @@
 
 #include "cuda/prefill/bwd.cuh"
 #include "cuda/prefill/fwd.cuh"
+#include "expect.h"
 
 namespace {
 
 using namespace cute;
-int failures = 0;
-
-#define EXPECT(cond, ...)                                             \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                              \
-      std::fprintf(stderr, "\n");                                     \
-      if (++failures > 20) std::exit(1);                              \
-    }                                                                 \
-  } while (0)
 
 // kForward: the forward's tiles, which also need whole rows per quad (row softmax) and
 // P reusable as an A operand.
