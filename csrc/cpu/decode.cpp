@@ -5,6 +5,10 @@
 // normalised partial results (out, lse) in their slots, merged afterwards with
 // merge_weights() from attnkit/softmax.h. docs/decode.md has the design.
 //
+// Sparse decode (selected pages or tokens) runs the same worker over each pair's work axis
+// (attnkit/decode_layout.h): one kv head per group, since selections differ per head, and
+// a per-key mask on the token positions.
+//
 // A head group is a run of kv heads processed together (all of them unless the
 // accumulators would outgrow the L2 budget): key row j of every head of the group is
 // one contiguous run of group_heads * head_dim elements in both cache layouts, so a
@@ -22,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "attnkit/decode_layout.h"
 #include "attnkit/mask.h"
 #include "attnkit/schedule.h"
 #include "attnkit/softmax.h"
@@ -36,8 +41,10 @@ constexpr int kTileKeys = 64;                 // keys per schedule tile and per 
 constexpr int kValueKeys = 4;                 // keys per pass over the accumulators
 constexpr int64_t kGroupFloats = 32 * 1024;   // accumulator floats of one head group (128 KB)
 
-// kv heads per group: as many as the accumulator budget allows, evened out.
+// kv heads per group: as many as the accumulator budget allows, evened out; one for sparse
+// decode.
 int heads_per_group(const DecodeParams& p) {
+  if (p.is_sparse()) return 1;
   const int64_t per_head = int64_t(p.heads_q / p.heads_kv) * p.seqlen_q * round_up(p.head_dim, kVec);
   const int most = int(std::clamp<int64_t>(kGroupFloats / per_head, 1, p.heads_kv));
   const int groups = (p.heads_kv + most - 1) / most;
@@ -60,7 +67,7 @@ void write_output(const DecodeParams& p, int b, GroupRow row, const float* src, 
   p.lse[(int64_t(b) * p.heads_q + row.h) * p.seqlen_q + row.s] = lse;
 }
 
-// Offset of key row j of kv head 0 of sequence b in a cache with strides s.
+// Offset of token row j of kv head 0 of sequence b in a cache with strides s.
 inline int64_t row_offset(const DecodeParams& p, const Strides& s, int b, int j) {
   if (!p.is_paged()) return b * s.batch + int64_t(j) * s.row;
   const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
@@ -201,13 +208,16 @@ inline void accumulate_rows(float* o, int rows, int Dp, const float* prob, int p
 template <typename T>
 class DecodeWorker {
  public:
-  DecodeWorker(const DecodeParams& p, int group_heads, float* part_out, float* part_lse)
+  // lens: the schedule's lengths (cache_seqlens, or the sparse pairs' work keys).
+  DecodeWorker(const DecodeParams& p, int group_heads, const int32_t* lens, float* part_out, float* part_lse)
       : p_(p),
         D_(p.head_dim),
         Dp_(round_up(p.head_dim, kVec)),
         qgroup_(p.heads_q / p.heads_kv),
         rows_head_(qgroup_ * p.seqlen_q),
         group_heads_(group_heads),
+        head_groups_((p.heads_kv + group_heads - 1) / group_heads),
+        lens_(lens),
         part_out_(part_out),
         part_lse_(part_lse),
         q_tile_(size_t(rows_head_) * group_heads * Dp_),
@@ -217,12 +227,16 @@ class DecodeWorker {
         state_(size_t(rows_head_) * group_heads),
         visible_(state_.size()) {}
 
-  void run(const LeanItem& item) {
-    const int b = item.b, h0 = item.group * group_heads_;
+  // shape_groups: the schedule's head_groups (dense: head_groups_; sparse: 1, each pair
+  // being a schedule sequence).
+  void run(const LeanItem& item, int shape_groups) {
+    const int pair = item.pair(shape_groups);
+    const int b = pair / head_groups_, h0 = pair % head_groups_ * group_heads_;
     const int heads = std::min(group_heads_, p_.heads_kv - h0), rows = heads * rows_head_;
     const int len = std::max(p_.cache_seqlens[b], 0);
     const AttentionMask mask(p_.seqlen_q, len, /*causal=*/true, p_.window_left, -1);
-    const KeyRange span = mask.keys_of_rows(0, p_.seqlen_q);
+    // Work keys [first, last): dense, the visible span; sparse, the pair's selected keys.
+    const KeyRange span = p_.is_sparse() ? KeyRange{0, lens_[item.b]} : mask.keys_of_rows(0, p_.seqlen_q);
     const int first = std::max(span.begin, item.tile_begin * kTileKeys);
     const int last = std::min(span.end, item.tile_end * kTileKeys);
     for (int r = 0; r < rows; ++r) {
@@ -234,7 +248,7 @@ class DecodeWorker {
       std::fill(dst + D_, dst + Dp_, 0.f);
       state_[r] = RowSoftmax{};
       const KeyRange keys = mask.keys_of(row.s);
-      visible_[r] = {std::max(keys.begin, first), std::min(keys.end, last)};
+      visible_[r] = p_.is_sparse() ? keys : KeyRange{std::max(keys.begin, first), std::min(keys.end, last)};
     }
     std::fill(acc_.begin(), acc_.begin() + size_t(rows) * Dp_, 0.f);
 
@@ -244,8 +258,10 @@ class DecodeWorker {
     for (int key0 = first; key0 < last; key0 += kTileKeys) {
       const int n = std::min(kTileKeys, last - key0), n_pad = round_up(n, kVec);
       for (int c = 0; c < n; ++c) {
-        k_off_[c] = row_offset(p_, p_.k_strides, b, key0 + c) + int64_t(h0) * k_head;
-        v_off_[c] = row_offset(p_, p_.v_strides, b, key0 + c) + int64_t(h0) * v_head;
+        pos_[c] = decode_key_position(p_, b, h0, key0 + c, len);
+        const int row = std::max(pos_[c], 0);  // a key naming no token reads row 0 (len > 0), masked
+        k_off_[c] = row_offset(p_, p_.k_strides, b, row) + int64_t(h0) * k_head;
+        v_off_[c] = row_offset(p_, p_.v_strides, b, row) + int64_t(h0) * v_head;
       }
       // Scores: keys in pairs, in memory order (key, then head), each against its head's
       // rows; meanwhile this tile's values are prefetched.
@@ -276,15 +292,24 @@ class DecodeWorker {
         }
       for (int r = 0; r < rows; ++r) {
         float* s = s_tile_.data() + size_t(r) * kTileKeys;
-        transform_and_mask_row(s, n_pad, n, key0, visible_[r], p_.softcap);
+        if (p_.is_sparse()) {  // mask by token position, key by key
+          transform_and_mask_row(s, n_pad, n, 0, KeyRange{0, n}, p_.softcap);
+          for (int c = 0; c < n; ++c)
+            if (!visible_[r].contains(pos_[c])) s[c] = kNegInf;
+        } else {
+          transform_and_mask_row(s, n_pad, n, key0, visible_[r], p_.softcap);
+        }
         const float factor = softmax_update_row(s, n_pad, state_[r]);
         if (factor != 1.f) scale_row(acc_.data() + size_t(r) * Dp_, Dp_, factor);
       }
       // Values: keys in fours, same order; meanwhile the next tile's keys are prefetched.
       for (c = 0; c < n; c += kValueKeys) {
         const int m = std::min(kValueKeys, n - c);
-        for (int j = key0 + kTileKeys + c; j < std::min(last, key0 + kTileKeys + c + m); ++j)
-          prefetch_heads(k_cache + row_offset(p_, p_.k_strides, b, j) + int64_t(h0) * k_head, heads, k_head, D_);
+        for (int j = key0 + kTileKeys + c; j < std::min(last, key0 + kTileKeys + c + m); ++j) {
+          const int pos = decode_key_position(p_, b, h0, j, len);
+          if (pos >= 0)
+            prefetch_heads(k_cache + row_offset(p_, p_.k_strides, b, pos) + int64_t(h0) * k_head, heads, k_head, D_);
+        }
         for (int hh = 0; hh < heads; ++hh) {
           float* o = acc_.data() + size_t(hh) * rows_head_ * Dp_;
           const float* prob = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
@@ -330,11 +355,13 @@ class DecodeWorker {
   }
 
   const DecodeParams& p_;
-  const int D_, Dp_, qgroup_, rows_head_, group_heads_;
+  const int D_, Dp_, qgroup_, rows_head_, group_heads_, head_groups_;
+  const int32_t* lens_;
   float* part_out_;
   float* part_lse_;
   std::vector<float> q_tile_, acc_, s_tile_, row_buf_;
   int64_t k_off_[kTileKeys], v_off_[kTileKeys];  // rows of kv head h0 of the current keys
+  int pos_[kTileKeys];                            // their token positions (-1: none)
   std::vector<RowSoftmax> state_;
   std::vector<KeyRange> visible_;
 };
@@ -345,11 +372,24 @@ void decode_impl(const DecodeParams& p) {
   const int head_groups = (p.heads_kv + group_heads - 1) / group_heads;
   const int qgroup = p.heads_q / p.heads_kv, rows_head = qgroup * p.seqlen_q;
   const int rows_group = group_heads * rows_head, D = p.head_dim;
+  // The schedule: dense, sequences x head groups over cache_seqlens; sparse, one schedule
+  // sequence per (sequence, kv head) pair over its work keys (decode_lean_shape()).
+  std::vector<int32_t> pair_keys;
+  const int32_t* lens = p.cache_seqlens;
+  if (p.is_sparse()) {
+    pair_keys.resize(size_t(p.batch) * p.heads_kv);
+    for (int b = 0; b < p.batch; ++b)
+      for (int h = 0; h < p.heads_kv; ++h)
+        pair_keys[size_t(b) * p.heads_kv + h] = decode_pair_keys(p, b, h, std::max(p.cache_seqlens[b], 0));
+    lens = pair_keys.data();
+  }
+  const int shape_batch = p.is_sparse() ? p.batch * p.heads_kv : p.batch;
   int max_len = 0;
-  for (int b = 0; b < p.batch; ++b) max_len = std::max(max_len, p.cache_seqlens[b]);
-  const LeanShape shape{p.batch, head_groups, p.seqlen_q, p.window_left, kTileKeys, max_len};
+  for (int i = 0; i < shape_batch; ++i) max_len = std::max(max_len, lens[i]);
+  const LeanShape shape = p.is_sparse() ? LeanShape{shape_batch, 1, p.seqlen_q, -1, kTileKeys, max_len}
+                                        : LeanShape{p.batch, head_groups, p.seqlen_q, p.window_left, kTileKeys, max_len};
   const int workers = std::max(1, at::get_num_threads());
-  const LeanPlan plan = make_lean_plan(shape, p.cache_seqlens, workers);
+  const LeanPlan plan = make_lean_plan(shape, lens, workers);
 
   // Partial results of split pairs, by slot; slots of whole pairs are never touched, so
   // the buffers are left uninitialised (their untouched pages cost nothing).
@@ -357,9 +397,10 @@ void decode_impl(const DecodeParams& p) {
   std::unique_ptr<float[]> part_out(new float[slot_rows * D]), part_lse(new float[slot_rows]);
 
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    DecodeWorker<T> worker(p, group_heads, part_out.get(), part_lse.get());
+    DecodeWorker<T> worker(p, group_heads, lens, part_out.get(), part_lse.get());
     for (int64_t w = begin; w < end; ++w)
-      for (int i = plan.worker_items[w]; i < plan.worker_items[w + 1]; ++i) worker.run(plan.items[i]);
+      for (int i = plan.worker_items[w]; i < plan.worker_items[w + 1]; ++i)
+        worker.run(plan.items[i], shape.head_groups);
   });
 
   // Fix-up: pairs with no visible key get 0 / -inf; split pairs merge their slots in key order.

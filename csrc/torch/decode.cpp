@@ -1,5 +1,6 @@
-// Binding of decode (contiguous and paged KV caches): checks, allocation, params, dispatch
-// to the CPU kernel or (built with CUDA) the lean-attention CUDA kernel.
+// Bindings of decode (contiguous and paged KV caches) and sparse_decode (selected pages or
+// tokens of a paged cache): checks, allocation, params, dispatch to the CPU kernel or
+// (built with CUDA) the lean-attention CUDA kernel. Both ops share one body.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -38,9 +39,17 @@ void check_cuda_decode(DType dtype, int64_t head_dim, const at::Tensor& k_cache,
 }
 #endif
 
-std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-                                          double scale, double softcap, int64_t window_left) {
+// A sparse decode's selection: int32 (batch, kv_heads, n) indices of `unit` tokens each.
+struct Selection {
+  const at::Tensor& indices;
+  int64_t unit;
+};
+
+std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                              const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                              const std::optional<at::Tensor>& block_table, double scale,
+                                              double softcap, int64_t window_left,
+                                              const std::optional<Selection>& selection) {
   check_rank(q, 4, "q", "(batch, seqlen_q, heads, head_dim)");
   const char* cache_layout = block_table ? "(num_pages, page_size, kv_heads, head_dim)"
                                          : "(batch, max_seqlen, kv_heads, head_dim)";
@@ -86,6 +95,21 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
     TORCH_CHECK_VALUE(k_cache.size(0) == batch, "k_cache must have the batch size of q (", batch, "), got ",
                       k_cache.size(0), "; pass block_table for a paged cache");
     capacity = k_cache.size(1);
+  }
+  at::Tensor indices;
+  if (selection) {
+    const char* name = selection->unit == 1 ? "token_indices" : "page_indices";
+    check_index_tensor(selection->indices, 3, name, q);
+    TORCH_CHECK_VALUE(selection->indices.size(0) == batch && selection->indices.size(1) == heads_kv &&
+                          selection->indices.size(2) > 0,
+                      name, " must have shape (batch, kv_heads, n) = (", batch, ", ", heads_kv, ", n >= 1), got ",
+                      selection->indices.sizes());
+    TORCH_CHECK_VALUE(selection->unit >= 1 && selection->indices.size(2) * selection->unit <= INT32_MAX,
+                      "tokens_per_index must be >= 1 and select fewer than 2^31 tokens, got ", selection->unit);
+    indices = selection->indices.contiguous();
+    p.selection = indices.data_ptr<int32_t>();
+    p.selection_len = int(indices.size(2));
+    p.selection_unit = int(selection->unit);
   }
   if (q.is_cpu()) {  // values are checked where reading them costs no device sync
     const int32_t* len = seqlens.data_ptr<int32_t>();
@@ -143,12 +167,34 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                          double scale, double softcap, int64_t window_left) {
+  return run_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window_left, std::nullopt);
+}
+
+// Selection entries are not checked: an entry < 0 or naming tokens past the end selects
+// nothing (attnkit/decode_layout.h), so any values are safe.
+std::tuple<at::Tensor, at::Tensor> sparse_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                 const at::Tensor& block_table, const at::Tensor& indices,
+                                                 int64_t tokens_per_index, double scale, double softcap) {
+  return run_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, -1,
+                    Selection{indices, tokens_per_index});
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnkit, CPU, m) { m.impl("decode", &decode); }
+TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
+  m.impl("decode", &decode);
+  m.impl("sparse_decode", &sparse_decode);
+}
 
 #ifdef ATTNKIT_WITH_CUDA
-TORCH_LIBRARY_IMPL(attnkit, CUDA, m) { m.impl("decode", &decode); }
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("decode", &decode);
+  m.impl("sparse_decode", &sparse_decode);
+}
 #endif
 
 }  // namespace attnkit::binding

@@ -16,6 +16,9 @@ TORCH_LIBRARY(attnkit, m) {
   m.def(
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, float scale, "
       "float softcap, int window_left) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor block_table, "
+      "Tensor indices, int tokens_per_index, float scale, float softcap) -> (Tensor out, Tensor lse)");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
 }
 

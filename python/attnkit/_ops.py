@@ -15,6 +15,7 @@ ops = torch.ops.attnkit
 _OP_NAMES = {
     "attention": "attnkit::attention_fwd",
     "decode": "attnkit::decode",
+    "sparse_decode": "attnkit::sparse_decode",
     "merge_attention_states": "attnkit::merge_attention_states",
 }
 # Which ops have a CUDA kernel in this build (fixed at build time, so read once).
@@ -44,6 +45,11 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, *args):
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window_left):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("attnkit::sparse_decode")
+def _sparse_decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, indices, tokens_per_index, scale, softcap):
+    return _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, -1)
 
 
 @torch.library.register_fake("attnkit::merge_attention_states")
@@ -76,8 +82,9 @@ def _decode_setup_context(ctx, inputs, output):
 
 
 def _decode_backward(ctx, grad_out, grad_lse):
-    raise RuntimeError("attnkit.decode is inference-only: it has no backward; "
+    raise RuntimeError("attnkit.decode and attnkit.sparse_decode are inference-only: they have no backward; "
                        "use attnkit.attention for training")
 
 
 torch.library.register_autograd("attnkit::decode", _decode_backward, setup_context=_decode_setup_context)
+torch.library.register_autograd("attnkit::sparse_decode", _decode_backward, setup_context=_decode_setup_context)

@@ -174,6 +174,62 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, 
     return torch.cat(outs), torch.cat(lses)
 
 
+def selected_tokens(indices, tokens_per_index, length):
+    """Token positions named by one row of a sparse decode selection, in selection order.
+
+    Entry e names tokens e * tokens_per_index ... (e + 1) * tokens_per_index - 1 (a logical
+    page of that many tokens, or one token when tokens_per_index is 1); entries < 0 name
+    nothing, and tokens >= length are dropped (a partial last page, or past the end).
+    """
+    tokens = []
+    for entry in indices.tolist():
+        if entry >= 0:
+            tokens.extend(t for t in range(entry * tokens_per_index, (entry + 1) * tokens_per_index) if t < length)
+    return tokens
+
+
+def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, indices, *, tokens_per_index, scale=None,
+                  softcap=0.0):
+    """Decode over selected keys of a paged KV cache -> (out, lse), float64.
+
+    As decode() (paged cache, queries the last seqlen_q positions, causal among themselves),
+    but q head h of kv head g = h // (Hq // Hkv) of sequence b sees only the tokens
+    selected_tokens(indices[b, g], tokens_per_index, cache_seqlens[b]), masked causally by
+    their positions: query s (at position cache_seqlens[b] - seqlen_q + s) sees a selected
+    token t iff t <= its position. The selection's order does not matter; a token selected
+    twice counts twice. attnkit.sparse_decode passes page indices with tokens_per_index =
+    page_size, attnkit.sparse_decode_tokens token indices with tokens_per_index = 1.
+    A query row with no visible selected key gets out 0 and lse -inf.
+    """
+    batch, seqlen_q, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=torch.float64, device=q.device)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        keys = gather_cache(k_cache, b, length, block_table).double()
+        values = gather_cache(v_cache, b, length, block_table).double()
+        query_pos = torch.arange(seqlen_q, device=q.device) + (length - seqlen_q)
+        for g in range(kv_heads):
+            tokens = torch.tensor(selected_tokens(indices[b, g], tokens_per_index, length), dtype=torch.long,
+                                  device=q.device)
+            if tokens.numel() == 0:
+                continue
+            qg = q[b, :, g * group:(g + 1) * group].double()               # (seqlen_q, group, D)
+            s = torch.einsum("sgd,td->gst", qg, keys[tokens, g]) * scale     # (group, seqlen_q, n)
+            if softcap > 0:
+                s = softcap * torch.tanh(s / softcap)
+            visible = tokens[None, :] <= query_pos[:, None]                # (seqlen_q, n)
+            s = s.masked_fill(~visible, float("-inf"))
+            row_lse = torch.logsumexp(s, dim=-1)                           # (group, seqlen_q)
+            seen = torch.isfinite(row_lse)
+            prob = torch.where(seen[..., None], torch.exp(s - row_lse[..., None]), torch.zeros_like(s))
+            out[b, :, g * group:(g + 1) * group] = torch.einsum("gst,td->sgd", prob, values[tokens, g])
+            lse[b, g * group:(g + 1) * group] = row_lse
+    return out, lse
+
+
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """Attention over the union of two disjoint key sets from the two partial results -> (out, lse).
 

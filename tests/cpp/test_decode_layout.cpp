@@ -5,7 +5,10 @@
 //    decode_out_offset / decode_lse_index give each (sequence, row) its own place;
 //  - DecodeWorkspace: parts 16-byte aligned and disjoint, every (slot, row) of the lean
 //    bound inside its part, size independent of the lengths; the slots the schedule hands
-//    out for any lengths stay within it.
+//    out for any lengths stay within it; dense and sparse;
+//  - the sparse work axis: decode_key_position lists exactly the tokens a brute-force walk of
+//    random page / token selections (-1, past-the-end, unsorted entries) names, in order,
+//    and decode_pair_keys ends the axis right after the last valid entry.
 // Run by ctest; exits non-zero on failure.
 #include <algorithm>
 #include <numeric>
@@ -120,27 +123,79 @@ void check_workspace(std::mt19937& rng) {
               p.head_dim = head_dim;
               p.window_left = (batch % 2) ? -1 : 100;
               const int cap = 5000, tile = head_dim <= 128 ? 64 : 32;
+              const bool sparse = seqlen_q == 5;  // selections of 40 pages of 16 tokens
+              const std::vector<int32_t> selection(size_t(batch) * heads_kv * 40, 0);
+              if (sparse) {
+                p.selection = selection.data();
+                p.selection_len = 40;
+                p.selection_unit = 16;
+              }
               const attnkit::LeanShape shape = attnkit::decode_lean_shape(p, tile, cap);
+              EXPECT(shape.num_pairs() == batch * heads_kv, "pairs %d", shape.num_pairs());
               const attnkit::LeanBounds bounds = attnkit::lean_bounds(shape, workers);
-              const auto ws = attnkit::DecodeWorkspace::make(p, bounds.num_slots);
+              const auto ws = attnkit::DecodeWorkspace::make(p, shape, bounds.num_slots);
+              EXPECT(ws.pair_keys_bytes % 16 == 0 && ws.pair_keys_bytes >= int64_t(shape.batch + 1) * 8,
+                     "seq_offset does not fit");
+              EXPECT(ws.lse_bytes >= ws.pair_keys_bytes + (sparse ? int64_t(shape.batch) * 4 : 0),
+                     "pair_keys does not fit");
               const int rows = group * seqlen_q;
               EXPECT(ws.rows == rows, "rows %d, want %d", ws.rows, rows);
               EXPECT(ws.lse_bytes % 16 == 0 && ws.out_bytes % 16 == 0, "parts not 16-byte aligned");
-              EXPECT(ws.lse_bytes >= int64_t(batch + 1) * 8, "seq_offset does not fit");
               EXPECT(ws.lse_bytes + ws.lse_index(bounds.num_slots - 1, rows - 1) * 4 + 4 <= ws.out_bytes,
                      "lse part overlaps out");
               EXPECT(ws.out_bytes + (ws.out_index(bounds.num_slots - 1, rows - 1) + head_dim) * 4 == ws.total_bytes,
                      "out part does not end the workspace");
               // Any lengths: the items' slots are inside the bound.
-              std::vector<int32_t> lens(batch);
+              std::vector<int32_t> lens(shape.batch);
               for (int trial = 0; trial < 3; ++trial) {
-                for (auto& n : lens) n = std::uniform_int_distribution<int>(0, trial == 2 ? 40 : cap)(rng);
+                const int most = std::min(shape.max_seqlen_k, trial == 2 ? 40 : cap);
+                for (auto& n : lens) n = std::uniform_int_distribution<int>(0, most)(rng);
                 const attnkit::LeanPlan plan = attnkit::make_lean_plan(shape, lens.data(), workers);
                 for (const attnkit::LeanItem& item : plan.items)
                   EXPECT(item.slot >= 0 && item.slot < bounds.num_slots, "slot %d outside [0, %d)", item.slot,
                          bounds.num_slots);
               }
             }
+}
+
+// Random selections of `unit`-token entries against the brute-force walk of the reference
+// (python/attnkit/reference.py selected_tokens).
+void check_sparse_axis(int unit, std::mt19937& rng) {
+  const int batch = 4, heads_kv = 3, len_max = 200, n = 12;
+  std::vector<int32_t> selection(size_t(batch) * heads_kv * n);
+  std::vector<int32_t> lens = {0, 1, unit * 3, 157};
+  DecodeParams p{};
+  p.batch = batch;
+  p.heads_kv = heads_kv;
+  p.selection = selection.data();
+  p.selection_len = n;
+  p.selection_unit = unit;
+  for (int trial = 0; trial < 20; ++trial) {
+    for (auto& e : selection) e = std::uniform_int_distribution<int>(-3, len_max / unit + 2)(rng);
+    if (trial % 4 == 0) std::fill(selection.begin() + n, selection.begin() + 2 * n, -1);  // an empty row
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < heads_kv; ++h) {
+        const int32_t* row = selection.data() + (size_t(b) * heads_kv + h) * n;
+        std::vector<int> want;  // tokens in selection order
+        int last_valid = -1;
+        for (int e = 0; e < n; ++e) {
+          if (row[e] < 0) continue;
+          for (int t = row[e] * unit; t < (row[e] + 1) * unit; ++t)
+            if (t < lens[b]) want.push_back(t), last_valid = e;
+        }
+        const int keys = attnkit::decode_pair_keys(p, b, h, lens[b]);
+        EXPECT(keys == (last_valid + 1) * unit, "pair keys %d, want %d (unit %d)", keys, (last_valid + 1) * unit,
+               unit);
+        std::vector<int> got;
+        for (int j = 0; j < keys + 2 * unit; ++j) {
+          const int pos = attnkit::decode_key_position(p, b, h, j, lens[b]);
+          EXPECT(pos == -1 || j < keys, "work key %d past the axis end %d names token %d", j, keys, pos);
+          if (pos >= 0) got.push_back(pos);
+        }
+        EXPECT(got == want, "selected tokens differ (unit %d, b %d, h %d): %zu vs %zu", unit, b, h, got.size(),
+               want.size());
+      }
+  }
 }
 
 }  // namespace
@@ -151,6 +206,7 @@ int main() {
   check_contiguous_offsets();
   check_rows();
   check_workspace(rng);
+  for (int unit : {1, 3, 16}) check_sparse_axis(unit, rng);
   if (failures == 0) std::printf("decode_layout: all checks passed\n");
   return failures == 0 ? 0 : 1;
 }

@@ -1,13 +1,16 @@
 // CUDA decode with the lean (stream-K) schedule of attnkit/schedule.h; docs/decode.md
-// ("CUDA") explains the design. Three launches, none of whose sizes depends on the values
-// of cache_seqlens, so a decode step can be captured in a CUDA graph:
-//  1. offsets_kernel: lean_seq_offsets() of cache_seqlens into the workspace (one block,
-//     a block-wide prefix sum of the per-sequence tile counts).
+// ("CUDA") explains the design. Dense and sparse decode (selected pages or tokens, see
+// decode_layout.h) share every kernel. Three or four launches, none of whose sizes depends
+// on the values of cache_seqlens or the selection, so a decode step can be captured in a
+// CUDA graph:
+//  0. pair_keys_kernel (sparse only): the length of each pair's work axis, one warp per pair.
+//  1. offsets_kernel: lean_seq_offsets() of the schedule's lengths (cache_seqlens, or the
+//     pair lengths) into the workspace (one block, a prefix sum of the tile counts).
 //  2. lean_kernel: W CTAs; CTA w walks its share of KV tiles with for_each_lean_item().
 //     An item (sequence b, kv head h, tiles [t0, t1)) runs all rows of the pair (the q
 //     heads of h times the seqlen_q queries, kRows per pass) over its tiles with online
 //     softmax: K/V tiles stream through shared memory with cp.async double buffering
-//     (16-byte copies, rows of a paged cache found per key through block_table), scores
+//     (16-byte copies, rows found per key: selection, then block_table), scores
 //     and P @ V on CUDA cores in fp32. It writes the final output when it holds the whole
 //     pair, else an fp32 partial (out, lse) to its slot in the workspace.
 //  3. merge_kernel: each pair split over several workers merges its slots in key order with
@@ -73,7 +76,8 @@ struct Config {
   static constexpr int kVOffset = kKOffset + 2 * kTileBytes;
   static constexpr int kSOffset = kVOffset + 2 * kTileBytes;
   static constexpr int kRowOffset = kSOffset + kSBytes;       // per row: factor, inv_sum
-  static constexpr int kSmemBytes = kRowOffset + 2 * kRows * 4;
+  static constexpr int kPosOffset = kRowOffset + 2 * kRows * 4;  // per buffer and key: token or -1
+  static constexpr int kSmemBytes = kPosOffset + 2 * kTileKeys * 4;
 
   // Chunk c of tile row j, XOR-swizzled so that 8 consecutive rows read at one column hit
   // 8 different 16-byte bank groups.
@@ -106,7 +110,30 @@ __device__ __forceinline__ void load8(const T* smem, float (&x)[8]) {
   for (int i = 0; i < 8; ++i) x[i] = to_float(v.v[i]);
 }
 
-// 1. seq_offset[0..batch] = lean_seq_offsets(shape, cache_seqlens), block-parallel.
+// The lengths the schedule splits: cache_seqlens (dense), or pair_keys in the workspace.
+__host__ __device__ inline const int32_t* schedule_lengths(const DecodeParams& p, const DecodeWorkspace& ws,
+                                                           const char* workspace) {
+  return p.is_sparse() ? reinterpret_cast<const int32_t*>(workspace + ws.pair_keys_bytes) : p.cache_seqlens;
+}
+
+// 0. pair_keys[pair] = decode_pair_keys() of every (sequence, kv head) pair: one warp per
+//    pair finds its last valid selection entry.
+constexpr int kPairKeysThreads = 256;
+__global__ void __launch_bounds__(kPairKeysThreads) pair_keys_kernel(const __grid_constant__ DecodeParams p,
+                                                                      const int capacity, int32_t* pair_keys) {
+  const int pair = int(blockIdx.x) * (kPairKeysThreads / 32) + int(threadIdx.x) / 32, lane = threadIdx.x % 32;
+  if (pair >= p.batch * p.heads_kv) return;
+  const int b = pair / p.heads_kv, h = pair % p.heads_kv;
+  const int len = max(0, min(p.cache_seqlens[b], capacity));
+  int last = -1;
+  for (int e = lane; e < p.selection_len; e += 32)
+    if (decode_entry_valid(p, b, h, e, len)) last = e;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+  if (lane == 0) pair_keys[pair] = (last + 1) * p.selection_unit;
+}
+
+// 1. seq_offset[0..shape.batch] = lean_seq_offsets(shape, lens), block-parallel.
 __global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape shape, const int32_t* lens,
                                                                   int64_t* seq_offset) {
   using Scan = cub::BlockScan<int64_t, kOffsetThreads>;
@@ -127,7 +154,7 @@ __global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape
 // 2. The lean pass: CTA w = worker w.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape,
-                                                        const int workers, char* workspace) {
+                                                        const int capacity, const int workers, char* workspace) {
   using C = Config<T, kHeadDim>;
   constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks;
   extern __shared__ __align__(16) char smem[];
@@ -137,9 +164,11 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
   float* s_s = reinterpret_cast<float*>(smem + C::kSOffset);
   float* factor_s = reinterpret_cast<float*>(smem + C::kRowOffset);
   float* inv_sum_s = factor_s + kRows;
+  int* pos_s = reinterpret_cast<int*>(smem + C::kPosOffset);
 
-  const DecodeWorkspace ws = DecodeWorkspace::make(p, lean_bounds(shape, workers).num_slots);
+  const DecodeWorkspace ws = DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots);
   const int64_t* seq_offset = reinterpret_cast<const int64_t*>(workspace + ws.seq_offset_bytes);
+  const int32_t* lens = schedule_lengths(p, ws, workspace);
   float* part_lse = reinterpret_cast<float*>(workspace + ws.lse_bytes);
   float* part_out = reinterpret_cast<float*>(workspace + ws.out_bytes);
 
@@ -149,19 +178,21 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
 
-  for_each_lean_item(shape, p.cache_seqlens, seq_offset, workers, int(blockIdx.x), [&](const LeanItem& item) {
-    const int b = item.b, h = item.group;
-    int len = p.cache_seqlens[b];
-    len = len < shape.max_seqlen_k ? len : shape.max_seqlen_k;  // tiles() > 0, so len > 0
+  for_each_lean_item(shape, lens, seq_offset, workers, int(blockIdx.x), [&](const LeanItem& item) {
+    const int pair = item.pair(shape.head_groups), b = pair / p.heads_kv, h = pair % p.heads_kv;
+    const int len = max(0, min(p.cache_seqlens[b], capacity));
     const AttentionMask mask(p.seqlen_q, len, /*causal=*/true, p.window_left, -1);
 
-    // K and V rows [tile * kTK, +kTK) into buffer `buf`; keys past len are zero-filled.
+    // K and V of work keys [tile * kTK, +kTK) into buffer `buf`, and their token positions;
+    // keys naming no token are zero-filled (and masked through their position -1).
     auto load_tile = [&](int tile, int buf) {
       for (int idx = tid; idx < kTK * kChunks; idx += kThreads) {
-        const int j = idx / kChunks, c = idx % kChunks, key = tile * kTK + j;
-        const bool valid = key < len && c < head_chunks;  // else zero-filled
-        const int64_t k_off = valid ? decode_kv_offset(p, p.k_strides, b, key, h) : 0;
-        const int64_t v_off = valid ? decode_kv_offset(p, p.v_strides, b, key, h) : 0;
+        const int j = idx / kChunks, c = idx % kChunks;
+        const int pos = decode_key_position(p, b, h, tile * kTK + j, len);
+        if (c == 0) pos_s[buf * kTK + j] = pos;
+        const bool valid = pos >= 0 && c < head_chunks;  // else zero-filled
+        const int64_t k_off = valid ? decode_kv_offset(p, p.k_strides, b, pos, h) : 0;
+        const int64_t v_off = valid ? decode_kv_offset(p, p.v_strides, b, pos, h) : 0;
         const int dst = (buf * kTK * kChunks + C::swizzle(j, c)) * 8;
         cp_async_16(k_s + dst, k_cache + k_off + c * 8, valid);
         cp_async_16(v_s + dst, v_cache + v_off + c * 8, valid);
@@ -238,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
 #pragma unroll
           for (int x = 0; x < kTK / 32; ++x) {
             const int j = lane + 32 * x;
-            s[x] = visible[i].contains(tile * kTK + j) ? apply_softcap(s_s[r * kTK + j], p.softcap) : kNegInf;
+            s[x] = visible[i].contains(pos_s[buf * kTK + j]) ? apply_softcap(s_s[r * kTK + j], p.softcap) : kNegInf;
             tile_max = fmaxf(tile_max, s[x]);
           }
           tile_max = warp_max(tile_max);
@@ -318,8 +349,9 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
 template <typename T>
 __global__ void merge_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape, const int workers,
                              const char* workspace) {
-  const DecodeWorkspace ws = DecodeWorkspace::make(p, lean_bounds(shape, workers).num_slots);
+  const DecodeWorkspace ws = DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots);
   const int64_t* seq_offset = reinterpret_cast<const int64_t*>(workspace + ws.seq_offset_bytes);
+  const int32_t* lens = schedule_lengths(p, ws, workspace);
   const float* part_lse = reinterpret_cast<const float*>(workspace + ws.lse_bytes);
   const float* part_out = reinterpret_cast<const float*>(workspace + ws.out_bytes);
   const int group = p.heads_q / p.heads_kv, vecs = p.head_dim / 4;
@@ -329,7 +361,8 @@ __global__ void merge_kernel(const __grid_constant__ DecodeParams p, const LeanS
     const int vec = int(idx % vecs), r = int(idx / vecs % ws.rows);
     const int pair = int(idx / (int64_t(vecs) * ws.rows));
     const int b = pair / p.heads_kv, h = pair % p.heads_kv;
-    const PairPartials pp = pair_partials(shape, p.cache_seqlens, seq_offset, workers, b, h);
+    const PairPartials pp =
+        pair_partials(shape, lens, seq_offset, workers, pair / shape.head_groups, pair % shape.head_groups);
     if (pp.count == 1) continue;  // the item that held the whole pair wrote the output
     float lse = kNegInf, o[4] = {0.f, 0.f, 0.f, 0.f};
     for (int k = 0; k < pp.count; ++k) {
@@ -355,12 +388,20 @@ void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspac
   using C = Config<T, kHeadDim>;
   const LeanShape shape = decode_lean_shape(p, C::kTileKeys, max_seqlen_k);
   char* ws = static_cast<char*>(workspace);
-  offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(shape, p.cache_seqlens, reinterpret_cast<int64_t*>(ws));
+  const DecodeWorkspace layout = DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots);
+  if (p.is_sparse()) {
+    const int pairs_per_block = kPairKeysThreads / 32;
+    pair_keys_kernel<<<(shape.batch + pairs_per_block - 1) / pairs_per_block, kPairKeysThreads, 0, stream>>>(
+        p, max_seqlen_k, reinterpret_cast<int32_t*>(ws + layout.pair_keys_bytes));
+    check(cudaGetLastError(), "decode: pair_keys launch");
+  }
+  offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(shape, schedule_lengths(p, layout, ws),
+                                                   reinterpret_cast<int64_t*>(ws));
   check(cudaGetLastError(), "decode: offsets launch");
   auto kernel = lean_kernel<T, kHeadDim>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes),
         "decode: cudaFuncSetAttribute");
-  kernel<<<workers, kThreads, C::kSmemBytes, stream>>>(p, shape, workers, ws);
+  kernel<<<workers, kThreads, C::kSmemBytes, stream>>>(p, shape, max_seqlen_k, workers, ws);
   check(cudaGetLastError(), "decode: lean launch");
   const int64_t threads = int64_t(shape.num_pairs()) * (p.heads_q / p.heads_kv * p.seqlen_q) * (kHeadDim / 4);
   const int blocks = int(std::min<int64_t>((threads + 255) / 256, int64_t(workers) * 8));
@@ -395,7 +436,7 @@ int decode_workers(int device) {
 
 int64_t decode_workspace_bytes(const DecodeParams& p, int max_seqlen_k, int workers) {
   const LeanShape shape = decode_lean_shape(p, tile_keys_for(p.head_dim), max_seqlen_k);
-  return DecodeWorkspace::make(p, lean_bounds(shape, workers).num_slots).total_bytes;
+  return DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots).total_bytes;
 }
 
 void decode(const DecodeParams& p, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream) {

@@ -100,7 +100,16 @@ struct DecodeParams {
   float softcap;
   int window_left;  // -1 = unbounded
 
+  // Sparse decode (nullptr = dense): per (sequence, kv head) a list of selected logical
+  // pages (selection_unit = page_size) or tokens (selection_unit = 1), int32 (batch,
+  // heads_kv, selection_len) contiguous; entries < 0 or past the sequence's end select
+  // nothing. attnkit/decode_layout.h maps the selected keys to cache rows.
+  const int32_t* selection = nullptr;
+  int selection_len = 0;
+  int selection_unit = 0;  // tokens per entry
+
   ATTNKIT_HD bool is_paged() const { return block_table != nullptr; }
+  ATTNKIT_HD bool is_sparse() const { return selection != nullptr; }
 };
 
 // merge_attention_states: two partial results over disjoint keys -> one.
