@@ -216,3 +216,46 @@ def test_bad_input(gen):
         attnkit.streaming_page_indices(lens, torch.ones(2), page_size=16, max_pages=8)
     with pytest.raises(RuntimeError, match="inference-only"):
         attnkit.sparse_decode(q.requires_grad_(), k, v, lens, table, pages).sum().backward()
+
+
+CUDA_ONLY = pytest.mark.skipif(not (torch.cuda.is_available() and attnkit.has_cuda_kernel("sparse_decode")),
+                               reason="needs a CUDA GPU and the CUDA sparse_decode kernel")
+
+
+@pytest.mark.cuda
+@CUDA_ONLY
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_cuda_long_context_gqa(head_dim, gen):
+    """64k tokens, GQA 32:8, 1/16 of the pages selected per kv head (different per head)."""
+    dtype = torch.bfloat16
+    k, v, table, lens = paged(gen, [65536, 30000, 7], 16, 8, head_dim, dtype, "cuda", spare_pages=3)
+    q = randn(gen, 3, 2, 32, head_dim, dtype=dtype, device="cuda")
+    indices = random_pages(gen, lens.cpu(), 8, 16, n=256).cuda()
+    check(q, k, v, lens, table, indices)
+
+
+@pytest.mark.cuda
+@CUDA_ONLY
+def test_cuda_graph_capture_and_replay(gen):
+    """One sparse decode step captured in a CUDA graph; cache_seqlens and the selection are
+    rewritten in place and each replay equals the eager call with the same values."""
+    dtype = torch.bfloat16
+    k, v, table, lens = paged(gen, [8192] * 3, 16, 4, 128, dtype, "cuda", spare_pages=3)
+    q = randn(gen, 3, 1, 16, 128, dtype=dtype, device="cuda")
+    pages = torch.full((3, 4, 64), -1, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            attnkit.sparse_decode(q, k, v, lens, table, pages, return_lse=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = attnkit.sparse_decode(q, k, v, lens, table, pages, return_lse=True)
+    for trial, new_lens in enumerate([[5, 100, 3000], [0, 8192, 17], [8192, 8192, 8192]]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        pages.copy_(random_pages(gen, lens.cpu(), 4, 16, n=60, pad=4)[..., :64])
+        graph.replay()
+        want, want_lse = attnkit.sparse_decode(q, k, v, lens, table, pages, return_lse=True)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)

@@ -417,6 +417,140 @@ def run_decode(r):
 
 
 # ------------------------------------------------------------------------------------
+# sparse: Quest-style page selection and sparse decode against dense decode
+
+SPARSE_FRACTION = 16  # select 1/16 of the pages (sink 1 + recent 1 + top-k)
+
+
+def sparse_configs(device, quick):
+    if device == "cpu":
+        return [dict(B=1, ctx=8192 if quick else 32768, dtype=torch.float32)]
+    shapes = [(1, 131072)] if quick else [(1, 32768), (1, 131072), (8, 32768), (1, 524288)]
+    return [dict(B=b, ctx=ctx, dtype=torch.bfloat16) for b, ctx in shapes]
+
+
+def _sparse_err(r, q, k, v, lens, bt, pages, out, g):
+    """Error of sparse_decode on batch 0, kv head 0 (its q heads), against the float64
+    reference; the cache of that sequence and head only is gathered."""
+    def run(dev):
+        n = (int(lens[0]) + PAGE - 1) // PAGE
+        ks, vs = k[bt[0, :n].long()][:, :, 0:1], v[bt[0, :n].long()][:, :, 0:1]
+        ref, _ = reference.sparse_decode(q[0:1, :, 0:g].to(dev, torch.float64), ks.to(dev, torch.float64),
+                                         vs.to(dev, torch.float64), lens[0:1].to(dev),
+                                         torch.arange(n, dtype=torch.int32, device=dev).view(1, n),
+                                         pages[0:1, 0:1].to(dev), tokens_per_index=PAGE)
+        return rel_err(out[0:1, :, 0:g], ref)
+    return _on_ref(run, r), f"batch 0, kv head 0 (q heads 0-{g - 1})"
+
+
+def _flex_sparse(q, k_contig, v_contig, pages, Hq, Hkv, ctx, device):
+    """FlexAttention over the contiguous copy of the cache with the block mask that keeps
+    exactly the selected pages (kv blocks of PAGE tokens) per (sequence, kv head)."""
+    fa, create_block_mask = _flex()
+    B, g = q.shape[0], Hq // Hkv
+    selected = torch.zeros(B, Hkv, ctx // PAGE, dtype=torch.bool, device=device)
+    selected.scatter_(2, pages.clamp(min=0).long(), pages >= 0)
+    bm = create_block_mask(lambda b, h, qi, ki: selected[b, h // g, ki // PAGE], B, Hq, 1, ctx, device=device,
+                           BLOCK_SIZE=(1, PAGE))
+    kw = {"enable_gqa": True} if Hq != Hkv else {}
+    return [lambda: fa(q.transpose(1, 2), k_contig.transpose(1, 2), v_contig.transpose(1, 2), block_mask=bm, **kw)]
+
+
+def _selection(r, q, key_min, key_max, bt, lens, keep):
+    """The pipeline's selection (page_scores + select_pages) where both run on this device;
+    else `keep` random pages per (sequence, kv head), sorted, as the same amount of work."""
+    if _kernel_missing(r, "page_scores") is None and _kernel_missing(r, "select_pages") is None:
+        scores = attnkit.page_scores(q, key_min, key_max, bt, lens, page_size=PAGE)
+        return attnkit.select_pages(scores, keep - 2, sink_pages=1, recent_pages=1)
+    B, Hkv, npages = q.shape[0], key_min.shape[1], bt.shape[1]
+    ranks = torch.rand(B, Hkv, npages, device=q.device).argsort(dim=-1)[..., :keep]
+    return ranks.sort(dim=-1).values.to(torch.int32).contiguous()
+
+
+def run_sparse(r):
+    """Rows: sparse_decode alone (GB/s of the selected K/V, vs dense attnkit.decode on the
+    same cache and FlexAttention with the equivalent block mask), and the whole pipeline
+    page_scores + select_pages + sparse_decode (vs dense attnkit.decode)."""
+    Hq, Hkv, D = 32, 8, 128
+    g = Hq // Hkv
+    for c in sparse_configs(r.device, r.quick):
+        B, ctx, dtype = c["B"], c["ctx"], c["dtype"]
+        dt = dtype_name(dtype)
+        npages = ctx // PAGE
+        keep = npages // SPARSE_FRACTION
+        shape_str = f"B{B} ctx{ctx} Hq{Hq} Hkv{Hkv} D{D} page{PAGE} keep1/{SPARSE_FRACTION}"
+        id_decode = f"sparse/sparse_decode/{dt}/{shape_str}"
+        id_pipe = f"sparse/pipeline/{dt}/{shape_str}"
+        todo = [i for i in (id_decode, id_pipe) if r.selected(i)]
+        if not todo:
+            continue
+        missing = _kernel_missing(r, "sparse_decode")
+        if missing or r.over_budget():
+            for i in todo:
+                r.skip(i, missing or "time budget (--budget-s) spent")
+            continue
+        dev = r.device
+        elt = torch.empty(0, dtype=dtype).element_size()
+        try:
+            lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+            bt = torch.randperm(B * npages, device=dev).to(torch.int32).view(B, npages)
+            q = _randn((B, 1, Hq, D), dtype, dev)
+            k = _randn((B * npages, PAGE, Hkv, D), dtype, dev)
+            v = _randn((B * npages, PAGE, Hkv, D), dtype, dev)
+            kf = k.float()
+            key_min = kf.amin(dim=1).contiguous()
+            key_max = kf.amax(dim=1).contiguous()
+            del kf
+        except RuntimeError as err:  # out of memory
+            for i in todo:
+                r.skip(i, f"inputs do not fit: {err}"[:200])
+            r.free()
+            continue
+        pages = _selection(r, q, key_min, key_max, bt, lens, keep)
+        graph = dev == "cuda"
+        sel_bytes = 2 * B * Hkv * keep * PAGE * D * elt
+        dense_bytes = 2 * B * ctx * Hkv * D * elt
+        shape = {"batch": B, "seqlen_q": 1, "context": ctx, "heads_q": Hq, "heads_kv": Hkv, "head_dim": D,
+                 "page_size": PAGE, "pages_kept": keep, "selected_kv_bytes": sel_bytes, "dense_kv_bytes": dense_bytes}
+        print(f"{id_decode} ({sel_bytes / 2**20:.0f} of {dense_bytes / 2**20:.0f} MiB of KV selected)", flush=True)
+        dense = r.time_attnkit(id_decode + " [dense]", [lambda: attnkit.decode(q, k, v, lens, block_table=bt)],
+                               graph=graph)
+        ak = r.time_attnkit(id_decode, [lambda: attnkit.sparse_decode(q, k, v, lens, bt, pages)], graph=graph)
+        gbps = lambda ms: sel_bytes / (ms * 1e-3) / 1e9  # noqa: E731
+        if ak is not None and id_decode in todo:
+            peers = {"dense_decode": dense}
+            if dev == "cuda":
+                contig = (k[bt.view(-1).long()].view(B, ctx, Hkv, D), v[bt.view(-1).long()].view(B, ctx, Hkv, D))
+                peers["flex"], _ = r.time_peer(id_decode, "flex", lambda: _flex_sparse(q, *contig, pages, Hq, Hkv,
+                                                                                      ctx, dev))
+                del contig
+            out = attnkit.sparse_decode(q, k, v, lens, bt, pages)
+            err, err_on = _sparse_err(r, q, k, v, lens, bt, pages, out, g)
+            r.add_row(Row("sparse", "sparse_decode", dt, dict(shape, err_on=err_on), ak, gbps=gbps(ak.median),
+                          pct_of_ceiling=100.0 * gbps(ak.median) / r.ceilings.copy_gbps, max_rel_err=err,
+                          shape_str=shape_str, id=id_decode), peers)
+        if id_pipe in todo:
+            missing = _kernel_missing(r, "page_scores") or _kernel_missing(r, "select_pages")
+            if missing:
+                r.skip(id_pipe, missing)
+            else:
+                def pipeline():
+                    scores = attnkit.page_scores(q, key_min, key_max, bt, lens, page_size=PAGE)
+                    chosen = attnkit.select_pages(scores, keep - 2, sink_pages=1, recent_pages=1)
+                    return attnkit.sparse_decode(q, k, v, lens, bt, chosen)
+                ak_pipe = r.time_attnkit(id_pipe, [pipeline], graph=graph)
+                if ak_pipe is not None:
+                    out = pipeline()
+                    err, err_on = _sparse_err(r, q, k, v, lens, bt, pages, out, g)
+                    r.add_row(Row("sparse", "pipeline", dt, dict(shape, err_on=err_on), ak_pipe,
+                                  gbps=gbps(ak_pipe.median),
+                                  pct_of_ceiling=100.0 * gbps(ak_pipe.median) / r.ceilings.copy_gbps,
+                                  max_rel_err=err, shape_str=shape_str, id=id_pipe), {"dense_decode": dense})
+        del q, k, v, key_min, key_max
+        r.free()
+
+
+# ------------------------------------------------------------------------------------
 # merge_attention_states
 
 
@@ -483,4 +617,4 @@ def run_merge(r):
         r.free()
 
 
-FAMILIES = {"prefill": run_prefill, "decode": run_decode, "merge": run_merge}
+FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "merge": run_merge}
