@@ -94,14 +94,21 @@ def check_selection(scores, top_k, sink, recent):
     return got
 
 
-@pytest.mark.parametrize("top_k,sink,recent", [(3, 1, 1), (0, 2, 3), (5, 0, 0), (50, 1, 2), (2, 4, 4)])
-def test_select_pages_properties(top_k, sink, recent):
-    gen = torch.Generator().manual_seed(top_k + 7 * sink + 31 * recent)
-    scores = torch.randn(4, 3, 12, generator=gen)
+SMALL_CASES = [(3, 1, 1), (0, 2, 3), (5, 0, 0), (50, 1, 2), (2, 4, 4)]  # (top_k, sink, recent)
+
+
+def small_scores(seed):
+    """Rows of 0, 1, 5 and 12 valid pages out of 12, with a run of tied scores."""
+    scores = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(seed))
     for b, n in enumerate([0, 1, 5, 12]):
         scores[b, :, n:] = NEG_INF
     scores[2, 1, 1:4] = 0.5  # ties: lower page index first
-    check_selection(scores, top_k, sink, recent)
+    return scores
+
+
+@pytest.mark.parametrize("top_k,sink,recent", SMALL_CASES)
+def test_select_pages_properties(top_k, sink, recent):
+    check_selection(small_scores(top_k + 7 * sink + 31 * recent), top_k, sink, recent)
 
 
 def test_select_pages_from_page_scores_picks_the_hot_page():

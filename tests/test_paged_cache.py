@@ -3,7 +3,8 @@ boundaries, batches of single tokens, interleaved sequences and free + reuse, th
 gathered through block_table equals the concatenated inputs exactly, key_min / key_max
 equal the min / max over each page's stored keys, and attnkit.decode on the cache equals
 reference attention on the concatenated K/V; a full cache raises and changes nothing;
-bad input names the argument; opcheck of the append op."""
+bad input names the argument; opcheck of the append op. Model runs on CUDA too
+(tests/test_paged_cache_cuda.py)."""
 import pytest
 import torch
 
@@ -18,15 +19,16 @@ H, D = 2, 16
 class Model:
     """The cache plus what each sequence should hold (lists of appended rows)."""
 
-    def __init__(self, gen, dtype, num_pages=12, page_size=4, max_seqs=3, **kw):
-        self.gen, self.dtype = gen, dtype
-        self.cache = attnkit.PagedKVCache(num_pages, page_size, H, D, dtype=dtype, device="cpu",
+    def __init__(self, gen, dtype, num_pages=12, page_size=4, max_seqs=3, device="cpu", **kw):
+        self.gen, self.dtype, self.device = gen, dtype, device
+        self.cache = attnkit.PagedKVCache(num_pages, page_size, H, D, dtype=dtype, device=device,
                                           max_seqs=max_seqs, **kw)
         self.k = [[] for _ in range(max_seqs)]
         self.v = [[] for _ in range(max_seqs)]
 
     def rows(self, n):
-        return randn(self.gen, n, H, D, dtype=self.dtype), randn(self.gen, n, H, D, dtype=self.dtype)
+        return (randn(self.gen, n, H, D, dtype=self.dtype, device=self.device),
+                randn(self.gen, n, H, D, dtype=self.dtype, device=self.device))
 
     def chunk(self, s, n):
         k, v = self.rows(n)
@@ -46,7 +48,7 @@ class Model:
         self.k[s], self.v[s] = [], []
 
     def want(self, s):
-        empty = torch.empty(0, H, D, dtype=self.dtype)
+        empty = torch.empty(0, H, D, dtype=self.dtype, device=self.device)
         return torch.cat(self.k[s] or [empty]), torch.cat(self.v[s] or [empty])
 
     def check(self):
@@ -82,18 +84,14 @@ def assert_same_state(a, b):
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page_size", [1, 4, 16])
-def test_chunks_cross_pages(gen, dtype, page_size):
-    m = Model(gen, dtype, num_pages=64 // page_size + 2, page_size=page_size, max_seqs=1)
-    for n in [3, 0, 7, 16, 1, 9, 4]:
+def chunk_appends(m, sizes):
+    for n in sizes:
         m.chunk(0, n)
         m.check()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_interleaved_single_tokens_free_and_reuse(gen, dtype):
-    m = Model(gen, dtype, num_pages=12, page_size=4, max_seqs=3)
+def interleaved_appends(m):
+    """Single tokens of interleaved sequences and chunks, free, then reuse of the freed pages."""
     m.chunk(0, 5)
     m.tokens([0, 1, 2])
     m.chunk(1, 6)
@@ -116,9 +114,9 @@ def test_interleaved_single_tokens_free_and_reuse(gen, dtype):
     m.check()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_on_cache(gen, dtype):
-    m = Model(gen, dtype, num_pages=16, page_size=4, max_seqs=3)
+def decode_on_cache(m, gen):
+    """attnkit.decode on the cache's tensors equals reference attention over what each
+    sequence was given."""
     m.chunk(0, 9)
     m.chunk(1, 3)
     m.chunk(2, 13)
@@ -126,19 +124,19 @@ def test_decode_on_cache(gen, dtype):
     m.free(1)
     m.chunk(1, 8)
     m.tokens([2, 1])
-    ids = torch.tensor([2, 0, 1])
-    q = randn(gen, 3, 1, 4, D, dtype=dtype)  # GQA 4:2
+    m.check()
+    ids = torch.tensor([2, 0, 1], device=m.device)
+    q = randn(gen, 3, 1, 4, D, dtype=m.dtype, device=m.device)  # GQA 4:2
     c = m.cache
     out = attnkit.decode(q, c.k_pages, c.v_pages, c.cache_seqlens[ids], block_table=c.block_table[ids])
     for b, s in enumerate(ids.tolist()):
         k, v = m.want(s)
         ref, _ = reference.attention(q[b:b + 1].double(), k[None].double(), v[None].double())
-        assert_close(out[b:b + 1], ref, FWD_TOL[dtype], f"decode of sequence {s}")
+        assert_close(out[b:b + 1], ref, FWD_TOL[m.dtype], f"decode of sequence {s}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_full_cache_changes_nothing(gen, dtype):
-    m = Model(gen, dtype, num_pages=5, page_size=4, max_seqs=3, max_pages_per_seq=4)
+def full_cache(m):
+    """Appends that do not fit raise and change nothing; then the cache works on."""
     m.chunk(0, 10)
     m.chunk(1, 7)  # 5 pages used, 2 free rows in page of seq 0 and 1 in seq 1
     before = m.state()
@@ -157,6 +155,28 @@ def test_full_cache_changes_nothing(gen, dtype):
     m.check()
     m.chunk(2, 8)
     m.check()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_chunks_cross_pages(gen, dtype, page_size):
+    chunk_appends(Model(gen, dtype, num_pages=64 // page_size + 2, page_size=page_size, max_seqs=1),
+                  [3, 0, 7, 16, 1, 9, 4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_interleaved_single_tokens_free_and_reuse(gen, dtype):
+    interleaved_appends(Model(gen, dtype, num_pages=12, page_size=4, max_seqs=3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_on_cache(gen, dtype):
+    decode_on_cache(Model(gen, dtype, num_pages=16, page_size=4, max_seqs=3), gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_cache_changes_nothing(gen, dtype):
+    full_cache(Model(gen, dtype, num_pages=5, page_size=4, max_seqs=3, max_pages_per_seq=4))
 
 
 def test_bad_input(gen):

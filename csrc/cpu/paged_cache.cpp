@@ -4,10 +4,9 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cstring>
-#include <limits>
 
+#include "attnkit/quest.h"
 #include "cpu/dispatch.h"
 
 namespace attnkit::cpu {
@@ -32,14 +31,9 @@ void append_impl(const PagedAppendParams& p) {
         std::memcpy(v_dst, v_src, sizeof(T) * p.head_dim);
         float* kmin = p.key_min + (page * p.heads_kv + h) * p.head_dim;
         float* kmax = p.key_max + (page * p.heads_kv + h) * p.head_dim;
-        if (offset == 0) {
-          std::fill(kmin, kmin + p.head_dim, std::numeric_limits<float>::infinity());
-          std::fill(kmax, kmax + p.head_dim, -std::numeric_limits<float>::infinity());
-        }
         for (int d = 0; d < p.head_dim; ++d) {
-          const float x = to_float(k_src[d]);
-          kmin[d] = std::min(kmin[d], x);
-          kmax[d] = std::max(kmax[d], x);
+          if (offset == 0) quest_empty_bounds(kmin[d], kmax[d]);
+          quest_fold_key(kmin[d], kmax[d], to_float(k_src[d]));
         }
       }
     }

@@ -35,4 +35,18 @@ int decode_workers(int device);
 int64_t decode_workspace_bytes(const DecodeParams& params, int max_seqlen_k, int workers);
 void decode(const DecodeParams& params, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream);
 
+// PagedKVCache append (attnkit/paged_cache.py), any DType: key / value rows to their slots
+// and the fused key_min / key_max upkeep of attnkit/quest.h, bit-identical to the CPU
+// kernel. slot_mapping is read on the device only; slots outside the cache are skipped. A
+// page's rows must come one after the other in token order (see PagedAppendParams).
+void paged_cache_append(const PagedAppendParams& params, cudaStream_t stream);
+
+// Quest page scores (attnkit/quest.h); q of any DType, read as float32. cache_seqlens and
+// block_table are read on the device only: lengths are clamped to [0, max_pages *
+// page_size], and a block_table entry outside [0, num_pages) scores NaN (docs/sparse.md).
+void page_scores(const PageScoresParams& params, cudaStream_t stream);
+// Top-k page choice (attnkit/page_order.h), bit-identical to the CPU kernel. Both ops
+// allocate nothing and never sync: capturable in a CUDA graph.
+void select_pages(const SelectPagesParams& params, cudaStream_t stream);
+
 }  // namespace attnkit::cuda

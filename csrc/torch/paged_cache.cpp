@@ -1,11 +1,21 @@
 // Binding of paged_cache_append, the kernel behind attnkit.PagedKVCache.append: checks,
-// params, dispatch. The op writes k_pages, v_pages, key_min and key_max in place and returns
+// params, dispatch to csrc/cpu/paged_cache.cpp or (built with CUDA)
+// csrc/cuda/paged_cache/append.cu. The op writes k_pages, v_pages, key_min and key_max in place and returns
 // nothing; python/attnkit/paged_cache.py plans the slots and registers the fake kernel.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "checks.h"
 #include "cpu/paged_cache.h"
+
+#ifdef ATTNKIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/kernels.h"
+#endif
 
 namespace attnkit::binding {
 namespace {
@@ -43,11 +53,17 @@ void paged_cache_append(const at::Tensor& k_pages, const at::Tensor& v_pages, co
   TORCH_CHECK_VALUE(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0),
                     "slot_mapping must have shape (n_tokens,) = (", k.size(0), ",), got ", slot_mapping.sizes());
   TORCH_CHECK_VALUE(slot_mapping.device() == k_pages.device(), "slot_mapping must be on the device of k_pages");
+  TORCH_CHECK_NOT_IMPLEMENTED(k_pages.is_cpu() || k_pages.is_cuda(), "attnkit.PagedKVCache has no append kernel for ",
+                              k_pages.device());
+  TORCH_CHECK_VALUE(num_pages <= INT32_MAX && k.size(0) <= INT32_MAX,
+                    "k_pages and k must have fewer than 2^31 pages / tokens");
   const at::Tensor slots = slot_mapping.contiguous();
   const int64_t* s = slots.data_ptr<int64_t>();
-  for (int64_t i = 0; i < slots.numel(); ++i)
-    TORCH_CHECK_VALUE(s[i] >= 0 && s[i] < num_pages * page_size, "slot_mapping[", i, "] = ", s[i],
-                      " is not a slot in [0, num_pages * page_size = ", num_pages * page_size, ")");
+  if (k_pages.is_cpu()) {  // the CUDA kernel skips slots outside the cache instead (no host sync)
+    for (int64_t i = 0; i < slots.numel(); ++i)
+      TORCH_CHECK_VALUE(s[i] >= 0 && s[i] < num_pages * page_size, "slot_mapping[", i, "] = ", s[i],
+                        " is not a slot in [0, num_pages * page_size = ", num_pages * page_size, ")");
+  }
 
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -61,9 +77,17 @@ void paged_cache_append(const at::Tensor& k_pages, const at::Tensor& v_pages, co
   p.key_max = key_max.data_ptr<float>();
   p.slot_mapping = s;
   p.n_tokens = int(k.size(0));
+  p.num_pages = int(num_pages);
   p.heads_kv = int(heads_kv);
   p.head_dim = int(head_dim);
   p.page_size = int(page_size);
+#ifdef ATTNKIT_WITH_CUDA
+  if (k_pages.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(k_pages.device());
+    cuda::paged_cache_append(p, c10::cuda::getCurrentCUDAStream().stream());
+    return;
+  }
+#endif
   cpu::paged_cache_append(p);
 }
 
@@ -76,5 +100,9 @@ TORCH_LIBRARY_FRAGMENT(attnkit, m) {
 }
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) { m.impl("paged_cache_append", &paged_cache_append); }
+
+#ifdef ATTNKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) { m.impl("paged_cache_append", &paged_cache_append); }
+#endif
 
 }  // namespace attnkit::binding

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 
 def has_cuda_kernel(name):
-    """Whether op `name` ("attention", "decode", "merge_attention_states") has a CUDA
+    """Whether op `name` ("attention", "decode", "merge_attention_states",
+    "paged_cache_append" (PagedKVCache.append), "page_scores", "select_pages") has a CUDA
     kernel in this build."""
     return CUDA_KERNELS.get(name, False)
 

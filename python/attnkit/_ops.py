@@ -17,6 +17,9 @@ _OP_NAMES = {
     "decode": "attnkit::decode",
     "sparse_decode": "attnkit::sparse_decode",
     "merge_attention_states": "attnkit::merge_attention_states",
+    "paged_cache_append": "attnkit::paged_cache_append",
+    "page_scores": "attnkit::page_scores",
+    "select_pages": "attnkit::select_pages",
 }
 # Which ops have a CUDA kernel in this build (fixed at build time, so read once).
 CUDA_KERNELS = {

@@ -5,7 +5,7 @@ from collections import deque
 
 import torch
 
-from ._ops import ops
+from ._ops import CUDA_KERNELS, ops
 
 
 @torch.library.register_fake("attnkit::paged_cache_append")
@@ -33,6 +33,10 @@ class PagedKVCache:
                         partial page's end do not count; a page's values are reset when it
                         is allocated again and its first row is written)
 
+    On CUDA, append is one fused kernel launch (rows and key min / max); the allocator and
+    the slot plan stay on the host, so append itself is not for CUDA-graph capture, while
+    decode, page_scores and select_pages on these tensors are (docs/paged_cache.md).
+
     Decode of sequences `ids` (an int32 / int64 index tensor):
       attnkit.decode(q, cache.k_pages, cache.v_pages, cache.cache_seqlens[ids],
                      block_table=cache.block_table[ids])
@@ -50,12 +54,13 @@ class PagedKVCache:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
         device = torch.device(device)
-        if device.type != "cpu":
-            raise NotImplementedError(f"attnkit.PagedKVCache has no append kernel for {device.type} tensors yet "
-                                      "(CPU only)")
-        self.dtype, self.device = dtype, device
+        if device.type != "cpu" and not (device.type == "cuda" and CUDA_KERNELS["paged_cache_append"]):
+            raise NotImplementedError(f"attnkit.PagedKVCache has no append kernel for {device.type} tensors in this "
+                                      f"build")
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k_pages = torch.zeros(shape, dtype=dtype, device=device)
+        device = self.k_pages.device  # "cuda" -> "cuda:<current index>", as the inputs' .device reads
+        self.dtype, self.device = dtype, device
         self.v_pages = torch.zeros(shape, dtype=dtype, device=device)
         self.key_min = torch.full((num_pages, num_kv_heads, head_dim), float("inf"), device=device)
         self.key_max = torch.full((num_pages, num_kv_heads, head_dim), float("-inf"), device=device)
@@ -144,7 +149,7 @@ class PagedKVCache:
             slots += [table[t // self.page_size] * self.page_size + t % self.page_size
                       for t in range(self._lens[s], self._lens[s] + n)]
         ops.paged_cache_append(self.k_pages, self.v_pages, self.key_min, self.key_max, k, v,
-                               torch.tensor(slots, dtype=torch.int64))
+                               torch.tensor(slots, dtype=torch.int64, device=self.device))
 
         # Commit the host bookkeeping and the device tables.
         for _ in range(sum(need)):
@@ -153,9 +158,11 @@ class PagedKVCache:
             if fresh:
                 start = len(self._pages[s])
                 self._pages[s] += fresh
-                self.block_table[s, start:start + len(fresh)] = torch.tensor(fresh, dtype=torch.int32)
+                self.block_table[s, start:start + len(fresh)] = torch.tensor(fresh, dtype=torch.int32,
+                                                                             device=self.device)
             self._lens[s] += n
-            self.cache_seqlens[s] = self._lens[s]
+        self.cache_seqlens[torch.tensor(seq_ids, dtype=torch.int64, device=self.device)] = torch.tensor(
+            [self._lens[s] for s in seq_ids], dtype=torch.int32, device=self.device)
 
     def free(self, seq_id):
         """Return the pages of sequence `seq_id` to the free list and empty it."""

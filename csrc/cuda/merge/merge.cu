@@ -15,11 +15,6 @@ namespace attnkit::cuda {
 namespace {
 
 template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-template <typename T, int kVec>
 __global__ void merge_kernel(const __grid_constant__ MergeParams p) {
   const int vecs_per_row = p.head_dim / kVec;
   const int64_t total = int64_t(p.batch) * p.seqlen * p.heads * vecs_per_row;
@@ -51,13 +46,9 @@ __global__ void merge_kernel(const __grid_constant__ MergeParams p) {
 
 // 16-byte accesses when every row start is 16-byte aligned, else one element per thread.
 bool rows_aligned(const MergeParams& p, int bytes_per_elem) {
-  auto aligned = [&](const void* ptr, const Strides& s) {
-    const int64_t mask = 16 / bytes_per_elem - 1;
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (s.batch & mask) == 0 &&
-           (s.row & mask) == 0 && (s.head & mask) == 0;
-  };
-  return (p.head_dim * bytes_per_elem) % 16 == 0 && aligned(p.out_a, p.out_a_strides) &&
-         aligned(p.out_b, p.out_b_strides) && aligned(p.out, p.out_strides);
+  return (p.head_dim * bytes_per_elem) % 16 == 0 && rows_on_16_bytes(p.out_a, p.out_a_strides, bytes_per_elem) &&
+         rows_on_16_bytes(p.out_b, p.out_b_strides, bytes_per_elem) &&
+         rows_on_16_bytes(p.out, p.out_strides, bytes_per_elem);
 }
 
 template <typename T>
@@ -78,11 +69,7 @@ void launch(const MergeParams& p, cudaStream_t stream) {
 }  // namespace
 
 void merge_attention_states(const MergeParams& params, cudaStream_t stream) {
-  switch (params.dtype) {
-    case DType::kFloat32: launch<float>(params, stream); break;
-    case DType::kFloat16: launch<__half>(params, stream); break;
-    case DType::kBFloat16: launch<__nv_bfloat16>(params, stream); break;
-  }
+  dispatch_dtype(params.dtype, [&](auto tag) { launch<decltype(tag)>(params, stream); });
 }
 
 }  // namespace attnkit::cuda

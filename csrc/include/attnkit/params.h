@@ -134,7 +134,10 @@ struct MergeParams {
 // slot_mapping[i] = page * page_size + offset of k_pages / v_pages (num_pages, page_size,
 // heads_kv, head_dim), and the page's per-head, per-channel key_min / key_max (num_pages,
 // heads_kv, head_dim, float32, contiguous) take the stored key. Writing offset 0 starts a
-// fresh page, so its min / max are reset first; rows of one page come in offset order.
+// fresh page, so its min / max are reset first; rows of one page come in offset order and,
+// for the CUDA kernel, one after the other (it folds each such run in one thread per
+// channel; PagedKVCache writes them so). The CUDA kernel skips slots outside the cache
+// (values the CPU binding checks, which CUDA cannot without a host sync).
 struct PagedAppendParams {
   DType dtype;
   const void* k;
@@ -147,6 +150,7 @@ struct PagedAppendParams {
   float* key_max;
   const int64_t* slot_mapping;  // (n_tokens,), each in [0, num_pages * page_size), distinct
   int n_tokens;
+  int num_pages;
   int heads_kv;
   int head_dim;
   int page_size;
@@ -156,7 +160,8 @@ struct PagedAppendParams {
 // logits of the group's queries over the page's keys (attnkit/quest.h), max-combined over
 // the heads of the group and the queries; -inf for pages at or past the sequence's end.
 struct PageScoresParams {
-  const float* q;  // float32 (batch, seqlen_q, heads_q, head_dim)
+  const void* q;  // (batch, seqlen_q, heads_q, head_dim), read as float32; CPU: float32 only
+  DType q_dtype;
   Strides q_strides;
   const float* key_min;  // float32 (num_pages, heads_kv, head_dim), contiguous
   const float* key_max;  // like key_min
@@ -168,6 +173,7 @@ struct PageScoresParams {
   int heads_q;
   int heads_kv;
   int head_dim;
+  int num_pages;  // key_min dim 0
   int max_pages;
   int page_size;
   float scale;
