@@ -2,14 +2,17 @@
 // (attnkit::cuda::decode from csrc/cuda/kernels.h, lean / stream-K schedule).
 //
 //   decode [--dtype bf16|fp16] [--hdim D] [--heads H] [--kv-heads HKV] [--seqlen-q Q]
-//          [--cases B:CTX[,B:CTX...]] [--page P] [--iters N] [--warmup N] [--no-check]
+//          [--cases B:CTX[,B:CTX...]] [--page P] [--keep N] [--iters N] [--warmup N] [--no-check]
 //
 // Default: bf16, head_dim 128, 32 q heads / 8 kv heads, one query per sequence, batch x
 // context in {1 x 8k, 1 x 32k, 1 x 128k, 1 x 512k, 8 x 32k, 32 x 8k, 64 x 32k}, each with a
-// contiguous cache and a paged one (page 16, shuffled block table). Method
+// contiguous cache and a paged one (page 16, shuffled block table), and a sparse decode of
+// the paged cache selecting 1/N of its pages per (sequence, kv head) (--keep N, default 16:
+// the first and last page plus random ones, ascending; 0 = no sparse case). Method
 // (docs/benchmarking.md): random inputs filled on the device, input sets rotated to exceed
 // 3x the L2, warm-up, CUDA events around each call, median and min-max; GB/s counts the K
-// and V bytes the call must read (every cached key of every kv head), and "% copy" divides
+// and V bytes the call must read (every cached key of every kv head; sparse: of the
+// selected pages), and "% copy" divides
 // it by a device-to-device copy measured in the same run. Each case checks 8 sampled
 // (sequence, q head) rows against a naive fp32 kernel and scans the output for NaN / inf.
 #include <cmath>
@@ -18,6 +21,7 @@
 #include <numeric>
 #include <random>
 
+#include "attnkit/decode_layout.h"
 #include "attnkit/params.h"
 #include "common.cuh"
 #include "cuda/kernels.h"
@@ -34,6 +38,7 @@ struct Options {
   std::vector<std::pair<int, int>> cases{{1, 8192},  {1, 32768}, {1, 131072}, {1, 524288},
                                          {8, 32768}, {32, 8192}, {64, 32768}};
   std::vector<int> pages{0, 16};  // 0 = contiguous
+  int keep = 16;                  // sparse case: 1/keep of the pages (0 = none)
   int iters = 20, warmup = 5;
   bool check_rows = true;
 };
@@ -42,7 +47,8 @@ struct Options {
   std::fprintf(code ? stderr : stdout,
                "decode: %s\n"
                "usage: decode [--dtype bf16|fp16] [--hdim D] [--heads H] [--kv-heads HKV] [--seqlen-q Q]\n"
-               "              [--cases B:CTX[,B:CTX...]] [--page P (0 = contiguous only)] [--iters N]\n"
+               "              [--cases B:CTX[,B:CTX...]] [--page P (0 = contiguous only)]\n"
+               "              [--keep N (sparse: 1/N of the pages; 0 = none)] [--iters N]\n"
                "              [--warmup N] [--no-check]\n",
                why);
   std::exit(code);
@@ -91,6 +97,8 @@ Options parse(int argc, char** argv) {
     } else if (a == "--page") {
       const int page = to_int(value(), "--page", 0);
       o.pages = page ? std::vector<int>{0, page} : std::vector<int>{0};
+    } else if (a == "--keep") {
+      o.keep = to_int(value(), "--keep", 0);
     } else if (a == "--iters") {
       o.iters = to_int(value(), "--iters");
     } else if (a == "--warmup") {
@@ -118,6 +126,7 @@ __device__ const T* key_row(const DecodeParams& p, const void* cache, const Stri
 
 // Naive fp32 decode of one sampled (sequence, q head, query) per block: scores of every
 // visible key into `scratch`, then max, sum and P @ V. out: head_dim floats per row.
+// Sparse: the keys are the work axis of decode_layout.h (ctest checks that mapping).
 constexpr int kRefThreads = 256;
 template <typename T>
 __global__ void reference_rows(const __grid_constant__ DecodeParams p, const int* rows, float* scratch, int max_len,
@@ -126,16 +135,24 @@ __global__ void reference_rows(const __grid_constant__ DecodeParams p, const int
   const int h_kv = h / (p.heads_q / p.heads_kv);
   const int len = p.cache_seqlens[b];
   const int last = len - p.seqlen_q + i;  // the query's own position: keys [0, last]
+  const int n_keys = p.is_sparse() ? p.selection_len * p.selection_unit : last + 1;
+  auto token = [&](int j) {  // token of work key j, or -1 when it is not visible
+    const int t = attnkit::decode_key_position(p, b, h_kv, j, len);
+    return t <= last ? t : -1;
+  };
   float* s = scratch + int64_t(blockIdx.x) * max_len;
   const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + int64_t(i) * p.q_strides.row + h * p.q_strides.head;
   __shared__ float red[kRefThreads];
   float m = -INFINITY;
-  for (int t = threadIdx.x; t <= last; t += blockDim.x) {
+  for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
+    const int t = token(j);
+    s[j] = -INFINITY;
+    if (t < 0) continue;
     const T* k = key_row<T>(p, p.k_cache, p.k_strides, b, t, h_kv);
     float dot = 0.f;
     for (int c = 0; c < p.head_dim; ++c) dot += attnkit::cuda::to_float(q[c]) * attnkit::cuda::to_float(k[c]);
-    s[t] = dot * p.scale;
-    m = fmaxf(m, s[t]);
+    s[j] = dot * p.scale;
+    m = fmaxf(m, s[j]);
   }
   red[threadIdx.x] = m;
   __syncthreads();
@@ -146,7 +163,7 @@ __global__ void reference_rows(const __grid_constant__ DecodeParams p, const int
   m = red[0];
   __syncthreads();
   float sum = 0.f;
-  for (int t = threadIdx.x; t <= last; t += blockDim.x) sum += (s[t] = expf(s[t] - m));
+  for (int j = threadIdx.x; j < n_keys; j += blockDim.x) sum += (s[j] = token(j) < 0 ? 0.f : expf(s[j] - m));
   red[threadIdx.x] = sum;
   __syncthreads();
   for (int w = blockDim.x / 2; w > 0; w /= 2) {
@@ -156,7 +173,10 @@ __global__ void reference_rows(const __grid_constant__ DecodeParams p, const int
   sum = red[0];
   for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
     float acc = 0.f;
-    for (int t = 0; t <= last; ++t) acc += s[t] * attnkit::cuda::to_float(key_row<T>(p, p.v_cache, p.v_strides, b, t, h_kv)[c]);
+    for (int j = 0; j < n_keys; ++j) {
+      const int t = token(j);
+      if (t >= 0) acc += s[j] * attnkit::cuda::to_float(key_row<T>(p, p.v_cache, p.v_strides, b, t, h_kv)[c]);
+    }
     out[int64_t(blockIdx.x) * p.head_dim + c] = sum > 0.f ? acc / sum : 0.f;
   }
   if (threadIdx.x == 0) lse[blockIdx.x] = sum > 0.f ? m + logf(sum) : -INFINITY;
@@ -210,10 +230,15 @@ struct Sets {
   }
 };
 
-bool run_case(const Options& o, int batch, int ctx, int page, double copy_gbps, int workers, int& failures) {
+// keep > 0: sparse decode of the paged cache over 1/keep of each sequence's pages.
+bool run_case(const Options& o, int batch, int ctx, int page, int keep, double copy_gbps, int workers,
+              int& failures) {
   char name[128];
+  const std::string layout = !page ? "contiguous"
+                             : keep ? "page" + std::to_string(page) + " keep1/" + std::to_string(keep)
+                                    : "page" + std::to_string(page);
   std::snprintf(name, sizeof name, "%s B%d ctx%d Hq%d Hkv%d D%d q%d %s", dtype_name(o.dtype), batch, ctx, o.heads,
-                o.kv_heads, o.hdim, o.seqlen_q, page ? ("page" + std::to_string(page)).c_str() : "contiguous");
+                o.kv_heads, o.hdim, o.seqlen_q, layout.c_str());
   if (!attnkit::cuda::decode_supports(o.dtype, o.hdim)) {
     std::printf("%-48s  skipped: decode_supports is false\n", name);
     return true;
@@ -225,12 +250,17 @@ bool run_case(const Options& o, int batch, int ctx, int page, double copy_gbps, 
   const size_t es = elem_size(o.dtype);
   const int64_t n_q = int64_t(batch) * o.seqlen_q * o.heads * o.hdim;
   const int64_t n_kv = int64_t(batch) * ctx * o.kv_heads * o.hdim;
-  const double kv_bytes = 2.0 * n_kv * es;
+  const int pages_per_seq = page ? ctx / page : 0;
+  const int selected = keep ? std::max(2, pages_per_seq / keep) : 0;  // pages per (sequence, kv head)
+  if (keep && selected > pages_per_seq) {
+    std::printf("%-48s  skipped: fewer than 2 pages per sequence\n", name);
+    return true;
+  }
+  const double kv_bytes = keep ? 2.0 * batch * o.kv_heads * double(selected) * page * o.hdim * es : 2.0 * n_kv * es;
   int dev = 0, l2 = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev), "cudaDeviceGetAttribute");
-  const int nsets = int(std::min<double>(4, std::max<double>(1, std::ceil(3.0 * l2 / kv_bytes))));
-  const int pages_per_seq = page ? ctx / page : 0;
+  const int nsets = int(std::min<double>(4, std::max<double>(1, std::ceil(3.0 * l2 / (2.0 * n_kv * es)))));
 
   Sets sets;
   try {
@@ -264,6 +294,25 @@ bool run_case(const Options& o, int batch, int ctx, int page, double copy_gbps, 
         p.block_table = d_table;
         p.block_table_stride = pages_per_seq;
         p.page_size = page;
+      }
+      if (keep) {  // the first and last page and random others, ascending, per (sequence, kv head)
+        std::vector<int32_t> selection;
+        std::mt19937 rng(100 + s);
+        std::vector<int32_t> middle(pages_per_seq - 2);
+        std::iota(middle.begin(), middle.end(), 1);
+        for (int r = 0; r < batch * o.kv_heads; ++r) {
+          std::shuffle(middle.begin(), middle.end(), rng);
+          std::vector<int32_t> row(middle.begin(), middle.begin() + (selected - 2));
+          row.push_back(0);
+          row.push_back(pages_per_seq - 1);
+          std::sort(row.begin(), row.end());
+          selection.insert(selection.end(), row.begin(), row.end());
+        }
+        auto* d_selection = static_cast<int32_t*>(sets.alloc(selection.size() * 4));
+        check(cudaMemcpy(d_selection, selection.data(), selection.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
+        p.selection = d_selection;
+        p.selection_len = selected;
+        p.selection_unit = page;
       }
       p.scale = 1.0f / std::sqrt(float(o.hdim));
       p.softcap = 0.f;
@@ -325,10 +374,11 @@ int main(int argc, char** argv) {
     int failures = 0;
     for (const auto& [batch, ctx] : o.cases)
       for (const int page : o.pages)
-        if (!run_case(o, batch, ctx, page, copy_gbps, workers, failures)) {
-          std::printf("device error: stopping\n");
-          return 1;
-        }
+        for (const int keep : page && o.keep ? std::vector<int>{0, o.keep} : std::vector<int>{0})
+          if (!run_case(o, batch, ctx, page, keep, copy_gbps, workers, failures)) {
+            std::printf("device error: stopping\n");
+            return 1;
+          }
     if (failures) std::printf("\n%d case(s) FAILED\n", failures);
     return failures ? 1 : 0;
   } catch (const std::exception& e) {
