@@ -16,6 +16,8 @@ _OP_NAMES = {
     "attention": "attnkit::attention_fwd",
     "decode": "attnkit::decode",
     "merge_attention_states": "attnkit::merge_attention_states",
+    "quantize_kv": "attnkit::quantize_kv",
+    "dequantize_kv": "attnkit::dequantize_kv",
 }
 # Which ops have a CUDA kernel in this build (fixed at build time, so read once).
 CUDA_KERNELS = {
