@@ -58,7 +58,8 @@ struct IntScale {
 ATTNKIT_HD IntScale int_scale(float lo, float hi, bool finite, int levels) {
   if (!finite) return {float_of(kQuietNaN), float_of(kQuietNaN)};
   // -0 and +0 compare equal, so which one a min reduction returns depends on the order it
-  // saw them: store +0 so the CPU (sequential) and CUDA kernels agree bit for bit.
+  // saw them: store +0 so every reduction order (CPU, CUDA, a future warp-parallel one)
+  // gives the same bits.
   return {(hi - lo) / float(levels), lo == 0.0f ? 0.0f : lo};
 }
 
