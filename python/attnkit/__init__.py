@@ -3,7 +3,9 @@
 Ops: attention, attention_varlen (prefill, with autograd), decode (contiguous or paged KV
 cache), merge_attention_states; PagedKVCache (a paged KV cache with a page
 allocator and per-page key min / max); page_scores, select_pages, sparse_decode,
-sparse_decode_tokens, streaming_page_indices (query-aware sparse decode). attnkit.reference holds the float64 oracle of each op.
+sparse_decode_tokens, streaming_page_indices (query-aware sparse decode); quantize_kv,
+dequantize_kv (int8 / int4 / fp8 e4m3 KV formats). attnkit.reference holds the float64
+oracle of each op.
 """
 import torch
 
@@ -12,6 +14,7 @@ from .decode import decode
 from .merge import merge_attention_states
 from .paged_cache import PagedKVCache
 from .prefill import attention, attention_varlen
+from .quant import QuantizedKV, dequantize_kv, quantize_kv
 from .sparse import page_scores, select_pages, sparse_decode, sparse_decode_tokens, streaming_page_indices
 
 __version__ = "0.1.0"
@@ -31,4 +34,4 @@ def cuda_available():
 
 __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
            "cuda_available", "PagedKVCache", "page_scores", "select_pages", "sparse_decode", "sparse_decode_tokens",
-           "streaming_page_indices"]
+           "streaming_page_indices", "quantize_kv", "dequantize_kv", "QuantizedKV"]

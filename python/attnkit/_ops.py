@@ -20,6 +20,8 @@ _OP_NAMES = {
     "paged_cache_append": "attnkit::paged_cache_append",
     "page_scores": "attnkit::page_scores",
     "select_pages": "attnkit::select_pages",
+    "quantize_kv": "attnkit::quantize_kv",
+    "dequantize_kv": "attnkit::dequantize_kv",
 }
 # Which ops have a CUDA kernel in this build (fixed at build time, so read once).
 CUDA_KERNELS = {

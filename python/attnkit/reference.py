@@ -294,3 +294,63 @@ def select_pages(scores, top_k, *, sink_pages=1, recent_pages=1):
             chosen = sorted(keep | set(rest[:top_k]))
             out[b, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
     return out
+
+
+# ---- quantized KV formats (docs/quantization.md) -------------------------------------------
+
+_INT_LEVELS = {"int8": 255, "int4": 15}
+_FP8_MAX = 448.0
+
+
+def quantize_kv(x, kv_format, *, group_size=None):
+    """Codes of x (..., kv_heads, head_dim) in `kv_format`, computed in float64 ->
+    (data uint8, scale float64, zero float64 or None), laid out as attnkit.quantize_kv lays
+    them out (scale and zero (..., kv_heads, groups)).
+
+    Per group of `group_size` channels (None: the whole row):
+    int8 / int4 with L = 255 / 15 levels: zero = min (+0 for -0), scale = (max - min) / L,
+    code = clamp(round_half_even((x - zero) / scale), 0, L); a constant group has scale 0 and
+    codes 0. int4 packs channel 2j in the low nibble of byte j and 2j + 1 in the high one.
+    fp8_e4m3 (one group per row): scale = max|x| / 448, code = the e4m3fn byte of x / scale
+    (torch.float8_e4m3fn conversion, round half to even) after clamping to [-448, 448]; a row
+    of zeros has scale 0 and keeps the signs of its zeros. A group with a NaN or +-inf gets
+    scale (and zero) NaN and codes 0. The kernels compute in float32, so a code may differ
+    by one where (x - zero) / scale is within float32 rounding of a half-way point.
+    """
+    xd = x.detach().double()
+    head_dim = xd.shape[-1]
+    group = group_size or head_dim
+    xg = xd.unflatten(-1, (head_dim // group, group))
+    finite = torch.isfinite(xg).all(-1)
+    nan = torch.full_like(finite, float("nan"), dtype=torch.float64)
+    if kv_format == "fp8_e4m3":
+        scale = xg.abs().amax(-1) / _FP8_MAX
+        ratio = torch.where(scale[..., None] > 0, xg / scale[..., None], xg).clamp(-_FP8_MAX, _FP8_MAX)
+        codes = ratio.to(torch.float8_e4m3fn).view(torch.uint8)
+        codes = torch.where(finite[..., None], codes, torch.zeros_like(codes))
+        return codes.flatten(-2), torch.where(finite, scale, nan), None
+    levels = _INT_LEVELS[kv_format]
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    lo = lo + 0.0  # -0 -> +0
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+    codes = torch.round((xg - lo[..., None]) / safe).clamp(0, levels)
+    codes = torch.where((scale > 0)[..., None] & finite[..., None], codes, torch.zeros_like(codes))
+    codes = codes.flatten(-2).to(torch.uint8)
+    if kv_format == "int4":
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, torch.where(finite, scale, nan), torch.where(finite, lo, nan)
+
+
+def dequantize_kv(data, scale, zero, kv_format, *, group_size=None):
+    """The float64 values of codes in `kv_format` -> (..., kv_heads, head_dim):
+    int: code * scale + zero per group; fp8_e4m3: e4m3(code) * scale (torch.float8_e4m3fn)."""
+    if kv_format == "fp8_e4m3":
+        return data.view(torch.float8_e4m3fn).double() * scale.double()  # scale (..., 1)
+    codes = data.long()
+    if kv_format == "int4":
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    head_dim = codes.shape[-1]
+    group = group_size or head_dim
+    codes = codes.double().unflatten(-1, (head_dim // group, group))
+    return (codes * scale.double()[..., None] + zero.double()[..., None]).flatten(-2)

@@ -7,6 +7,7 @@
 
 #include "attnkit/dtype.h"
 #include "attnkit/macros.h"
+#include "attnkit/quant.h"
 
 namespace attnkit {
 
@@ -189,6 +190,34 @@ struct SelectPagesParams {
   int top_k;
   int sink_pages;
   int recent_pages;
+};
+
+// quantize_kv / dequantize_kv (docs/quantization.md): `rows` rows of head_dim channels, each
+// cut into groups of group_size channels (head_dim for one group per row); data holds
+// head_dim / channels_per_byte(format) bytes per row, scale and zero one float32 per group
+// (zero unused by fp8). All tensors contiguous.
+struct QuantizeKVParams {
+  KVFormat format;
+  DType dtype;  // of x
+  const void* x;  // (rows, head_dim)
+  uint8_t* data;  // (rows, head_dim / channels_per_byte)
+  float* scale;  // (rows, head_dim / group_size)
+  float* zero;  // like scale; nullptr for fp8
+  int64_t rows;
+  int head_dim;
+  int group_size;
+};
+
+struct DequantizeKVParams {
+  KVFormat format;
+  DType dtype;  // of out
+  const uint8_t* data;
+  const float* scale;
+  const float* zero;  // nullptr for fp8
+  void* out;  // (rows, head_dim)
+  int64_t rows;
+  int head_dim;
+  int group_size;
 };
 
 }  // namespace attnkit
