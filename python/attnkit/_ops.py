@@ -16,6 +16,7 @@ _OP_NAMES = {
     "attention": "attnkit::attention_fwd",
     "decode": "attnkit::decode",
     "merge_attention_states": "attnkit::merge_attention_states",
+    "neighborhood_attention": "attnkit::neighborhood_fwd",
 }
 # Which ops have a CUDA kernel in this build (fixed at build time, so read once).
 CUDA_KERNELS = {

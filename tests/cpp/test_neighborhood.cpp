@@ -4,7 +4,8 @@
 // queries_of exactly the queries that see a key, key_span the tight bound of a query range's
 // keys; kernel == length (dilation 1, non-causal) must be full attention; and the N-D product
 // (sees, keys_of, queries_of, for_each) must match the per-axis rule on random 2-D and 3-D
-// grids. Run by ctest; exits non-zero on failure.
+// grids, and the key-tile walk and fully-visible test of the CUDA kernel on random query
+// ranges and tile sizes. Run by ctest; exits non-zero on failure.
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -108,6 +109,38 @@ void check_grid(const Neighborhood& nb) {
   }
 }
 
+// The tile walk of a query range must return, in increasing order, every key tile holding a
+// key that a query of the range sees; tile_fully_visible must only claim what holds.
+void check_tiles(const Neighborhood& nb, std::mt19937& rng) {
+  const int64_t n = nb.tokens();
+  for (int trial = 0; trial < 20; ++trial) {
+    const int block = 1 + int(rng() % 12);
+    const int64_t qb = int64_t(rng() % n), qe = qb + 1 + int64_t(rng() % (n - qb));
+    std::vector<bool> needed((n + block - 1) / block, false);
+    for (int64_t q = qb; q < qe; ++q)
+      for (int64_t k = 0; k < n; ++k)
+        if (nb.sees(q, k)) needed[k / block] = true;
+    attnkit::KeyTileWalk walk(nb, qb, qe, block);
+    std::vector<int64_t> tiles;
+    for (int64_t t = walk.next(); t >= 0; t = walk.next()) tiles.push_back(t);
+    EXPECT(std::is_sorted(tiles.begin(), tiles.end()) &&
+               std::adjacent_find(tiles.begin(), tiles.end()) == tiles.end(),
+           "tile walk not strictly increasing");
+    EXPECT(tiles.empty() || (tiles.front() >= 0 && tiles.back() < int64_t(needed.size())), "tile out of range");
+    for (size_t t = 0; t < needed.size(); ++t)
+      EXPECT(!needed[t] || std::binary_search(tiles.begin(), tiles.end(), int64_t(t)),
+             "tile %zu holds a neighbour of queries [%lld, %lld) but the walk skips it (block %d)", t,
+             (long long)qb, (long long)qe, block);
+    for (int64_t t : tiles) {
+      const int64_t kb = t * block, ke = std::min(n, kb + block);
+      bool all = true;
+      for (int64_t q = qb; q < qe; ++q)
+        for (int64_t k = kb; k < ke; ++k) all = all && nb.sees(q, k);
+      EXPECT(!attnkit::tile_fully_visible(nb, qb, qe, kb, ke) || all, "tile_fully_visible claims a masked pair");
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -131,7 +164,18 @@ int main() {
       w.causal = pick(0, 1) == 1;
     }
     check_grid(nb);
+    check_tiles(nb, rng);
   }
+  // Full attention: every tile is fully visible and the walk visits all of them.
+  Neighborhood full;
+  full.rank = 2;
+  full.axis[0] = AxisWindow{5, 5, 1, 1, false};
+  full.axis[1] = AxisWindow{7, 7, 1, 1, false};
+  EXPECT(attnkit::tile_fully_visible(full, 3, 20, 0, 35), "kernel == length must need no mask");
+  attnkit::KeyTileWalk walk(full, 10, 12, 4);
+  int tiles = 0;
+  while (walk.next() >= 0) ++tiles;
+  EXPECT(tiles == 9, "full attention walks %d of 9 tiles", tiles);
   std::printf("neighborhood: %d axis configurations and 60 grids checked, %d failures\n", axes_checked, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -115,6 +115,17 @@ struct AxisWindow {
     }
     if (end < begin) end = begin;
   }
+
+  // Keys seen by every query at positions [q_begin, q_end), as [begin, end) (empty if none):
+  // both window ends grow with the query, so the last query's begin and the first query's
+  // end bound it. Dilation > 1 interleaves groups, so no key is common to a range of two or
+  // more queries: it reports none then (callers use it to skip masks, so "none" is safe).
+  ATTNKIT_HD void common_keys(int q_begin, int q_end, int& begin, int& end) const {
+    const AxisRange first = keys_of(q_begin), last = keys_of(q_end - 1);
+    begin = last.first;
+    end = first.last() + 1;
+    if (dilation > 1 && (q_end - q_begin > 1 || first.count > 1)) end = begin;
+  }
 };
 
 // A box of grid positions: one AxisRange per spatial axis.
@@ -184,6 +195,82 @@ struct Neighborhood {
       }
   }
 };
+
+// Tokens [begin, end) of the flattened grid as a bounding box: per axis [lo, hi) positions.
+ATTNKIT_HD void token_bounds(const Neighborhood& nb, int64_t begin, int64_t end, int* lo, int* hi) {
+  int first[kMaxSpatialRank], last[kMaxSpatialRank];
+  nb.coords_of(begin, first);
+  nb.coords_of(end - 1, last);
+  bool spread = false;  // an outer axis already differs: this one spans its whole length
+  for (int a = 0; a < nb.rank; ++a) {
+    lo[a] = spread ? 0 : first[a];
+    hi[a] = spread ? nb.axis[a].length : last[a] + 1;
+    spread = spread || first[a] != last[a];
+  }
+}
+
+// The key tiles (tiles of `block` consecutive flattened tokens) that the queries of tokens
+// [q_begin, q_end) may need: those meeting the box of their keys' per-axis spans. The box is
+// cut into lines along the last axis; each line is a contiguous token range, so its tiles
+// form a range, and lines come in increasing token order. next() returns them in increasing
+// order without repeats (two short lines may share a tile), then -1.
+struct KeyTileWalk {
+  int rank;
+  int lengths[kMaxSpatialRank];
+  int lo[kMaxSpatialRank], hi[kMaxSpatialRank];  // key box
+  int line[2];            // leading coordinates of the next line (axes 0 .. rank - 2)
+  int64_t tile, tile_end;  // tiles of the current line not yet returned
+  int block;
+
+  ATTNKIT_HD KeyTileWalk(const Neighborhood& nb, int64_t q_begin, int64_t q_end, int block_)
+      : rank(nb.rank), tile(0), tile_end(0), block(block_) {
+    int qlo[kMaxSpatialRank], qhi[kMaxSpatialRank];
+    token_bounds(nb, q_begin, q_end, qlo, qhi);
+    for (int a = 0; a < kMaxSpatialRank; ++a) {
+      lengths[a] = a < rank ? nb.axis[a].length : 1;
+      lo[a] = 0, hi[a] = 1;
+      if (a < rank) nb.axis[a].key_span(qlo[a], qhi[a], lo[a], hi[a]);
+    }
+    line[0] = rank > 1 ? lo[0] : 0;
+    line[1] = rank > 2 ? lo[1] : 0;
+  }
+
+  ATTNKIT_HD int64_t next() {
+    while (tile >= tile_end) {
+      if (rank > 1 && line[0] >= hi[0]) return -1;
+      if (rank == 1 && line[0] > 0) return -1;
+      // Token of (line, key lo) on the last axis.
+      int64_t base = 0;
+      if (rank == 2) base = int64_t(line[0]) * lengths[1];
+      if (rank == 3) base = (int64_t(line[0]) * lengths[1] + line[1]) * lengths[2];
+      const int last_lo = lo[rank - 1], last_hi = hi[rank - 1];
+      const int64_t first_tile = (base + last_lo) / block;
+      tile_end = (base + last_hi - 1) / block + 1;
+      tile = tile > first_tile ? tile : first_tile;
+      // Advance to the following line.
+      if (rank == 3 && ++line[1] < hi[1]) continue;
+      if (rank == 3) line[1] = lo[1];
+      ++line[0];
+    }
+    return tile++;
+  }
+};
+
+// True when every query of tokens [q_begin, q_end) sees every key of tokens [k_begin, k_end)
+// (both ranges inside the grid), so a tile needs no per-element mask. Conservative: judged
+// on bounding boxes.
+ATTNKIT_HD bool tile_fully_visible(const Neighborhood& nb, int64_t q_begin, int64_t q_end, int64_t k_begin,
+                                   int64_t k_end) {
+  int qlo[kMaxSpatialRank], qhi[kMaxSpatialRank], klo[kMaxSpatialRank], khi[kMaxSpatialRank];
+  token_bounds(nb, q_begin, q_end, qlo, qhi);
+  token_bounds(nb, k_begin, k_end, klo, khi);
+  for (int a = 0; a < nb.rank; ++a) {
+    int begin, end;
+    nb.axis[a].common_keys(qlo[a], qhi[a], begin, end);
+    if (klo[a] < begin || khi[a] > end) return false;
+  }
+  return true;
+}
 
 ATTNKIT_HD int64_t box_size(const GridBox& box) {
   return int64_t(box.axis[0].count) * box.axis[1].count * box.axis[2].count;
