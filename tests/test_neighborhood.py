@@ -39,6 +39,8 @@ def run_case(case, dtype, device, gen, grads=None):
     has no CUDA kernel yet (tests/test_neighborhood_cuda.py checks that it says so)."""
     grads = device == "cpu" if grads is None else grads
     b, spatial, h, hkv, d, kernel_size, dilation, stride, is_causal = case
+    if device == "cuda" and d % 8:
+        pytest.skip("the CUDA kernels need head_dim % 8 == 0")
     opts = dict(dilation=dilation, stride=stride, is_causal=is_causal)
     q = randn(gen, b, *spatial, h, d, dtype=dtype, device=device).requires_grad_(grads)
     k = randn(gen, b, *spatial, hkv, d, dtype=dtype, device=device).requires_grad_(grads)
