@@ -35,4 +35,11 @@ int decode_workers(int device);
 int64_t decode_workspace_bytes(const DecodeParams& params, int max_seqlen_k, int workers);
 void decode(const DecodeParams& params, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream);
 
+// Neighborhood attention forward (the prefill forward kernel with a neighbourhood mask
+// policy, docs/neighborhood.md), fp16/bf16, head_dim a multiple of 8 up to 128 (kernels for
+// 64 and 128). Rows (tokens) and heads of q/k/v/out: strides multiples of 8 elements,
+// pointers 16-byte aligned; lse (batch, heads_q, tokens) contiguous.
+bool neighborhood_supports(DType dtype, int head_dim);
+void neighborhood_fwd(const NeighborhoodParams& params, cudaStream_t stream);
+
 }  // namespace attnkit::cuda

@@ -2,6 +2,7 @@
 // view of q, k, v, allocation, params, dispatch to csrc/cpu/neighborhood.cpp. The schemas are a
 // fragment of the attnkit library declared in ops.cpp.
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -9,6 +10,13 @@
 
 #include "checks.h"
 #include "cpu/neighborhood.h"
+
+#ifdef ATTNKIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/kernels.h"
+#endif
 
 namespace attnkit::binding {
 namespace {
@@ -44,9 +52,14 @@ Neighborhood make_neighborhood(const at::Tensor& q, at::IntArrayRef kernel_size,
   return nb;
 }
 
-// t (batch, *spatial, heads, head_dim) as (batch, tokens, heads, head_dim), head_dim contiguous.
+// t (batch, *spatial, heads, head_dim) as (batch, tokens, heads, head_dim), head_dim contiguous;
+// on CUDA contiguous and 16-byte aligned (the kernels move 16-byte vectors).
 at::Tensor tokens_view(const at::Tensor& t) {
   at::Tensor flat = t.reshape({t.size(0), -1, t.size(-2), t.size(-1)});
+  if (t.is_cuda()) {
+    flat = flat.contiguous();
+    return reinterpret_cast<uintptr_t>(flat.data_ptr()) % 16 == 0 ? flat : flat.clone();
+  }
   return flat.size(-1) <= 1 || flat.stride(-1) == 1 ? flat : flat.contiguous();
 }
 
@@ -94,9 +107,25 @@ void require_cpu(const at::Tensor& q, const char* op) {
   TORCH_CHECK_NOT_IMPLEMENTED(q.is_cpu(), "attnkit.", op, " has no kernel for ", q.device());
 }
 
+#ifdef ATTNKIT_WITH_CUDA
+void run_cuda_fwd(const NeighborhoodParams& p, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(p.dtype != DType::kFloat32,
+                    "attnkit.neighborhood_attention on CUDA takes float16 or bfloat16 q, k, v (dtype float32 runs "
+                    "on the CPU only)");
+  TORCH_CHECK_VALUE(cuda::neighborhood_supports(p.dtype, p.head_dim),
+                    "attnkit.neighborhood_attention on CUDA needs head_dim a multiple of 8 and at most 128, got "
+                    "head_dim ", p.head_dim);
+  TORCH_CHECK_VALUE(p.batch <= 65535 && p.heads_q <= 65535,
+                    "attnkit.neighborhood_attention on CUDA takes at most 65535 batch entries and heads, got batch ",
+                    p.batch, " and ", p.heads_q, " heads");
+  if (q.numel() > 0) cuda::neighborhood_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> neighborhood_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     at::IntArrayRef kernel_size, at::IntArrayRef dilation,
                                                     at::IntArrayRef stride, at::IntArrayRef is_causal, double scale) {
+  const c10::DeviceGuard guard(q.device());
   NeighborhoodParams p{};
   const auto views = make_params(p, q, k, v, kernel_size, dilation, stride, is_causal, scale);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -105,6 +134,12 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_fwd(const at::Tensor& q, const a
   p.out = out_view.data_ptr();
   p.out_strides = strides_of(out_view);
   p.lse = lse.data_ptr<float>();
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) {
+    run_cuda_fwd(p, q);
+    return {out, lse};
+  }
+#endif
   require_cpu(q, "neighborhood_attention");
   if (q.numel() > 0) cpu::neighborhood_fwd(p);
   return {out, lse};
@@ -114,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighborhood_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation, at::IntArrayRef stride,
     at::IntArrayRef is_causal, double scale) {
+  const c10::DeviceGuard guard(q.device());
   NeighborhoodBwdParams bp{};
   const auto views = make_params(bp.fwd, q, k, v, kernel_size, dilation, stride, is_causal, scale);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
@@ -160,5 +196,14 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("neighborhood_fwd", &neighborhood_fwd);
   m.impl("neighborhood_bwd", &neighborhood_bwd);
 }
+
+#ifdef ATTNKIT_WITH_CUDA
+// The backward has no CUDA kernel yet: neighborhood_bwd on CUDA tensors raises
+// NotImplementedError (require_cpu) with the reason.
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("neighborhood_fwd", &neighborhood_fwd);
+  m.impl("neighborhood_bwd", &neighborhood_bwd);
+}
+#endif
 
 }  // namespace attnkit::binding

@@ -34,7 +34,7 @@ struct AxisRange {
   int step;
   ATTNKIT_HD int last() const { return first + (count - 1) * step; }
   ATTNKIT_HD bool contains(int x) const {
-    return count > 0 && x >= first && x <= last() && (x - first) % step == 0;
+    return count > 0 && x >= first && x <= last() && (step == 1 || (x - first) % step == 0);
   }
 };
 
@@ -144,16 +144,21 @@ struct Neighborhood {
     return n;
   }
 
-  // Row-major flattening, last axis fastest.
+  // Row-major flattening, last axis fastest; unused axes get coordinate 0. (Loops run over
+  // all kMaxSpatialRank axes so that GPU code unrolls them and keeps arrays in registers.)
   ATTNKIT_HD void coords_of(int64_t token, int* coords) const {
-    for (int a = rank - 1; a >= 0; --a) {
-      coords[a] = int(token % axis[a].length);
-      token /= axis[a].length;
+    for (int a = kMaxSpatialRank - 1; a >= 0; --a) {
+      coords[a] = 0;
+      if (a < rank) {
+        coords[a] = int(token % axis[a].length);
+        token /= axis[a].length;
+      }
     }
   }
   ATTNKIT_HD int64_t token_of(const int* coords) const {
     int64_t t = 0;
-    for (int a = 0; a < rank; ++a) t = t * axis[a].length + coords[a];
+    for (int a = 0; a < kMaxSpatialRank; ++a)
+      if (a < rank) t = t * axis[a].length + coords[a];
     return t;
   }
 
@@ -178,8 +183,8 @@ struct Neighborhood {
     int qc[kMaxSpatialRank], kc[kMaxSpatialRank];
     coords_of(query, qc);
     coords_of(key, kc);
-    for (int a = 0; a < rank; ++a)
-      if (!axis[a].keys_of(qc[a]).contains(kc[a])) return false;
+    for (int a = 0; a < kMaxSpatialRank; ++a)
+      if (a < rank && !axis[a].keys_of(qc[a]).contains(kc[a])) return false;
     return true;
   }
 
@@ -202,7 +207,7 @@ ATTNKIT_HD void token_bounds(const Neighborhood& nb, int64_t begin, int64_t end,
   nb.coords_of(begin, first);
   nb.coords_of(end - 1, last);
   bool spread = false;  // an outer axis already differs: this one spans its whole length
-  for (int a = 0; a < nb.rank; ++a) {
+  for (int a = 0; a < kMaxSpatialRank; ++a) {
     lo[a] = spread ? 0 : first[a];
     hi[a] = spread ? nb.axis[a].length : last[a] + 1;
     spread = spread || first[a] != last[a];
@@ -218,18 +223,20 @@ struct KeyTileWalk {
   int rank;
   int lengths[kMaxSpatialRank];
   int lo[kMaxSpatialRank], hi[kMaxSpatialRank];  // key box
+  int last_lo, last_hi;   // the key box on the last axis (axis rank - 1)
   int line[2];            // leading coordinates of the next line (axes 0 .. rank - 2)
   int64_t tile, tile_end;  // tiles of the current line not yet returned
   int block;
 
   ATTNKIT_HD KeyTileWalk(const Neighborhood& nb, int64_t q_begin, int64_t q_end, int block_)
-      : rank(nb.rank), tile(0), tile_end(0), block(block_) {
+      : rank(nb.rank), last_lo(0), last_hi(0), tile(0), tile_end(0), block(block_) {
     int qlo[kMaxSpatialRank], qhi[kMaxSpatialRank];
     token_bounds(nb, q_begin, q_end, qlo, qhi);
     for (int a = 0; a < kMaxSpatialRank; ++a) {
       lengths[a] = a < rank ? nb.axis[a].length : 1;
       lo[a] = 0, hi[a] = 1;
       if (a < rank) nb.axis[a].key_span(qlo[a], qhi[a], lo[a], hi[a]);
+      if (a == rank - 1) last_lo = lo[a], last_hi = hi[a];
     }
     line[0] = rank > 1 ? lo[0] : 0;
     line[1] = rank > 2 ? lo[1] : 0;
@@ -243,7 +250,6 @@ struct KeyTileWalk {
       int64_t base = 0;
       if (rank == 2) base = int64_t(line[0]) * lengths[1];
       if (rank == 3) base = (int64_t(line[0]) * lengths[1] + line[1]) * lengths[2];
-      const int last_lo = lo[rank - 1], last_hi = hi[rank - 1];
       const int64_t first_tile = (base + last_lo) / block;
       tile_end = (base + last_hi - 1) / block + 1;
       tile = tile > first_tile ? tile : first_tile;
@@ -264,7 +270,8 @@ ATTNKIT_HD bool tile_fully_visible(const Neighborhood& nb, int64_t q_begin, int6
   int qlo[kMaxSpatialRank], qhi[kMaxSpatialRank], klo[kMaxSpatialRank], khi[kMaxSpatialRank];
   token_bounds(nb, q_begin, q_end, qlo, qhi);
   token_bounds(nb, k_begin, k_end, klo, khi);
-  for (int a = 0; a < nb.rank; ++a) {
+  for (int a = 0; a < kMaxSpatialRank; ++a) {
+    if (a >= nb.rank) break;
     int begin, end;
     nb.axis[a].common_keys(qlo[a], qhi[a], begin, end);
     if (klo[a] < begin || khi[a] > end) return false;
