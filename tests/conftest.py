@@ -7,9 +7,9 @@ import torch
 import attnkit
 
 # Where each op's CUDA kernel arrives, for the skip reason while it has none.
-CUDA_ISSUE = {"attention": "#4", "decode": "#5", "sparse_decode": "#6"}
+CUDA_ISSUE = {"attention": "#4", "decode": "#5", "sparse_decode": "#6", "neighborhood_attention": "#7"}
 # Ops whose CUDA kernels take fp16 / bf16 only (docs/semantics.md); fp32 runs on the CPU.
-CUDA_HALF_ONLY = {"attention", "decode", "sparse_decode"}
+CUDA_HALF_ONLY = {"attention", "decode", "sparse_decode", "neighborhood_attention"}
 
 
 def pytest_configure(config):

@@ -1,17 +1,18 @@
 """attnkit: hand-written attention kernels (C++ CPU and CUDA) as torch ops.
 
 Ops: attention, attention_varlen (prefill, with autograd), decode (contiguous or paged KV
-cache), merge_attention_states; PagedKVCache (a paged KV cache with a page
-allocator and per-page key min / max); page_scores, select_pages, sparse_decode,
-sparse_decode_tokens, streaming_page_indices (query-aware sparse decode); quantize_kv,
-dequantize_kv (int8 / int4 / fp8 e4m3 KV formats). attnkit.reference holds the float64
-oracle of each op.
+cache), merge_attention_states, neighborhood_attention (1-3 D, with autograd); PagedKVCache
+(a paged KV cache with a page allocator and per-page key min / max); page_scores,
+select_pages, sparse_decode, sparse_decode_tokens, streaming_page_indices (query-aware
+sparse decode); quantize_kv, dequantize_kv (int8 / int4 / fp8 e4m3 KV formats).
+attnkit.reference holds the float64 oracle of each op.
 """
 import torch
 
 from ._ops import CUDA_KERNELS
 from .decode import decode
 from .merge import merge_attention_states
+from .neighborhood import neighborhood_attention
 from .paged_cache import PagedKVCache
 from .prefill import attention, attention_varlen
 from .quant import QuantizedKV, dequantize_kv, quantize_kv
@@ -34,4 +35,4 @@ def cuda_available():
 
 __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
            "cuda_available", "PagedKVCache", "page_scores", "select_pages", "sparse_decode", "sparse_decode_tokens",
-           "streaming_page_indices", "quantize_kv", "dequantize_kv", "QuantizedKV"]
+           "streaming_page_indices", "quantize_kv", "dequantize_kv", "QuantizedKV", "neighborhood_attention"]

@@ -22,6 +22,7 @@ _OP_NAMES = {
     "select_pages": "attnkit::select_pages",
     "quantize_kv": "attnkit::quantize_kv",
     "dequantize_kv": "attnkit::dequantize_kv",
+    "neighborhood_attention": "attnkit::neighborhood_fwd",
 }
 # Which ops have a CUDA kernel in this build (fixed at build time, so read once).
 CUDA_KERNELS = {

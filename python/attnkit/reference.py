@@ -354,3 +354,77 @@ def dequantize_kv(data, scale, zero, kv_format, *, group_size=None):
     group = group_size or head_dim
     codes = codes.double().unflatten(-1, (head_dim // group, group))
     return (codes * scale.double()[..., None] + zero.double()[..., None]).flatten(-2)
+
+
+def neighborhood_axis_mask(length, kernel_size, dilation=1, stride=1, is_causal=False):
+    """Which keys each query sees along one spatial axis: bool (length, length), [query, key].
+
+    NATTEN's rule (docs/neighborhood.md). Position x is in dilation group x % dilation at index
+    x // dilation of that group, which holds n = ceil((length - group) / dilation) positions;
+    a query only sees keys of its own group. Indices i (query) and j (key) inside the group:
+    - stride groups: the queries i with the same i // stride share the window of their leader,
+      the stride group's centre index (i // stride) * stride + stride // 2 (the right one of
+      two for even stride; causal: its last index, + stride - 1), capped at n - 1.
+    - non-causal: the window has kernel_size // 2 keys before its centre and
+      kernel_size - 1 - kernel_size // 2 after it, where the centre is the leader clamped
+      into [kernel_size // 2, n - 1 - (kernel_size - 1 - kernel_size // 2)] (windows shift
+      inward at the borders): exactly kernel_size keys.
+    - causal: key j is seen iff j <= i and leader - j < kernel_size.
+    """
+    x = torch.arange(length)
+    q, k = x[:, None], x[None, :]
+    same_group = (q % dilation) == (k % dilation)
+    i, j = q // dilation, k // dilation
+    n = (length - q % dilation + dilation - 1) // dilation
+    if is_causal:
+        leader = torch.minimum(i // stride * stride + stride - 1, n - 1)
+        return same_group & (j <= i) & (leader - j < kernel_size)
+    leader = torch.minimum(i // stride * stride + stride // 2, n - 1)
+    before, after = kernel_size // 2, kernel_size - 1 - kernel_size // 2
+    centre = torch.maximum(torch.minimum(leader, n - 1 - after), torch.full_like(leader, before))
+    return same_group & (j >= centre - before) & (j <= centre + after)
+
+
+def neighborhood_mask(spatial, kernel_size, dilation, stride, is_causal):
+    """The visibility matrix of neighborhood attention on a grid: bool (tokens, tokens) over
+    the row-major flattened grid (last axis fastest). spatial, kernel_size, dilation, stride
+    and is_causal are per-axis tuples; query x sees key y iff it does on every axis
+    (neighborhood_axis_mask): the neighbourhood is the product of the per-axis windows."""
+    full = torch.ones(1, 1, dtype=torch.bool)
+    for axis in zip(spatial, kernel_size, dilation, stride, is_causal):
+        m = neighborhood_axis_mask(*axis)
+        # Outer combination: (a, a) x (b, b) -> (a * b, a * b), the new axis fastest.
+        full = (full[:, None, :, None] & m[None, :, None, :]).reshape(full.shape[0] * m.shape[0], -1)
+    return full
+
+
+def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, is_causal=False, scale=None):
+    """Neighborhood attention in float64 -> (out, lse).
+
+    q (batch, *spatial, Hq, head_dim), k, v (batch, *spatial, Hkv, head_dim) with 1 to 3
+    spatial axes; kernel_size, dilation, stride, is_causal: an int / bool for every axis or a
+    tuple with one per axis. Every query attends to the keys neighborhood_mask gives (NATTEN
+    semantics: kernel_size neighbours per axis, windows shifting inward at the borders,
+    dilation groups, stride groups sharing their leader's window, per-axis causal), with
+    s = scale * q.k (scale defaults to 1/sqrt(head_dim)) and GQA as in attention().
+    Returns out like q and lse (batch, Hq, *spatial), both float64.
+    """
+    spatial = tuple(q.shape[1:-2])
+    rank = len(spatial)
+
+    def per_axis(value):
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+
+    visible = neighborhood_mask(spatial, per_axis(kernel_size), per_axis(dilation), per_axis(stride),
+                                per_axis(is_causal)).to(q.device)
+    batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+    tokens = visible.shape[0]
+    qf = q.double().reshape(batch, tokens, heads, head_dim)
+    kf = k.double().reshape(batch, tokens, k.shape[-2], head_dim).repeat_interleave(heads // k.shape[-2], dim=2)
+    vf = v.double().reshape(batch, tokens, v.shape[-2], head_dim).repeat_interleave(heads // v.shape[-2], dim=2)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    s = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # finite: every query sees at least one key
+    out = torch.einsum("bhij,bjhd->bihd", torch.exp(s - lse[..., None]), vf)
+    return out.reshape(q.shape[:-1] + (head_dim,)), lse.reshape(batch, heads, *spatial)

@@ -3,8 +3,11 @@
 // V[n] overlaps the S = Q K^T MMAs, the load of K[n-1] overlaps softmax and O += P V);
 // online softmax in registers; out and LSE written once at the end.
 //
-// Key tiles are visited from the last to the first: with a causal mask the last tile is
-// the partial one, and blocks that need no per-element mask skip it
+// Which key tiles a query block visits, in which order, and which logits it masks is a
+// policy (a template parameter): PrefillMask below for causal / window masks, and the
+// neighbourhood policy of csrc/cuda/neighborhood/ for neighborhood attention, on the same
+// mainloop. PrefillMask visits key tiles from the last to the first: with a causal mask
+// the last tile is the partial one, and blocks that need no per-element mask skip it
 // (AttentionMask::block_fully_visible). Rows that see no key get out = 0 and lse = -inf.
 #pragma once
 
@@ -73,8 +76,39 @@ __device__ __forceinline__ void online_softmax(AccS& acc_s, AccO& acc_o, float (
   }
 }
 
-template <typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const __grid_constant__ AttentionParams p) {
+// The mask policy of prefill attention. A policy is built per query block from the params,
+// its own Args (kernel parameter), the sequence and the block's first row, and offers:
+// first() the first key tile to visit, next(n) the one after tile n (the same value however
+// often it is asked), valid(n) whether a tile index is one to visit (false past the last);
+// needs_mask(n) whether tile n holds a hidden logit; apply(acc, coords, n) which sets those
+// logits to -inf. (PrefillMask's expressions are the loop's of the kernel before it took a
+// policy, so the prefill code and its registers stay as they were.)
+template <int kBlockM, int kBlockN>
+struct PrefillMask {
+  struct Args {};
+  AttentionMask mask;
+  KeyRange tiles;
+  int m0;
+
+  __device__ PrefillMask(const AttentionParams& p, const Args&, const Sequence& seq, int m0_)
+      : mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right),
+        tiles(tiles_of(mask.keys_of_rows(m0_, min(seq.len_q, m0_ + kBlockM)), kBlockN)),
+        m0(m0_) {}
+  __device__ int first() const { return tiles.end - 1; }
+  __device__ int next(int n) const { return n - 1; }
+  __device__ bool valid(int n) const { return n >= tiles.begin; }
+  __device__ bool needs_mask(int n) const {
+    return !mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN);
+  }
+  template <typename Acc, typename Coords>
+  __device__ void apply(Acc& acc, const Coords& coords, int n) const {
+    apply_mask(acc, coords, mask, m0, n * kBlockN);
+  }
+};
+
+template <typename Cfg, typename Policy>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    fwd_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ typename Policy::Args args) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
   constexpr int kThreads = Cfg::kThreads;
@@ -87,8 +121,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const __grid_constan
   if (m0 >= seq.len_q) return;
   const int rows_left = seq.len_q - m0;
   const int h_kv = h / (p.heads_q / p.heads_kv);
-  const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
-  const KeyRange tiles = tiles_of(mask.keys_of_rows(m0, min(seq.len_q, m0 + kBlockM)), kBlockN);
+  Policy policy(p, args, seq, m0);
+  int n = policy.first();
 
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
@@ -110,7 +144,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const __grid_constan
 
   typename Cfg::Smem::template GmemStore<kThreads> gmem_store;
   auto thr_store = gmem_store.get_thread_slice(tid);
-  if (tiles.empty()) {  // no row of this block sees a key
+  if (!policy.valid(n)) {  // no row of this block sees a key
     Tensor tOgO = thr_store.partition_D(gO);
     Tensor zeros = make_tensor<Element>(shape(tOgO));
     clear(zeros);
@@ -153,8 +187,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const __grid_constan
   auto thr_copy_v = copy_v.get_thread_slice(tid);
   Tensor tOsVt = thr_copy_v.partition_S(sVt);
 
-  const auto keys_left = [&](int n) { return seq.len_k - n * kBlockN; };
-  int n = tiles.end - 1;
+  const auto keys_left = [&](int tile) { return seq.len_k - tile * kBlockN; };
   copy_tile<true>(gmem_load, tQgQ, tQsQ, tQcQ, rows_left, p.head_dim);
   copy_tile<true>(gmem_load, tKgK(_, _, _, n), tKsK, tKVc, keys_left(n), p.head_dim);
   cp_async_fence();
@@ -168,7 +201,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const __grid_constan
   const float scale_log2 = logit_scale * float(M_LOG2E);
   const Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
 
-  for (; n >= tiles.begin; --n) {
+  for (; policy.valid(n); n = policy.next(n)) {
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     cp_async_wait<0>();
@@ -178,13 +211,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const __grid_constan
 
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
     if (capped) apply_softcap(acc_s, p.scale, p.softcap);
-    if (!mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN))
-      apply_mask(acc_s, tScS, mask, m0, n * kBlockN);
+    if (policy.needs_mask(n)) policy.apply(acc_s, tScS, n);
 
     cp_async_wait<0>();
     __syncthreads();  // V[n] landed; every warp is done with K[n]
-    if (n > tiles.begin) {
-      copy_tile<true>(gmem_load, tKgK(_, _, _, n - 1), tKsK, tKVc, keys_left(n - 1), p.head_dim);
+    if (const int n_next = policy.next(n); policy.valid(n_next)) {
+      copy_tile<true>(gmem_load, tKgK(_, _, _, n_next), tKsK, tKVc, keys_left(n_next), p.head_dim);
       cp_async_fence();
     }
 
@@ -229,17 +261,25 @@ __global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const __grid_constan
   }
 }
 
-template <typename Element, int kHeadDim>
-void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
+// Launches the forward kernel of (Element, kHeadDim) with mask policy Policy<kBlockM, kBlockN>.
+template <typename Element, int kHeadDim, template <int, int> class Policy>
+void launch_fwd_with(const AttentionParams& p,
+                     const typename Policy<FwdConfigFor<Element, kHeadDim>::kBlockM,
+                                           FwdConfigFor<Element, kHeadDim>::kBlockN>::Args& args,
+                     cudaStream_t stream, const char* op) {
   using Cfg = FwdConfigFor<Element, kHeadDim>;
-  auto kernel = fwd_kernel<Cfg>;
+  auto kernel = fwd_kernel<Cfg, Policy<Cfg::kBlockM, Cfg::kBlockN>>;
   constexpr int smem = Cfg::kSmemBytes;
   if constexpr (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-          "attention_fwd: cudaFuncSetAttribute");
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), op);
   const dim3 grid((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q, p.batch);
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
-  check(cudaGetLastError(), "attention_fwd launch");
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p, args);
+  check(cudaGetLastError(), op);
+}
+
+template <typename Element, int kHeadDim>
+void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
+  launch_fwd_with<Element, kHeadDim, PrefillMask>(p, {}, stream, "attention_fwd launch");
 }
 
 }  // namespace attnkit::cuda::prefill

@@ -8,6 +8,7 @@
 #include "attnkit/dtype.h"
 #include "attnkit/macros.h"
 #include "attnkit/quant.h"
+#include "attnkit/neighborhood.h"
 
 namespace attnkit {
 
@@ -218,6 +219,34 @@ struct DequantizeKVParams {
   int64_t rows;
   int head_dim;
   int group_size;
+};
+
+// Neighborhood attention forward: q, k, v (batch, *spatial, heads, head_dim) viewed with the
+// spatial axes flattened row-major into one token axis, so Strides.row is the token stride.
+struct NeighborhoodParams {
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // (batch, heads_q, tokens), contiguous
+  Strides q_strides, k_strides, v_strides, out_strides;
+  int batch;
+  int heads_q;
+  int heads_kv;
+  int head_dim;
+  Neighborhood nbhd;  // grid shape and window rule (attnkit/neighborhood.h)
+  float scale;
+};
+
+// Neighborhood attention backward: dq, dk, dv from dout, recomputing probabilities from lse.
+struct NeighborhoodBwdParams {
+  NeighborhoodParams fwd;  // q, k, v, out, lse as in the forward
+  const void* dout;
+  void* dq;
+  void* dk;
+  void* dv;
+  Strides dout_strides, dq_strides, dk_strides, dv_strides;
 };
 
 }  // namespace attnkit

@@ -617,4 +617,154 @@ def run_merge(r):
         r.free()
 
 
-FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "merge": run_merge}
+# ------------------------------------------------------------------------------------
+# neighborhood attention (forward)
+
+
+def neighborhood_configs(device, quick):
+    """(name, batch, spatial, heads, head_dim, kernel_size, dilation, stride, is_causal); the
+    issue's shapes on CUDA, small ones on the CPU."""
+    if device == "cpu":
+        cfgs = [("1d", 1, (2048,), 4, 64, 129, 1, 1, False), ("2d", 1, (32, 32), 4, 64, 7, 1, 1, False)]
+        return cfgs[:1] if quick else cfgs
+    cfgs = []
+    for D in (128, 64):
+        H = 2048 // (8 * D)  # same hidden size for both head dims
+        cfgs += [("1d", 4, (32768,), H, D, 2049, 1, 1, False),
+                 ("2d", 4, (128, 128), H, D, 13, 1, 1, False),
+                 ("2d_dilated", 16, (64, 64), H, D, 13, 2, 1, False),
+                 ("3d", 1, (16, 32, 32), H, D, 7, 1, 1, False),
+                 ("3d_strided", 1, (16, 32, 32), H, D, 7, 1, 2, False)]
+    return cfgs[:2] if quick else cfgs
+
+
+# The CUDA forward's tiles (csrc/cuda/prefill/fwd.cuh, FwdConfigFor): kBlockM x kBlockN
+# consecutive tokens; the CPU kernel works row by row and is compared with the same tiles.
+_NA_TILES = {64: (128, 64), 96: (64, 64), 128: (64, 64)}
+
+
+def _na_axis_masks(spatial, ks, dil, st, causal, device):
+    return [reference.neighborhood_axis_mask(*a).to(device) for a in zip(spatial, ks, dil, st, causal)]
+
+
+def _na_mask_rows(masks, spatial, rows, device):
+    """Rows `rows` (flattened query tokens) of the N-D mask, bool (len(rows), tokens)."""
+    keys = torch.arange(int(torch.tensor(spatial).prod()), device=device)
+    out = torch.ones(len(rows), len(keys), dtype=torch.bool, device=device)
+    q_rest, k_rest = rows.clone(), keys.clone()
+    for m, n in zip(reversed(masks), reversed(spatial)):
+        out &= m[(q_rest % n)[:, None], (k_rest % n)[None, :]]
+        q_rest, k_rest = q_rest // n, k_rest // n
+    return out
+
+
+def _na_tile_fraction(masks, spatial, block_m, block_n, device):
+    """Fraction of (query tile, key tile) pairs of flattened tokens holding any neighbour."""
+    tokens = int(torch.tensor(spatial).prod())
+    n_kt = -(-tokens // block_n)
+    hits = 0
+    chunk = block_m * max(1, (1 << 24) // (tokens * block_m))
+    for q0 in range(0, tokens, chunk):
+        rows = torch.arange(q0, min(tokens, q0 + chunk), device=device)
+        m = _na_mask_rows(masks, spatial, rows, device)
+        m = torch.nn.functional.pad(m, (0, n_kt * block_n - tokens, 0, -len(rows) % block_m))
+        hits += int(m.view(-1, block_m, n_kt, block_n).any(dim=3).any(dim=1).sum())
+    return hits / (-(-tokens // block_m) * n_kt)
+
+
+def _na_err(masks, spatial, q, k, v, out, device, n_rows=512):
+    """Relative error of out against a float64 computation from the reference's mask, on
+    batch 0, q head 0 and n_rows query tokens spread over the grid."""
+    tokens = int(torch.tensor(spatial).prod())
+    rows = torch.linspace(0, tokens - 1, min(n_rows, tokens), device=device).long().unique()
+    flat = lambda t: t[0].reshape(tokens, t.shape[-2], t.shape[-1])[:, 0].to(device, torch.float64)
+    qs, ks, vs = flat(q)[rows], flat(k), flat(v)
+    s = (qs @ ks.T) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~_na_mask_rows(masks, spatial, rows, device), float("-inf"))
+    ref = torch.softmax(s, dim=-1) @ vs
+    return rel_err(flat(out)[rows], ref)
+
+
+def run_neighborhood(r):
+    dtype = torch.float32 if r.device == "cpu" else torch.bfloat16
+    dt = dtype_name(dtype)
+    for name, B, spatial, H, D, ks, dil, st, causal in neighborhood_configs(r.device, r.quick):
+        shape_str = f"B{B} {'x'.join(map(str, spatial))} H{H} D{D} k{ks} d{dil} s{st}"
+        case_id = f"neighborhood/{name}/{dt}/{shape_str}"
+        if not r.selected(case_id):
+            continue
+        missing = _kernel_missing(r, "neighborhood_attention")
+        if missing:
+            r.skip(case_id, missing)
+            continue
+        if r.over_budget():
+            r.skip(case_id, "time budget (--budget-s) spent")
+            continue
+        rank = len(spatial)
+        ks_t, dil_t, st_t, causal_t = ((x,) * rank for x in (ks, dil, st, causal))
+        tokens = int(torch.tensor(spatial).prod())
+        set_bytes = 4 * B * tokens * H * D * torch.empty(0, dtype=dtype).element_size()
+        nbuf = rotation(r.device, set_bytes, max_sets=4)
+        bufs = [tuple(_randn((B, *spatial, H, D), dtype, r.device) for _ in range(3)) for _ in range(nbuf)]
+        print(f"{case_id} ({nbuf} buffer sets)", flush=True)
+        opts = dict(dilation=dil, stride=st, is_causal=causal)
+        ak = r.time_attnkit(case_id, [_no_grad_fn(lambda q, k, v: attnkit.neighborhood_attention(q, k, v, ks, **opts),
+                                                  *t) for t in bufs])
+        if ak is None:
+            continue
+        flat = lambda t: t.view(B, tokens, H, D)
+        stats = {}
+        stats["dense_prefill"], _ = r.time_peer(case_id, "dense_prefill", lambda: [
+            _no_grad_fn(lambda q, k, v: attnkit.attention(flat(q), flat(k), flat(v)), *t) for t in bufs])
+        masks = _na_axis_masks(spatial, ks_t, dil_t, st_t, causal_t, r.device)
+        if r.device == "cuda":
+            def make_flex():
+                fa, create_block_mask = _flex()
+
+                def mask_mod(b, h, qi, ki):
+                    visible = qi >= 0
+                    for m, n in zip(reversed(masks), reversed(spatial)):
+                        visible = visible & m[qi % n, ki % n]
+                        qi, ki = qi // n, ki // n
+                    return visible
+                bm = create_block_mask(mask_mod, None, None, tokens, tokens, device=r.device)
+                fwd = (lambda q, k, v: fa(flat(q).transpose(1, 2), flat(k).transpose(1, 2), flat(v).transpose(1, 2),
+                                          block_mask=bm).transpose(1, 2))
+                return [_no_grad_fn(fwd, *t) for t in bufs]
+            stats["flex"], _ = r.time_peer(case_id, "flex", make_flex)
+
+            def make_natten():
+                import natten
+                fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[rank]
+                return [_no_grad_fn(lambda q, k, v: fn(q, k, v, kernel_size=ks, dilation=dil, stride=st,
+                                                       is_causal=causal), *t) for t in bufs]
+            stats["natten"], _ = r.time_peer(case_id, "natten", make_natten)
+        pairs = 1
+        for m in masks:
+            pairs *= int(m.sum())
+        tflops = 4.0 * B * H * D * pairs / (ak.median * 1e-3) / 1e12
+        block_m, block_n = _NA_TILES[D]
+        fraction = _na_tile_fraction(masks, spatial, block_m, block_n, r.device)
+        sol_ms = stats["dense_prefill"].median * fraction if stats["dense_prefill"] is not None else None
+        q, k, v = bufs[0]
+        with torch.no_grad():
+            out = attnkit.neighborhood_attention(q, k, v, ks, **opts)
+        try:
+            err = _na_err(masks, spatial, q, k, v, out, r.device)
+        except Exception as e:  # keep the timing; say why there is no error figure
+            err = None
+            r.note_once(f"na-err-{case_id}", f"reference failed: {type(e).__name__}: {e}"[:200])
+        shape = {"batch": B, "spatial": list(spatial), "heads": H, "head_dim": D, "kernel_size": ks,
+                 "dilation": dil, "stride": st, "is_causal": causal, "tile_fraction": fraction,
+                 "ceiling": f"speed of light = dense attnkit.attention time x fraction of {block_m}x{block_n} "
+                            f"token tile pairs holding a neighbour",
+                 "err_on": "batch 0, head 0, 512 query tokens spread over the grid"}
+        pct = 100.0 * sol_ms / ak.median if sol_ms is not None else float("nan")
+        r.add_row(Row("neighborhood", name, dt, shape, ak, tflops=tflops, pct_of_ceiling=pct, max_rel_err=err,
+                      shape_str=shape_str, id=case_id), stats)
+        del bufs
+        r.free()
+
+
+FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "merge": run_merge,
+            "neighborhood": run_neighborhood}

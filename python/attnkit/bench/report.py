@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-FAMILY_ORDER = ("prefill", "decode", "merge")
+FAMILY_ORDER = ("prefill", "decode", "merge", "neighborhood")
 
 
 def git_commit():
@@ -60,7 +60,7 @@ def table_lines(rows):
         peers = []
         for r in frows:
             peers += [p for p in r.vs if p not in peers]
-        rate = "TFLOP/s" if fam == "prefill" else "GB/s"
+        rate = "TFLOP/s" if fam in ("prefill", "neighborhood") else "GB/s"
         head = ["#", "case", "dtype", "shape", "ms (median)", "min-max ms", rate, "% of ceiling", "max_rel_err"]
         head += [f"vs {p}" for p in peers]
         lines.append(f"### {fam}")
@@ -69,7 +69,7 @@ def table_lines(rows):
         lines.append("|" + "|".join("---" for _ in head) + "|")
         for r in frows:
             idx = rows.index(r) + 1
-            val = r.tflops if fam == "prefill" else r.gbps
+            val = r.tflops if fam in ("prefill", "neighborhood") else r.gbps
             cells = [str(idx), r.case, r.dtype, r.shape_str, f"{r.stat.median:.4g}", r.stat.spread(),
                      _fmt(val, ".4g"), _fmt(r.pct_of_ceiling, ".1f"), _fmt(r.max_rel_err, ".2e")]
             cells += [f"{r.vs[p]:.2f}x" if p in r.vs else "-" for p in peers]
@@ -105,7 +105,8 @@ def header_lines(runner, devname, commit, dirty, date, argv):
              f"command: {argv}",
              "ms: median per call; min-max: spread of the samples; vs <peer>: peer_ms / attnkit_ms "
              "(> 1: attnkit faster); % of ceiling: TFLOP/s over the matmul ceiling (prefill) or GB/s "
-             "over the copy ceiling (decode: KV bytes read; merge: bytes read + written); "
+             "over the copy ceiling (decode: KV bytes read; merge: bytes read + written); neighborhood: % of "
+             "the speed of light (dense attnkit.attention time x fraction of tile pairs holding a neighbour); "
              "max_rel_err: largest relative L2 error vs attnkit.reference (float64) over the outputs "
              "(and gradients), on what the JSON shape's err_on says."]
     if runner.device == "cpu":

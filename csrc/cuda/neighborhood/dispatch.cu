@@ -1,0 +1,63 @@
+// neighborhood_fwd on CUDA: the params as a prefill of `tokens` rows per sequence, and the
+// kernel instantiation for the dtype and head_dim (rounded up to 64 or 128; the kernels mask
+// the extra columns).
+#include <cutlass/numeric_types.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda/kernels.h"
+#include "cuda/neighborhood/launch.h"
+
+namespace attnkit::cuda {
+namespace {
+
+int padded_head_dim(int head_dim) {
+  if (head_dim <= 0 || head_dim % 8 != 0) return 0;  // 16-byte vectors of fp16 / bf16
+  return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 0;
+}
+
+AttentionParams as_prefill(const NeighborhoodParams& np) {
+  AttentionParams p{};
+  p.dtype = np.dtype;
+  p.q = np.q;
+  p.k = np.k;
+  p.v = np.v;
+  p.out = np.out;
+  p.lse = np.lse;
+  p.q_strides = np.q_strides;
+  p.k_strides = np.k_strides;
+  p.v_strides = np.v_strides;
+  p.out_strides = np.out_strides;
+  p.batch = np.batch;
+  p.heads_q = np.heads_q;
+  p.heads_kv = np.heads_kv;
+  p.head_dim = np.head_dim;
+  p.seqlen_q = p.seqlen_k = int(np.nbhd.tokens());
+  p.scale = np.scale;
+  p.window_left = p.window_right = -1;
+  return p;
+}
+
+}  // namespace
+
+bool neighborhood_supports(DType dtype, int head_dim) {
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && padded_head_dim(head_dim) != 0;
+}
+
+void neighborhood_fwd(const NeighborhoodParams& params, cudaStream_t stream) {
+  if (!neighborhood_supports(params.dtype, params.head_dim))
+    throw std::invalid_argument("attnkit.neighborhood_attention on CUDA: unsupported dtype or head_dim " +
+                                std::to_string(params.head_dim));
+  const AttentionParams p = as_prefill(params);
+  const bool half = params.dtype == DType::kFloat16;
+  if (padded_head_dim(params.head_dim) == 64) {
+    if (half) neighborhood::launch_fwd<cutlass::half_t, 64>(p, params.nbhd, stream);
+    else neighborhood::launch_fwd<cutlass::bfloat16_t, 64>(p, params.nbhd, stream);
+  } else {
+    if (half) neighborhood::launch_fwd<cutlass::half_t, 128>(p, params.nbhd, stream);
+    else neighborhood::launch_fwd<cutlass::bfloat16_t, 128>(p, params.nbhd, stream);
+  }
+}
+
+}  // namespace attnkit::cuda
