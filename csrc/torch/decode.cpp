@@ -194,11 +194,7 @@ std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Ten
     }
   }
 #ifdef ATTNKIT_WITH_CUDA
-  if (q.is_cuda()) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!p.is_quantized(), "attnkit.decode on a quantized cache has no CUDA kernel yet "
-                                "(docs/quantization.md)");
-    check_cuda_decode(p.dtype, head_dim, k_cache, v_cache);
-  }
+  if (q.is_cuda()) check_cuda_decode(p.dtype, head_dim, k_cache, v_cache);
 #endif
 
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
