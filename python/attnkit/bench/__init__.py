@@ -21,7 +21,7 @@ def _parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is present, else cpu")
-    p.add_argument("--family", default="prefill,decode,sparse,merge",
+    p.add_argument("--family", default="prefill,decode,sparse,quant,merge",
                    help="comma-separated families among prefill, decode, merge (default: all)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (make demo)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON (DESIGN.md format)")
