@@ -103,15 +103,6 @@ void launch_dequantize(const DequantizeKVParams& p, cudaStream_t stream) {
   check(cudaGetLastError(), "dequantize_kv launch");
 }
 
-template <typename Fn>
-void dispatch_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat16: fn(__half{}); break;
-    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
-  }
-}
-
 }  // namespace
 
 void quantize_kv(const QuantizeKVParams& params, cudaStream_t stream) {
