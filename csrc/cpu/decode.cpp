@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -119,6 +121,52 @@ inline vec8 load8(const Half* src) {
 #endif
 }
 
+// Cache readers: row(offset) is the cache row at `offset` (from the strides in
+// DecodeParams: elements for a plain cache, rows for a quantized one) as a value that
+// load8(row + d) reads channels d..d+7 of. A quantized row is dequantized 8 channels at a
+// time through attnkit/quant.h as it is read; no dequantized copy of the cache is made.
+template <typename T>
+struct PlainCache {
+  const T* base;
+  const T* row(int64_t offset) const { return base + offset; }
+  void prefetch(int64_t offset, int heads, int64_t head_stride, int D) const {
+    prefetch_heads(base + offset, heads, head_stride, D);
+  }
+};
+
+template <KVFormat F>
+struct QuantChannels {  // channels [channel, channel + 8) of a row of a quantized cache
+  const QuantizedRows* rows;
+  int64_t row;
+  int channel;
+};
+
+template <KVFormat F>
+struct QuantRow {
+  const QuantizedRows* rows;
+  int64_t row;
+  QuantChannels<F> operator+(int channel) const { return {rows, row, channel}; }
+};
+
+template <KVFormat F>
+inline vec8 load8(QuantChannels<F> at) {
+  float values[kVec];
+  dequantize_8_channels<F>(*at.rows, at.row, at.channel, values);
+  vec8 f;
+  std::memcpy(&f, values, sizeof(f));
+  return f;
+}
+
+template <KVFormat F>
+struct QuantCache {
+  QuantizedRows rows;
+  QuantRow<F> row(int64_t r) const { return {&rows, r}; }
+  void prefetch(int64_t r, int heads, int64_t head_stride, int) const {
+    prefetch_heads(rows.codes(r, 0), heads, head_stride * rows.row_bytes(), rows.row_bytes());
+    for (int h = 0; h < heads; ++h) __builtin_prefetch(rows.scale + rows.group_of(r + h * head_stride, 0));
+  }
+};
+
 // The four horizontal sums of a, b, c, d.
 inline void hsum4(vec8 a, vec8 b, vec8 c, vec8 d, float* out0, float* out1, float* out2, float* out3) {
   const vec8 ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
@@ -136,8 +184,8 @@ inline void hsum4(vec8 a, vec8 b, vec8 c, vec8 d, float* out0, float* out1, floa
 // Scores of keys k0 and k1 (two adjacent columns of s) for the `rows` query rows q (Dp
 // apart, Dp a multiple of 8): s[r * ss] = q_r . k0, s[r * ss + 1] = q_r . k1. Two keys and
 // four rows give eight independent FMA chains and share every q load.
-template <typename U>
-inline void score_rows2(const float* q, int rows, int Dp, const U* k0, const U* k1, float* s, int ss) {
+template <typename Row>
+inline void score_rows2(const float* q, int rows, int Dp, Row k0, Row k1, float* s, int ss) {
   int r = 0;
   for (; r + 4 <= rows; r += 4, q += 4 * Dp, s += 4 * ss) {
     vec8 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
@@ -163,14 +211,14 @@ inline void score_rows2(const float* q, int rows, int Dp, const U* k0, const U* 
 }
 
 // One key: s[r * ss] = q_r . k.
-template <typename U>
-inline void score_rows1(const float* q, int rows, int Dp, const U* k, float* s, int ss) {
+template <typename Row>
+inline void score_rows1(const float* q, int rows, int Dp, Row k, float* s, int ss) {
   for (int r = 0; r < rows; ++r, q += Dp, s += ss) {
     vec8 a0{}, a1{};
     int d = 0;
     for (; d + 2 * kVec <= Dp; d += 2 * kVec) {
       a0 += load8(q + d) * load8(k + d);
-      a1 += load8(q + d + kVec) * load8(k + d + kVec);
+      a1 += load8(q + d + kVec) * load8(k + (d + kVec));
     }
     if (d < Dp) a0 += load8(q + d) * load8(k + d);
     *s = hsum8(a0 + a1);
@@ -179,8 +227,8 @@ inline void score_rows1(const float* q, int rows, int Dp, const U* k, float* s, 
 
 // o_r += sum over i < kKeys of prob[r * ps + i] * v[i], for the `rows` accumulator rows o
 // (Dp apart): several keys per pass cut the loads and stores of o.
-template <int kKeys, typename U>
-inline void accumulate_rows(float* o, int rows, int Dp, const float* prob, int ps, const U* const* v) {
+template <int kKeys, typename Row>
+inline void accumulate_rows(float* o, int rows, int Dp, const float* prob, int ps, const Row* v) {
   int r = 0;
   for (; r + 2 <= rows; r += 2, o += 2 * Dp, prob += 2 * ps) {
     float p0[kKeys], p1[kKeys];
@@ -204,13 +252,17 @@ inline void accumulate_rows(float* o, int rows, int Dp, const float* prob, int p
   }
 }
 
-// Runs the items of one worker; its buffers live as long as the worker.
-template <typename T>
+// Runs the items of one worker; its buffers live as long as the worker. T: the dtype of q
+// and out; Cache: PlainCache<T> or QuantCache<format>.
+template <typename T, typename Cache>
 class DecodeWorker {
  public:
   // lens: the schedule's lengths (cache_seqlens, or the sparse pairs' work keys).
-  DecodeWorker(const DecodeParams& p, int group_heads, const int32_t* lens, float* part_out, float* part_lse)
+  DecodeWorker(const DecodeParams& p, const Cache& k_cache, const Cache& v_cache, int group_heads,
+               const int32_t* lens, float* part_out, float* part_lse)
       : p_(p),
+        k_cache_(k_cache),
+        v_cache_(v_cache),
         D_(p.head_dim),
         Dp_(round_up(p.head_dim, kVec)),
         qgroup_(p.heads_q / p.heads_kv),
@@ -252,8 +304,6 @@ class DecodeWorker {
     }
     std::fill(acc_.begin(), acc_.begin() + size_t(rows) * Dp_, 0.f);
 
-    const T* k_cache = static_cast<const T*>(p_.k_cache);
-    const T* v_cache = static_cast<const T*>(p_.v_cache);
     const int64_t k_head = p_.k_strides.head, v_head = p_.v_strides.head;
     for (int key0 = first; key0 < last; key0 += kTileKeys) {
       const int n = std::min(kTileKeys, last - key0), n_pad = round_up(n, kVec);
@@ -267,11 +317,11 @@ class DecodeWorker {
       // rows; meanwhile this tile's values are prefetched.
       int c = 0;
       for (; c + 2 <= n; c += 2) {
-        prefetch_heads(v_cache + v_off_[c], heads, v_head, D_);
-        prefetch_heads(v_cache + v_off_[c + 1], heads, v_head, D_);
+        v_cache_.prefetch(v_off_[c], heads, v_head, D_);
+        v_cache_.prefetch(v_off_[c + 1], heads, v_head, D_);
         for (int hh = 0; hh < heads; ++hh) {
-          const T* key_a = k_cache + k_off_[c] + hh * k_head;
-          const T* key_b = k_cache + k_off_[c + 1] + hh * k_head;
+          const auto key_a = k_cache_.row(k_off_[c] + hh * k_head);
+          const auto key_b = k_cache_.row(k_off_[c + 1] + hh * k_head);
           const float* q = q_tile_.data() + size_t(hh) * rows_head_ * Dp_;
           float* s = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
           if (D_ == Dp_) {
@@ -284,7 +334,7 @@ class DecodeWorker {
       }
       for (; c < n; ++c)
         for (int hh = 0; hh < heads; ++hh) {
-          const T* k = k_cache + k_off_[c] + hh * k_head;
+          const auto k = k_cache_.row(k_off_[c] + hh * k_head);
           const float* q = q_tile_.data() + size_t(hh) * rows_head_ * Dp_;
           float* s = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
           if (D_ == Dp_) score_rows1(q, rows_head_, Dp_, k, s, kTileKeys);
@@ -307,19 +357,18 @@ class DecodeWorker {
         const int m = std::min(kValueKeys, n - c);
         for (int j = key0 + kTileKeys + c; j < std::min(last, key0 + kTileKeys + c + m); ++j) {
           const int pos = decode_key_position(p_, b, h0, j, len);
-          if (pos >= 0)
-            prefetch_heads(k_cache + row_offset(p_, p_.k_strides, b, pos) + int64_t(h0) * k_head, heads, k_head, D_);
+          if (pos >= 0) k_cache_.prefetch(row_offset(p_, p_.k_strides, b, pos) + int64_t(h0) * k_head, heads, k_head, D_);
         }
         for (int hh = 0; hh < heads; ++hh) {
           float* o = acc_.data() + size_t(hh) * rows_head_ * Dp_;
           const float* prob = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
           if (D_ == Dp_ && m == kValueKeys) {
-            const T* v[kValueKeys];
-            for (int i = 0; i < kValueKeys; ++i) v[i] = v_cache + v_off_[c + i] + hh * v_head;
+            Row v[kValueKeys];
+            for (int i = 0; i < kValueKeys; ++i) v[i] = v_cache_.row(v_off_[c + i] + hh * v_head);
             accumulate_rows<kValueKeys>(o, rows_head_, Dp_, prob, kTileKeys, v);
           } else {
             for (int i = 0; i < m; ++i) {
-              const T* row = v_cache + v_off_[c + i] + hh * v_head;
+              const Row row = v_cache_.row(v_off_[c + i] + hh * v_head);
               if (D_ == Dp_) {
                 accumulate_rows<1>(o, rows_head_, Dp_, prob + i, kTileKeys, &row);
               } else {
@@ -347,14 +396,23 @@ class DecodeWorker {
   }
 
  private:
+  using Row = decltype(std::declval<Cache>().row(0));
+
   // A cache row whose head_dim is not a multiple of 8, as floats zero-padded to Dp_ (rows
-  // of a multiple of 8 are read in place, converted 8 elements at a time).
+  // of a multiple of 8 are read in place, converted 8 elements at a time). Quantized
+  // caches have head_dims that are multiples of 32 (checked by the binding), so only plain
+  // rows come here.
   const float* padded(const T* row) {
     load_row(row, D_, row_buf_.data(), 1.f);
     return row_buf_.data();
   }
+  template <KVFormat F>
+  const float* padded(QuantRow<F>) {
+    throw std::logic_error("attnkit decode: quantized cache rows are multiples of 32 channels");
+  }
 
   const DecodeParams& p_;
+  const Cache k_cache_, v_cache_;
   const int D_, Dp_, qgroup_, rows_head_, group_heads_, head_groups_;
   const int32_t* lens_;
   float* part_out_;
@@ -366,8 +424,8 @@ class DecodeWorker {
   std::vector<KeyRange> visible_;
 };
 
-template <typename T>
-void decode_impl(const DecodeParams& p) {
+template <typename T, typename Cache>
+void decode_impl(const DecodeParams& p, const Cache& k_cache, const Cache& v_cache) {
   const int group_heads = heads_per_group(p);
   const int head_groups = (p.heads_kv + group_heads - 1) / group_heads;
   const int qgroup = p.heads_q / p.heads_kv, rows_head = qgroup * p.seqlen_q;
@@ -397,7 +455,7 @@ void decode_impl(const DecodeParams& p) {
   std::unique_ptr<float[]> part_out(new float[slot_rows * D]), part_lse(new float[slot_rows]);
 
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    DecodeWorker<T> worker(p, group_heads, lens, part_out.get(), part_lse.get());
+    DecodeWorker<T, Cache> worker(p, k_cache, v_cache, group_heads, lens, part_out.get(), part_lse.get());
     for (int64_t w = begin; w < end; ++w)
       for (int i = plan.worker_items[w]; i < plan.worker_items[w + 1]; ++i)
         worker.run(plan.items[i], shape.head_groups);
@@ -430,7 +488,18 @@ void decode_impl(const DecodeParams& p) {
 }  // namespace
 
 void decode(const DecodeParams& params) {
-  dispatch_dtype(params.dtype, [&](auto tag) { decode_impl<decltype(tag)>(params); });
+  dispatch_dtype(params.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (!params.is_quantized()) {
+      const PlainCache<T> k{static_cast<const T*>(params.k_cache)}, v{static_cast<const T*>(params.v_cache)};
+      decode_impl<T>(params, k, v);
+      return;
+    }
+    dispatch_kv_format(params.k_quant.format, [&](auto format) {
+      constexpr KVFormat F = decltype(format)::value;
+      decode_impl<T>(params, QuantCache<F>{params.k_quant}, QuantCache<F>{params.v_quant});
+    });
+  });
 }
 
 }  // namespace attnkit::cpu

@@ -23,29 +23,6 @@
 namespace attnkit::binding {
 namespace {
 
-KVFormat format_of(const std::string& name) {
-  if (name == "int8") return KVFormat::kInt8;
-  if (name == "int4") return KVFormat::kInt4;
-  if (name == "fp8_e4m3") return KVFormat::kFp8E4M3;
-  TORCH_CHECK_VALUE(false, "kv_format must be \"int8\", \"int4\" or \"fp8_e4m3\", got \"", name, "\"");
-}
-
-// Channels per group: group_size 0 means one group per row (per token and kv head).
-int channels_per_group(KVFormat format, int64_t group_size, int64_t head_dim) {
-  if (format == KVFormat::kFp8E4M3)
-    TORCH_CHECK_VALUE(group_size == 0, "group_size must be None for kv_format \"fp8_e4m3\" (one scale per row), got ",
-                      group_size);
-  TORCH_CHECK_VALUE(group_size == 0 || group_size == 32 || group_size == 64 || group_size == 128,
-                    "group_size must be None, 32, 64 or 128, got ", group_size);
-  TORCH_CHECK_VALUE(head_dim > 0 && head_dim <= 1 << 20, "head_dim (last dimension) must be in [1, 2^20], got ",
-                    head_dim);
-  TORCH_CHECK_VALUE(group_size == 0 || head_dim % group_size == 0, "group_size (", group_size,
-                    ") must divide head_dim (", head_dim, ")");
-  TORCH_CHECK_VALUE(format != KVFormat::kInt4 || head_dim % 2 == 0,
-                    "head_dim must be even for kv_format \"int4\" (two codes per byte), got ", head_dim);
-  return int(group_size == 0 ? head_dim : group_size);
-}
-
 // `shape` with its last size replaced.
 std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
   std::vector<int64_t> out(shape.begin(), shape.end());

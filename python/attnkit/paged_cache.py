@@ -1,11 +1,14 @@
 """PagedKVCache: a paged KV cache with a page allocator and per-page key min / max (the
-Quest metadata), holding the tensors attnkit.decode takes. Host-side bookkeeping in
-Python; the row writes and min / max updates run in the paged_cache_append kernel."""
+Quest metadata), holding the tensors attnkit.decode takes, in q's dtype or quantized
+(kv_format, docs/quantization.md). Host-side bookkeeping in Python; the row writes and min /
+max updates run in the paged_cache_append kernel, or for a quantized cache in quantize_kv's
+kernels and a scatter of the codes (docs/paged_cache.md)."""
 from collections import deque
 
 import torch
 
 from ._ops import CUDA_KERNELS, ops
+from .quant import QuantizedKV, _check_format, quantize_kv
 
 
 @torch.library.register_fake("attnkit::paged_cache_append")
@@ -37,13 +40,28 @@ class PagedKVCache:
     the slot plan stay on the host, so append itself is not for CUDA-graph capture, while
     decode, page_scores and select_pages on these tensors are (docs/paged_cache.md).
 
-    Decode of sequences `ids` (an int32 / int64 index tensor):
-      attnkit.decode(q, cache.k_pages, cache.v_pages, cache.cache_seqlens[ids],
+    Quantized (kv_format "int8", "int4" or "fp8_e4m3", group_size None / 32 / 64 / 128 as
+    attnkit.quantize_kv takes them; head_dim a multiple of 32): appended rows are quantized
+    on the way in; `dtype` is then the dtype of the rows append takes. k_pages / v_pages hold
+    the uint8 codes, (num_pages, page_size, num_kv_heads, head_dim / channels_per_byte), and
+      k_scale, v_scale  float32 (num_pages, page_size, num_kv_heads, groups)
+      k_zero, v_zero    like k_scale (None for fp8_e4m3)
+    key_min / key_max stay those of the keys as appended (before quantization and centering).
+    center_keys (quantized caches only, default True): K is stored as quantize(k - c) with c
+    = key_offset[seq] (float32 (max_seqs, num_kv_heads, head_dim)), the mean over tokens of
+    the first chunk appended to the sequence. Subtracting a per-(sequence, kv head) vector
+    shifts all logits of a query by the same q . c, so decode's output is unchanged while the
+    outlier channels of K stop setting the quantization step (docs/quantization.md has the
+    measured errors); decode's lse is then that of the stored keys (add scale * q . c for the
+    true one), and softcap (not shift-invariant) must stay 0.
+
+    Decode of sequences `ids` (an int32 / int64 index tensor), either kind of cache:
+      attnkit.decode(q, cache.k_cache, cache.v_cache, cache.cache_seqlens[ids],
                      block_table=cache.block_table[ids])
     """
 
     def __init__(self, num_pages, page_size, num_kv_heads, head_dim, *, dtype=torch.float32, device="cpu",
-                 max_seqs=1, max_pages_per_seq=None):
+                 max_seqs=1, max_pages_per_seq=None, kv_format=None, group_size=None, center_keys=True):
         self.num_pages = _positive_int(num_pages, "num_pages")
         self.page_size = _positive_int(page_size, "page_size")
         self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
@@ -57,11 +75,32 @@ class PagedKVCache:
         if device.type != "cpu" and not (device.type == "cuda" and CUDA_KERNELS["paged_cache_append"]):
             raise NotImplementedError(f"attnkit.PagedKVCache has no append kernel for {device.type} tensors in this "
                                       f"build")
+        self.kv_format, self.group_size = kv_format, group_size
         shape = (num_pages, page_size, num_kv_heads, head_dim)
-        self.k_pages = torch.zeros(shape, dtype=dtype, device=device)
+        if kv_format is not None:
+            _check_format(kv_format, group_size)
+            if head_dim % 32 != 0:
+                raise ValueError(f"head_dim must be a multiple of 32 for a quantized cache, got {head_dim}")
+            if (group_size or head_dim) > head_dim or head_dim % (group_size or head_dim) != 0:
+                raise ValueError(f"group_size ({group_size}) must divide head_dim ({head_dim})")
+            groups = head_dim // (group_size or head_dim)
+            shape = (num_pages, page_size, num_kv_heads, head_dim // 2 if kv_format == "int4" else head_dim)
+        elif group_size is not None:
+            raise ValueError(f"group_size is for a quantized cache (kv_format given), got {group_size!r}")
+        self.k_pages = torch.zeros(shape, dtype=dtype if kv_format is None else torch.uint8, device=device)
         device = self.k_pages.device  # "cuda" -> "cuda:<current index>", as the inputs' .device reads
         self.dtype, self.device = dtype, device
-        self.v_pages = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_pages = torch.zeros_like(self.k_pages)
+        self.k_scale = self.k_zero = self.v_scale = self.v_zero = self.key_offset = None
+        if kv_format is not None:
+            scales = (num_pages, page_size, num_kv_heads, groups)
+            self.k_scale = torch.zeros(scales, device=device)
+            self.v_scale = torch.zeros(scales, device=device)
+            if kv_format != "fp8_e4m3":
+                self.k_zero = torch.zeros(scales, device=device)
+                self.v_zero = torch.zeros(scales, device=device)
+            if center_keys:
+                self.key_offset = torch.zeros((max_seqs, num_kv_heads, head_dim), device=device)
         self.key_min = torch.full((num_pages, num_kv_heads, head_dim), float("inf"), device=device)
         self.key_max = torch.full((num_pages, num_kv_heads, head_dim), float("-inf"), device=device)
         self.block_table = torch.full((max_seqs, self.max_pages_per_seq), -1, dtype=torch.int32, device=device)
@@ -69,6 +108,20 @@ class PagedKVCache:
         self._free = deque(range(num_pages))
         self._pages = [[] for _ in range(max_seqs)]  # physical pages per sequence, in logical order
         self._lens = [0] * max_seqs
+
+    @property
+    def k_cache(self):
+        """The K pages as attnkit.decode takes them: k_pages, or a QuantizedKV of a quantized cache."""
+        if self.kv_format is None:
+            return self.k_pages
+        return QuantizedKV(self.k_pages, self.k_scale, self.k_zero, self.kv_format, self.group_size)
+
+    @property
+    def v_cache(self):
+        """The V pages as attnkit.decode takes them: v_pages, or a QuantizedKV of a quantized cache."""
+        if self.kv_format is None:
+            return self.v_pages
+        return QuantizedKV(self.v_pages, self.v_scale, self.v_zero, self.kv_format, self.group_size)
 
     @property
     def num_free_pages(self):
@@ -148,8 +201,11 @@ class PagedKVCache:
             table = self._pages[s] + fresh
             slots += [table[t // self.page_size] * self.page_size + t % self.page_size
                       for t in range(self._lens[s], self._lens[s] + n)]
-        ops.paged_cache_append(self.k_pages, self.v_pages, self.key_min, self.key_max, k, v,
-                               torch.tensor(slots, dtype=torch.int64, device=self.device))
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        if self.kv_format is None:
+            ops.paged_cache_append(self.k_pages, self.v_pages, self.key_min, self.key_max, k, v, slot_mapping)
+        else:
+            self._append_quantized(seq_ids, counts, k, v, slot_mapping)
 
         # Commit the host bookkeeping and the device tables.
         for _ in range(sum(need)):
@@ -163,6 +219,39 @@ class PagedKVCache:
             self._lens[s] += n
         self.cache_seqlens[torch.tensor(seq_ids, dtype=torch.int64, device=self.device)] = torch.tensor(
             [self._lens[s] for s in seq_ids], dtype=torch.int32, device=self.device)
+
+    def _append_quantized(self, seq_ids, counts, k, v, slot_mapping):
+        """Quantizes the rows with quantize_kv's kernels (CPU or CUDA, the same bits) and
+        scatters codes and scales to their slots; folds the original keys into key_min /
+        key_max as the paged_cache_append kernel does (a page written at offset 0 restarts)."""
+        if k.shape[0] == 0:
+            return
+        if self.key_offset is not None:
+            start = 0
+            for s, n in zip(seq_ids, counts):
+                if self._lens[s] == 0:  # a sequence's first chunk sets its offset
+                    self.key_offset[s] = k[start:start + n].float().mean(0)
+                start += n
+            rows = torch.tensor(seq_ids, device=self.device).repeat_interleave(torch.tensor(counts, device=self.device))
+            k_stored = k.float() - self.key_offset[rows]
+        else:
+            k_stored = k
+        flat = self.page_size * self.num_pages
+        for pages, scale, zero, x in ((self.k_pages, self.k_scale, self.k_zero, k_stored),
+                                      (self.v_pages, self.v_scale, self.v_zero, v)):
+            quantized = quantize_kv(x, self.kv_format, group_size=self.group_size)
+            pages.view(flat, *pages.shape[2:])[slot_mapping] = quantized.data
+            scale.view(flat, *scale.shape[2:])[slot_mapping] = quantized.scale
+            if zero is not None:
+                zero.view(flat, *zero.shape[2:])[slot_mapping] = quantized.zero
+        page = slot_mapping // self.page_size
+        restarted = page[slot_mapping % self.page_size == 0]
+        self.key_min[restarted] = float("inf")
+        self.key_max[restarted] = float("-inf")
+        index = page[:, None].expand(-1, self.num_kv_heads * self.head_dim)
+        keys = k.float().reshape(k.shape[0], -1)
+        self.key_min.view(self.num_pages, -1).scatter_reduce_(0, index, keys, "amin")
+        self.key_max.view(self.num_pages, -1).scatter_reduce_(0, index, keys, "amax")
 
     def free(self, seq_id):
         """Return the pages of sequence `seq_id` to the free list and empty it."""

@@ -100,3 +100,30 @@ def dequantize_kv(quantized, dtype=torch.float32):
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
     _checks.require_kernel("dequantize_kv", data)
     return ops.dequantize_kv(data, scale, zero, kv_format, group, dtype)
+
+
+def cache_args(k_cache, v_cache):
+    """decode / sparse_decode's caches as the ops take them: (k, v, quant) with quant the
+    keyword arguments of a quantized cache (kv_format, group_size, k_scale, k_zero, v_scale,
+    v_zero), {} for plain tensors. A quantized cache is a pair of QuantizedKV of one
+    kv_format and group_size, whose data, scale and zero have the leading shape of a cache
+    ((num_pages, page_size, kv_heads) or (batch, max_seqlen, kv_heads))."""
+    k_quantized, v_quantized = isinstance(k_cache, QuantizedKV), isinstance(v_cache, QuantizedKV)
+    if not k_quantized and not v_quantized:
+        _checks.check_tensor(k_cache, "k_cache")
+        _checks.check_tensor(v_cache, "v_cache")
+        return k_cache, v_cache, {}
+    if not (k_quantized and v_quantized):
+        raise ValueError("k_cache and v_cache must both be attnkit.QuantizedKV or both tensors, got "
+                         f"{type(k_cache).__name__} and {type(v_cache).__name__}")
+    for cache, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _checks.check_tensor(cache.data, f"{name}.data")
+        _checks.check_tensor(cache.scale, f"{name}.scale")
+        if cache.zero is not None:
+            _checks.check_tensor(cache.zero, f"{name}.zero")
+    group = _check_format(k_cache.kv_format, k_cache.group_size)
+    if (v_cache.kv_format, v_cache.group_size) != (k_cache.kv_format, k_cache.group_size):
+        raise ValueError(f"v_cache must have the kv_format and group_size of k_cache ({k_cache.kv_format!r}, "
+                         f"{k_cache.group_size!r}), got ({v_cache.kv_format!r}, {v_cache.group_size!r})")
+    return k_cache.data, v_cache.data, dict(kv_format=k_cache.kv_format, group_size=group, k_scale=k_cache.scale,
+                                            k_zero=k_cache.zero, v_scale=v_cache.scale, v_zero=v_cache.zero)

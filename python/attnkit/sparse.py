@@ -8,6 +8,7 @@ import torch
 
 from . import _checks
 from ._ops import ops
+from .quant import QuantizedKV, cache_args
 
 
 @torch.library.register_fake("attnkit::page_scores")
@@ -75,12 +76,12 @@ def select_pages(scores, top_k, *, sink_pages=1, recent_pages=1):
 
 def _sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, indices, name, tokens_per_index, scale,
                    softcap, return_lse):
-    for t, arg in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache"), (cache_seqlens, "cache_seqlens"),
-                   (block_table, "block_table"), (indices, name)):
+    for t, arg in ((q, "q"), (cache_seqlens, "cache_seqlens"), (block_table, "block_table"), (indices, name)):
         _checks.check_tensor(t, arg)
+    k_cache, v_cache, quant = cache_args(k_cache, v_cache)
     _checks.require_kernel("sparse_decode", q)
     out, lse = ops.sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, indices, tokens_per_index,
-                                 _checks.resolve_scale(scale, q), _checks.resolve_softcap(softcap))
+                                 _checks.resolve_scale(scale, q), _checks.resolve_softcap(softcap), **quant)
     return (out, lse) if return_lse else out
 
 
@@ -89,7 +90,8 @@ def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, page_indices,
     """attnkit.decode over the selected logical pages of a paged KV cache only.
 
     q, k_cache, v_cache, cache_seqlens, block_table as in attnkit.decode with a paged cache
-    (num_pages, page_size, kv_heads, head_dim). page_indices (int32, batch x kv_heads x n):
+    (num_pages, page_size, kv_heads, head_dim), or a quantized one (attnkit.QuantizedKV pairs,
+    as attnkit.decode takes them). page_indices (int32, batch x kv_heads x n):
     per (sequence, kv head) the logical pages whose tokens the q heads of that kv head
     attend to, e.g. from select_pages or streaming_page_indices. Entries < 0 (padding) select
     nothing, as do pages at or past the sequence's end; a partial last page contributes its
@@ -100,7 +102,8 @@ def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, page_indices,
     Work is split with decode's lean (stream-K) schedule over the selected keys only.
     Returns out (like q), or (out, lse) with lse (batch, heads, seqlen_q) float32.
     """
-    page_size = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 1
+    pages = k_cache.data if isinstance(k_cache, QuantizedKV) else k_cache
+    page_size = pages.shape[1] if isinstance(pages, torch.Tensor) and pages.dim() == 4 else 1
     return _sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, page_indices, "page_indices", page_size,
                           scale, softcap, return_lse)
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "attnkit/quant.h"
@@ -208,6 +209,50 @@ void test_wide_matches_bytes() {
   }
 }
 
+// QuantizedRows addressing and the 8-channel decoder of the decode kernels: every 8
+// channels of every row equal the byte-wise decoding with the row's group scale / zero.
+template <KVFormat F>
+void check_rows(int head_dim, int group_size, std::mt19937& rng) {
+  constexpr int kRows = 5;
+  const int per = attnkit::channels_per_byte(F), groups = head_dim / group_size;
+  std::vector<uint8_t> data(size_t(kRows) * head_dim / per);
+  std::vector<float> scale(size_t(kRows) * groups), zero(scale.size());
+  for (uint8_t& b : data) b = uint8_t(rng());
+  for (size_t i = 0; i < scale.size(); ++i) {
+    scale[i] = std::ldexp(float(rng() % 1000 + 1), -int(rng() % 20));
+    zero[i] = float(int(rng() % 2001) - 1000) * 0.013f;
+  }
+  attnkit::QuantizedRows rows;
+  rows.format = F;
+  rows.data = data.data();
+  rows.scale = scale.data();
+  rows.zero = F == KVFormat::kFp8E4M3 ? nullptr : zero.data();
+  rows.head_dim = head_dim;
+  rows.group_size = group_size;
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < head_dim; c += 8) {
+      float got[8], want[8];
+      attnkit::dequantize_8_channels<F>(rows, r, c, got);
+      const int g = r * groups + c / group_size;
+      const float z = F == KVFormat::kFp8E4M3 ? 0.0f : zero[g];
+      for (int i = 0; i < 8; i += per)
+        attnkit::dequantize_byte<F>(data[(size_t(r) * head_dim + c + i) / per], scale[g], z, &want[i]);
+      for (int i = 0; i < 8; ++i)
+        EXPECT(same_bits(got[i], want[i]) || (std::isnan(got[i]) && std::isnan(want[i])),
+               "format %d head_dim %d group %d row %d channel %d: %g vs %g", int(F), head_dim, group_size, r, c + i,
+               got[i], want[i]);
+    }
+}
+
+void test_quantized_rows() {
+  std::mt19937 rng(4);
+  for (auto [head_dim, group_size] : {std::pair{128, 32}, std::pair{128, 128}, std::pair{96, 96}, std::pair{64, 64}}) {
+    check_rows<KVFormat::kInt8>(head_dim, group_size, rng);
+    check_rows<KVFormat::kInt4>(head_dim, group_size, rng);
+    if (group_size == head_dim) check_rows<KVFormat::kFp8E4M3>(head_dim, group_size, rng);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -216,6 +261,7 @@ int main() {
   test_int_round_trip();
   test_edge_values();
   test_wide_matches_bytes();
+  test_quantized_rows();
   if (failures == 0) std::printf("quant: all tests passed\n");
   return failures == 0 ? 0 : 1;
 }

@@ -13,6 +13,10 @@
 //     (16-byte copies, rows found per key: selection, then block_table), scores
 //     and P @ V on CUDA cores in fp32. It writes the final output when it holds the whole
 //     pair, else an fp32 partial (out, lse) to its slot in the workspace.
+//     A quantized cache (docs/quantization.md) streams its code bytes instead (8 channels =
+//     8 bytes of int8 / fp8, 4 of int4, per cp.async) and each key's scales (and zeros),
+//     and is dequantized in registers where the plain kernel converts to float, through
+//     attnkit/quant.h's dequantize_words: no dequantized copy is ever written.
 //  3. merge_kernel: each pair split over several workers merges its slots in key order with
 //     merge_weights() (pair_partials() finds them); pairs with no visible key get out 0 and
 //     lse -inf.
@@ -25,6 +29,7 @@
 
 #include "attnkit/decode_layout.h"
 #include "attnkit/mask.h"
+#include "attnkit/quant.h"
 #include "attnkit/schedule.h"
 #include "attnkit/softmax.h"
 #include "cuda/check.h"
@@ -51,11 +56,25 @@ struct alignas(16) Vec8 {
   T v[8];
 };
 
-// Tile config of one (dtype, head_dim).
-template <typename T, int kHeadDim>
+// What the K/V tiles hold: a plain cache's elements of type T (a chunk of 8 channels is 16
+// bytes), or a quantized cache's codes of format F plus per key kMaxGroups scales and zeros.
+template <typename T>
+struct PlainKV {
+  static constexpr bool kQuantized = false;
+  static constexpr int kChunkBytes = 8 * int(sizeof(T));
+};
+template <KVFormat F>
+struct QuantKV {
+  static constexpr bool kQuantized = true;
+  static constexpr KVFormat kFormat = F;
+  static constexpr int kChunkBytes = 8 / (F == KVFormat::kInt4 ? 2 : 1);
+};
+
+// Tile config of one (dtype, head_dim, K/V storage).
+template <typename T, int kHeadDim, typename Kv>
 struct Config {
   static constexpr int kD = kHeadDim;
-  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per K/V row
+  static constexpr int kChunks = kHeadDim / 8;  // chunks of 8 channels per K/V row
   static constexpr int kTileKeys = tile_keys_for(kHeadDim);
   // Scores: thread = (key of the tile, group of kRowsS rows); a warp shares its rows.
   static constexpr int kRowGroupsS = kThreads / kTileKeys;
@@ -70,14 +89,18 @@ struct Config {
 
   // Shared memory, in bytes from the start.
   static constexpr int kQBytes = kRows * kD * 4;              // float q rows, pre-scaled
-  static constexpr int kTileBytes = kTileKeys * kD * int(sizeof(T));
+  static constexpr int kTileBytes = kTileKeys * kChunks * Kv::kChunkBytes;
+  // Quantized: per buffer and key, the scale and zero of each group (groups >= 32 channels).
+  static constexpr int kMaxGroups = kD / 32;
+  static constexpr int kScaleBytes = Kv::kQuantized ? 2 * kTileKeys * kMaxGroups * 4 : 0;
   static constexpr int kSBytes = kRows * kTileKeys * 4;       // scores, then probabilities
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + 2 * kTileBytes;
   static constexpr int kSOffset = kVOffset + 2 * kTileBytes;
   static constexpr int kRowOffset = kSOffset + kSBytes;       // per row: factor, inv_sum
   static constexpr int kPosOffset = kRowOffset + 2 * kRows * 4;  // per buffer and key: token or -1
-  static constexpr int kSmemBytes = kPosOffset + 2 * kTileKeys * 4;
+  static constexpr int kScaleOffset = kPosOffset + 2 * kTileKeys * 4;  // K scale, K zero, V scale, V zero
+  static constexpr int kSmemBytes = kScaleOffset + 4 * kScaleBytes;
 
   // Chunk c of tile row j, XOR-swizzled so that 8 consecutive rows read at one column hit
   // 8 different 16-byte bank groups.
@@ -88,6 +111,13 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;  // 0: zero-fill (keys past the sequence)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
+}
+// A 4- or 8-byte copy (quantized codes, scales), through L1: .cg takes 16 bytes only.
+template <int kBytes>
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? kBytes : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(kBytes), "r"(src_size));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
@@ -108,6 +138,15 @@ __device__ __forceinline__ void load8(const T* smem, float (&x)[8]) {
   const Vec8<T> v = *reinterpret_cast<const Vec8<T>*>(smem);
 #pragma unroll
   for (int i = 0; i < 8; ++i) x[i] = to_float(v.v[i]);
+}
+
+// 8 channels of a quantized tile chunk (kWordsPer8Channels<F> words in shared memory).
+template <KVFormat F>
+__device__ __forceinline__ void load8(const uint8_t* smem, float scale, float zero, float (&x)[8]) {
+  uint32_t w[kWordsPer8Channels<F>];
+#pragma unroll
+  for (int i = 0; i < kWordsPer8Channels<F>; ++i) w[i] = reinterpret_cast<const uint32_t*>(smem)[i];
+  dequantize_words<F, kWordsPer8Channels<F>>(w, scale, zero, x);
 }
 
 // The lengths the schedule splits: cache_seqlens (dense), or pair_keys in the workspace.
@@ -152,15 +191,18 @@ __global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape
 }
 
 // 2. The lean pass: CTA w = worker w.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, typename Kv>
 __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape,
                                                         const int capacity, const int workers, char* workspace) {
-  using C = Config<T, kHeadDim>;
-  constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks;
+  using C = Config<T, kHeadDim, Kv>;
+  constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks, kChunkBytes = Kv::kChunkBytes;
   extern __shared__ __align__(16) char smem[];
   float* q_s = reinterpret_cast<float*>(smem);
-  T* k_s = reinterpret_cast<T*>(smem + C::kKOffset);
-  T* v_s = reinterpret_cast<T*>(smem + C::kVOffset);
+  char* k_s = smem + C::kKOffset;
+  char* v_s = smem + C::kVOffset;
+  // Quantized: [K scale, K zero, V scale, V zero][buffer][key][group].
+  float* scales_s = reinterpret_cast<float*>(smem + C::kScaleOffset);
+  constexpr int kScaleFloats = C::kScaleBytes / 4;
   float* s_s = reinterpret_cast<float*>(smem + C::kSOffset);
   float* factor_s = reinterpret_cast<float*>(smem + C::kRowOffset);
   float* inv_sum_s = factor_s + kRows;
@@ -175,8 +217,8 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = p.heads_q / p.heads_kv, rows = group * p.seqlen_q;
   const int head_chunks = p.head_dim / 8;  // columns past head_dim (kD rounds it up) are 0
-  const T* k_cache = static_cast<const T*>(p.k_cache);
-  const T* v_cache = static_cast<const T*>(p.v_cache);
+  const char* k_cache = static_cast<const char*>(p.k_cache);
+  const char* v_cache = static_cast<const char*>(p.v_cache);
 
   for_each_lean_item(shape, lens, seq_offset, workers, int(blockIdx.x), [&](const LeanItem& item) {
     const int pair = item.pair(shape.head_groups), b = pair / p.heads_kv, h = pair % p.heads_kv;
@@ -193,9 +235,37 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
         const bool valid = pos >= 0 && c < head_chunks;  // else zero-filled
         const int64_t k_off = valid ? decode_kv_offset(p, p.k_strides, b, pos, h) : 0;
         const int64_t v_off = valid ? decode_kv_offset(p, p.v_strides, b, pos, h) : 0;
-        const int dst = (buf * kTK * kChunks + C::swizzle(j, c)) * 8;
-        cp_async_16(k_s + dst, k_cache + k_off + c * 8, valid);
-        cp_async_16(v_s + dst, v_cache + v_off + c * 8, valid);
+        const int dst = (buf * kTK * kChunks + C::swizzle(j, c)) * kChunkBytes;
+        if constexpr (!Kv::kQuantized) {
+          cp_async_16(k_s + dst, k_cache + (k_off + c * 8) * int64_t(sizeof(T)), valid);
+          cp_async_16(v_s + dst, v_cache + (v_off + c * 8) * int64_t(sizeof(T)), valid);
+        } else {  // offsets count rows: codes, then the group's scale / zero if c starts a group
+          cp_async_small<kChunkBytes>(k_s + dst, p.k_quant.codes(k_off, c * 8), valid);
+          cp_async_small<kChunkBytes>(v_s + dst, p.v_quant.codes(v_off, c * 8), valid);
+          if (c * 8 % p.k_quant.group_size == 0) {
+            const int slot = (buf * kTK + j) * C::kMaxGroups + c * 8 / p.k_quant.group_size;
+            const int64_t kg = valid ? p.k_quant.group_of(k_off, c * 8) : 0;
+            const int64_t vg = valid ? p.v_quant.group_of(v_off, c * 8) : 0;
+            cp_async_small<4>(scales_s + slot, p.k_quant.scale + kg, valid);
+            cp_async_small<4>(scales_s + 2 * kScaleFloats + slot, p.v_quant.scale + vg, valid);
+            if (p.k_quant.zero != nullptr) {
+              cp_async_small<4>(scales_s + kScaleFloats + slot, p.k_quant.zero + kg, valid);
+              cp_async_small<4>(scales_s + 3 * kScaleFloats + slot, p.v_quant.zero + vg, valid);
+            }
+          }
+        }
+      }
+    };
+
+    // Channels c*8 .. c*8+7 of key j of tile buffer `buf` as floats; which = 0 for K, 2 for V.
+    auto load_chunk = [&](const char* tile, int buf, int j, int c, int which, float (&x)[8]) {
+      const char* src = tile + (buf * kTK * kChunks + C::swizzle(j, c)) * kChunkBytes;
+      if constexpr (!Kv::kQuantized) {
+        load8(reinterpret_cast<const T*>(src), x);
+      } else {
+        const int slot = (buf * kTK + j) * C::kMaxGroups + c * 8 / p.k_quant.group_size;
+        load8<Kv::kFormat>(reinterpret_cast<const uint8_t*>(src), scales_s[which * kScaleFloats + slot],
+                           scales_s[(which + 1) * kScaleFloats + slot], x);
       }
     };
 
@@ -235,8 +305,6 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
         cp_async_commit();  // possibly empty, so that wait_group 1 always means "this tile"
         cp_async_wait_1();
         __syncthreads();
-        const T* kt = k_s + buf * kTK * kChunks * 8;
-        const T* vt = v_s + buf * kTK * kChunks * 8;
 
         {  // scores S[r][j] = q_r . k_j (q pre-scaled)
           const int j = tid % kTK, rg = tid / kTK;
@@ -246,7 +314,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
 #pragma unroll 2
           for (int c = 0; c < kChunks; ++c) {
             float kx[8];
-            load8(kt + C::swizzle(j, c) * 8, kx);
+            load_chunk(k_s, buf, j, c, 0, kx);
 #pragma unroll
             for (int i = 0; i < C::kRowsS; ++i) {
               const float4* qv = reinterpret_cast<const float4*>(q_s + (rg * C::kRowsS + i) * kD + c * 8);
@@ -297,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
 #pragma unroll 2
           for (int j = 0; j < kTK; ++j) {
             float vx[8];
-            load8(vt + C::swizzle(j, c) * 8, vx);
+            load_chunk(v_s, buf, j, c, 2, vx);
 #pragma unroll
             for (int i = 0; i < C::kRowsPV; ++i) {
               const float prob = s_s[(rg * C::kRowsPV + i) * kTK + j];
@@ -383,9 +451,9 @@ __global__ void merge_kernel(const __grid_constant__ DecodeParams p, const LeanS
   }
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, typename Kv>
 void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream) {
-  using C = Config<T, kHeadDim>;
+  using C = Config<T, kHeadDim, Kv>;
   const LeanShape shape = decode_lean_shape(p, C::kTileKeys, max_seqlen_k);
   char* ws = static_cast<char*>(workspace);
   const DecodeWorkspace layout = DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots);
@@ -398,7 +466,7 @@ void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspac
   offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(shape, schedule_lengths(p, layout, ws),
                                                    reinterpret_cast<int64_t*>(ws));
   check(cudaGetLastError(), "decode: offsets launch");
-  auto kernel = lean_kernel<T, kHeadDim>;
+  auto kernel = lean_kernel<T, kHeadDim, Kv>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes),
         "decode: cudaFuncSetAttribute");
   kernel<<<workers, kThreads, C::kSmemBytes, stream>>>(p, shape, max_seqlen_k, workers, ws);
@@ -409,16 +477,29 @@ void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspac
   check(cudaGetLastError(), "decode: merge launch");
 }
 
-template <typename T>
+template <typename T, typename Kv>
 void dispatch_head_dim(const DecodeParams& p, int max_seqlen_k, int workers, void* ws, cudaStream_t stream) {
   if (!decode_supports(p.dtype, p.head_dim))
     throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
   switch (padded_head_dim(p.head_dim)) {  // kernels for 64, 128, 256; others pad columns
-    case 64: launch<T, 64>(p, max_seqlen_k, workers, ws, stream); break;
-    case 128: launch<T, 128>(p, max_seqlen_k, workers, ws, stream); break;
-    case 256: launch<T, 256>(p, max_seqlen_k, workers, ws, stream); break;
+    case 64: launch<T, 64, Kv>(p, max_seqlen_k, workers, ws, stream); break;
+    case 128: launch<T, 128, Kv>(p, max_seqlen_k, workers, ws, stream); break;
+    case 256: launch<T, 256, Kv>(p, max_seqlen_k, workers, ws, stream); break;
     default: throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
   }
+}
+
+// The K/V storage: plain T, or a quantized format.
+template <typename T>
+void dispatch_kv(const DecodeParams& p, int max_seqlen_k, int workers, void* ws, cudaStream_t stream) {
+  if (!p.is_quantized()) return dispatch_head_dim<T, PlainKV<T>>(p, max_seqlen_k, workers, ws, stream);
+  switch (p.k_quant.format) {
+    case KVFormat::kInt8: return dispatch_head_dim<T, QuantKV<KVFormat::kInt8>>(p, max_seqlen_k, workers, ws, stream);
+    case KVFormat::kInt4: return dispatch_head_dim<T, QuantKV<KVFormat::kInt4>>(p, max_seqlen_k, workers, ws, stream);
+    case KVFormat::kFp8E4M3:
+      return dispatch_head_dim<T, QuantKV<KVFormat::kFp8E4M3>>(p, max_seqlen_k, workers, ws, stream);
+  }
+  throw std::invalid_argument("attnkit decode (CUDA): unsupported kv format");
 }
 
 }  // namespace
@@ -442,9 +523,9 @@ int64_t decode_workspace_bytes(const DecodeParams& p, int max_seqlen_k, int work
 void decode(const DecodeParams& p, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   if (p.dtype == DType::kFloat16)
-    dispatch_head_dim<__half>(p, max_seqlen_k, workers, workspace, stream);
+    dispatch_kv<__half>(p, max_seqlen_k, workers, workspace, stream);
   else if (p.dtype == DType::kBFloat16)
-    dispatch_head_dim<__nv_bfloat16>(p, max_seqlen_k, workers, workspace, stream);
+    dispatch_kv<__nv_bfloat16>(p, max_seqlen_k, workers, workspace, stream);
   else
     throw std::invalid_argument("attnkit decode (CUDA): dtype must be float16 or bfloat16");
 }

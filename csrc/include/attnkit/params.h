@@ -110,8 +110,14 @@ struct DecodeParams {
   int selection_len = 0;
   int selection_unit = 0;  // tokens per entry
 
+  // Quantized cache (docs/quantization.md; k_quant.data == nullptr: not quantized):
+  // k_cache / v_cache are k_quant.data / v_quant.data, and k_strides / v_strides count rows
+  // (token, kv head) of QuantizedRows instead of elements.
+  QuantizedRows k_quant, v_quant;
+
   ATTNKIT_HD bool is_paged() const { return block_table != nullptr; }
   ATTNKIT_HD bool is_sparse() const { return selection != nullptr; }
+  ATTNKIT_HD bool is_quantized() const { return k_quant.data != nullptr; }
 };
 
 // merge_attention_states: two partial results over disjoint keys -> one.

@@ -171,14 +171,13 @@ ATTNKIT_HD void dequantize_byte(uint32_t b, float scale, float zero, float* out)
   }
 }
 
-// Values of the 16 (int8, fp8) or 32 (int4) channels of 16 bytes of one group, loaded as
-// four little-endian words w[0..3], in channel order. Groups are >= 32 channels and start
-// on a multiple of 32, so 16 aligned bytes never straddle two groups. Per 16 bytes:
-// int8: 16 PRMT + 16 FADD + 16 FFMA; int4: 8 LOP3 + 4 SHF + 32 PRMT + 32 FADD + 32 FFMA
-// (the nibble masks put channels 0,2,4,6 of a word in the bytes of `even`, 1,3,5,7 in `odd`).
-template <KVFormat F>
-ATTNKIT_HD void dequantize_16_bytes(const uint32_t w[4], float scale, float zero, float* out) {
-  for (int k = 0; k < 4; ++k) {
+// Values of the channels of kWords little-endian words w[0..kWords-1] of one group (4 int8 /
+// fp8 or 8 int4 channels per word), in channel order. Per word: int8: 4 PRMT + 4 FADD + 4
+// FFMA; int4: 2 LOP3 + 1 SHF + 8 PRMT + 8 FADD + 8 FFMA (the nibble masks put channels
+// 0,2,4,6 of a word in the bytes of `even`, 1,3,5,7 in `odd`).
+template <KVFormat F, int kWords>
+ATTNKIT_HD void dequantize_words(const uint32_t* w, float scale, float zero, float* out) {
+  for (int k = 0; k < kWords; ++k) {
     if constexpr (F == KVFormat::kFp8E4M3) {
       for (int i = 0; i < 4; ++i) out[4 * k + i] = fp8_value((w[k] >> (8 * i)) & 0xffu, scale);
     } else if constexpr (F == KVFormat::kInt8) {
@@ -191,6 +190,55 @@ ATTNKIT_HD void dequantize_16_bytes(const uint32_t w[4], float scale, float zero
       }
     }
   }
+}
+
+// Values of the 16 (int8, fp8) or 32 (int4) channels of 16 bytes of one group, loaded as
+// four words. Groups are >= 32 channels and start on a multiple of 32, so 16 aligned bytes
+// never straddle two groups.
+template <KVFormat F>
+ATTNKIT_HD void dequantize_16_bytes(const uint32_t w[4], float scale, float zero, float* out) {
+  dequantize_words<F, 4>(w, scale, zero, out);
+}
+
+// ---- rows of a quantized KV cache ------------------------------------------------------
+
+// Words holding 8 channels (the CPU decode's vector): 2 of int8 / fp8, 1 of int4.
+template <KVFormat F>
+constexpr int kWordsPer8Channels = F == KVFormat::kInt4 ? 1 : 2;
+
+// The rows (one per token and kv head) of a quantized cache, each in the layout of
+// docs/quantization.md: head_dim / channels_per_byte bytes of data and one float32 scale
+// (and zero, int formats) per group of group_size channels, all three arrays contiguous and
+// indexed by the same row number, so one row index (from the block table) addresses all
+// three. `data == nullptr`: the cache is not quantized.
+struct QuantizedRows {
+  KVFormat format = KVFormat::kInt8;
+  const uint8_t* data = nullptr;
+  const float* scale = nullptr;
+  const float* zero = nullptr;  // nullptr for fp8
+  int head_dim = 0;
+  int group_size = 0;  // channels per group (head_dim for one group per row)
+
+  ATTNKIT_HD int row_bytes() const { return head_dim / channels_per_byte(format); }
+  ATTNKIT_HD int groups() const { return head_dim / group_size; }
+  // First byte of `channel` in row `row` (channel even for int4).
+  ATTNKIT_HD const uint8_t* codes(int64_t row, int channel) const {
+    return data + row * row_bytes() + channel / channels_per_byte(format);
+  }
+  ATTNKIT_HD int64_t group_of(int64_t row, int channel) const { return row * groups() + channel / group_size; }
+  ATTNKIT_HD float scale_at(int64_t row, int channel) const { return scale[group_of(row, channel)]; }
+  ATTNKIT_HD float zero_at(int64_t row, int channel) const {
+    return zero == nullptr ? 0.0f : zero[group_of(row, channel)];
+  }
+};
+
+// Values of channels [channel, channel + 8) of row `row` (channel a multiple of 8, so the 8
+// lie in one group): the CPU decode's load, through the same decoder as dequantize_kv.
+template <KVFormat F>
+ATTNKIT_HD void dequantize_8_channels(const QuantizedRows& rows, int64_t row, int channel, float* out) {
+  uint32_t w[kWordsPer8Channels<F>];
+  memcpy(w, rows.codes(row, channel), sizeof(w));
+  dequantize_words<F, kWordsPer8Channels<F>>(w, rows.scale_at(row, channel), rows.zero_at(row, channel), out);
 }
 
 }  // namespace attnkit

@@ -21,8 +21,8 @@ def _parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is present, else cpu")
-    p.add_argument("--family", default="prefill,decode,sparse,merge,neighborhood",
-                   help="comma-separated families among prefill, decode, sparse, merge, neighborhood (default: all)")
+    p.add_argument("--family", default="prefill,decode,sparse,quant,merge,neighborhood",
+                   help="comma-separated families among prefill, decode, sparse, quant, merge, neighborhood (default: all)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (make demo)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON (DESIGN.md format)")
     p.add_argument("--md", metavar="FILE", help="write the report as markdown")

@@ -551,6 +551,91 @@ def run_sparse(r):
 
 
 # ------------------------------------------------------------------------------------
+# quant: decode on quantized pages (docs/quantization.md) against bf16 decode
+
+QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("int4", None), ("int4", 32)]
+
+
+def quant_configs(device, quick):
+    if device == "cpu":
+        return [dict(B=1, ctx=8192 if quick else 32768)]
+    shapes = [(1, 131072)] if quick else [(1, 32768), (1, 131072), (8, 32768), (32, 32768)]
+    return [dict(B=b, ctx=ctx) for b, ctx in shapes]
+
+
+def _quant_err(r, q, k, v, lens, bt, out, g):
+    """Error of decode on the quantized pages, batch 0 and kv head 0 (its q heads), against
+    the float64 reference on the unquantized K/V of that sequence and head."""
+    def run(dev):
+        n = (int(lens[0]) + PAGE - 1) // PAGE
+        ks, vs = k[bt[0, :n].long()][:, :, 0:1], v[bt[0, :n].long()][:, :, 0:1]
+        ref, _ = reference.decode(q[0:1, :, 0:g].to(dev, torch.float64), ks.to(dev, torch.float64),
+                                  vs.to(dev, torch.float64), lens[0:1].to(dev),
+                                  block_table=torch.arange(n, dtype=torch.int32, device=dev).view(1, n))
+        return rel_err(out[0:1, :, 0:g], ref)
+    return _on_ref(run, r), f"batch 0, kv head 0 (q heads 0-{g - 1}), vs unquantized K/V"
+
+
+def run_quant(r):
+    """Rows: attnkit.decode reading int8 / fp8 / int4 pages (GB/s of the quantized bytes read),
+    against bf16 attnkit.decode on the same K/V (peer "bf16_decode"); the shape dict carries
+    the bytes per token of each and the bytes saved."""
+    Hq, Hkv, D = 32, 8, 128
+    dtype = torch.bfloat16 if r.device == "cuda" else torch.float32
+    dt = dtype_name(dtype)
+    for c in quant_configs(r.device, r.quick):
+        B, ctx = c["B"], c["ctx"]
+        npages = B * ctx // PAGE
+        shape_str = f"B{B} ctx{ctx} Hq{Hq} Hkv{Hkv} D{D} page{PAGE}"
+        ids = [f"quant/decode_{f}{'_g' + str(gs) if gs else ''}/{dt}/{shape_str}" for f, gs in QUANT_FORMATS]
+        todo = [i for i in ids if r.selected(i)]
+        if not todo:
+            continue
+        missing = _kernel_missing(r, "decode") or _kernel_missing(r, "quantize_kv")
+        if missing or r.over_budget():
+            for i in todo:
+                r.skip(i, missing or "time budget (--budget-s) spent")
+            continue
+        dev = r.device
+        graph = dev == "cuda"
+        try:
+            lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+            bt = torch.randperm(npages, device=dev).to(torch.int32).view(B, ctx // PAGE)
+            q = _randn((B, 1, Hq, D), dtype, dev)
+            k = _randn((npages, PAGE, Hkv, D), dtype, dev)
+            v = _randn((npages, PAGE, Hkv, D), dtype, dev)
+        except RuntimeError as err:  # out of memory
+            for i in todo:
+                r.skip(i, f"inputs do not fit: {err}"[:200])
+            r.free()
+            continue
+        plain_bytes = 2 * Hkv * D * k.element_size()  # K and V per token
+        base = r.time_attnkit(f"quant/{dt}/{shape_str} [bf16_decode]",
+                              [lambda: attnkit.decode(q, k, v, lens, block_table=bt)], graph=graph)
+        for (fmt, gs), case_id in zip(QUANT_FORMATS, ids):
+            if case_id not in todo:
+                continue
+            qk, qv = attnkit.quantize_kv(k, fmt, group_size=gs), attnkit.quantize_kv(v, fmt, group_size=gs)
+            token_bytes = 2 * Hkv * sum(t[0, 0, 0].numel() * t.element_size() for t in qk[:3] if t is not None)
+            print(f"{case_id} ({token_bytes} bytes per token vs {plain_bytes})", flush=True)
+            ak = r.time_attnkit(case_id, [lambda: attnkit.decode(q, qk, qv, lens, block_table=bt)], graph=graph)
+            if ak is not None:
+                out = attnkit.decode(q, qk, qv, lens, block_table=bt)
+                err, err_on = _quant_err(r, q, k, v, lens, bt, out, Hq // Hkv)
+                gbps = B * ctx * token_bytes / (ak.median * 1e-3) / 1e9
+                shape = {"batch": B, "seqlen_q": 1, "context": ctx, "heads_q": Hq, "heads_kv": Hkv, "head_dim": D,
+                         "page_size": PAGE, "kv_format": fmt, "group_size": gs, "bytes_per_token": token_bytes,
+                         "peer_bytes_per_token": plain_bytes, "bytes_saved_per_token": plain_bytes - token_bytes,
+                         "err_on": err_on}
+                r.add_row(Row("quant", case_id.split("/")[1], dt, shape, ak, gbps=gbps,
+                              pct_of_ceiling=100.0 * gbps / r.ceilings.copy_gbps, max_rel_err=err,
+                              shape_str=shape_str, id=case_id), {"bf16_decode": base})
+            del qk, qv
+        del q, k, v
+        r.free()
+
+
+# ------------------------------------------------------------------------------------
 # merge_attention_states
 
 
@@ -766,5 +851,5 @@ def run_neighborhood(r):
         r.free()
 
 
-FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "merge": run_merge,
-            "neighborhood": run_neighborhood}
+FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "quant": run_quant,
+            "merge": run_merge, "neighborhood": run_neighborhood}
