@@ -1,4 +1,4 @@
-"""attnkit's benchmarks: `python -m attnkit.bench [--device cpu|cuda] [--family prefill,decode,sparse,merge,neighborhood]
+"""attnkit's benchmarks: `python -m attnkit.bench [--device cpu|cuda] [--family prefill,decode,sparse,quant,merge,neighborhood]
 [--quick] [--json FILE] [--md FILE] [--plot FILE] [--threads N] [--only ID,...] [--budget-s S]`.
 
 It first measures the device's ceilings (a large matrix product, a large copy), then times
