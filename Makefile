@@ -30,7 +30,7 @@ build: env
 build-cpu: env
 	ATTNKIT_FORCE_CPU=1 $(PY) setup.py -q build_ext --inplace --build-temp build/cpu
 
-test-cpp:
+test-cpp: env
 	cmake -S . -B build/cpp -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$$($(PY) -c "import sys; print(sys.executable)") >/dev/null
 	cmake --build build/cpp -j 2
 	ctest --test-dir build/cpp --output-on-failure
