@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -66,6 +67,30 @@ struct DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   template <typename T = void> T* as() const { return static_cast<T*>(ptr); }
 };
+
+// Owns the device buffers of a benchmark's rotated input sets.
+struct DeviceArena {
+  std::vector<std::unique_ptr<DeviceBuffer>> owned;
+  void* alloc(size_t bytes) {
+    owned.push_back(std::make_unique<DeviceBuffer>(bytes));
+    return owned.back()->ptr;
+  }
+};
+
+// Max (is_max) or sum of x over the block, through `red` (blockDim.x floats of shared
+// memory, blockDim.x a power of two); every thread gets the result. For reference kernels.
+__device__ inline float block_reduce(float x, bool is_max, float* red) {
+  red[threadIdx.x] = x;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w)
+      red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], red[threadIdx.x + w]) : red[threadIdx.x] + red[threadIdx.x + w];
+    __syncthreads();
+  }
+  const float r = red[0];
+  __syncthreads();
+  return r;
+}
 
 template <typename F>
 inline void for_dtype(DType dt, F&& f) {
@@ -177,6 +202,25 @@ inline std::string rows_verdict(const DeviceBuffer& ref_out, const DeviceBuffer&
                 ok ? "ok" : "FAILED", nrows, rel, lse_err, nonfinite);
   return text;
 }
+
+// The device side of a sampled-rows check: the rows (ints, uploaded), fp32 buffers for the
+// reference's and the kernel's nrows x head_dim outputs and LSEs, and a non-finite counter.
+// Launch the reference / gather / count kernels on them, then verdict().
+struct SampledRows {
+  int nrows, head_dim;
+  DeviceBuffer rows, ref_out, got_out, ref_lse, got_lse, nonfinite;
+  SampledRows(const std::vector<int>& host_rows, int nrows_, int head_dim_)
+      : nrows(nrows_), head_dim(head_dim_), rows(host_rows.size() * sizeof(int)),
+        ref_out(size_t(nrows_) * head_dim_ * 4), got_out(size_t(nrows_) * head_dim_ * 4), ref_lse(nrows_ * 4),
+        got_lse(nrows_ * 4), nonfinite(sizeof(unsigned long long)) {
+    check(cudaMemcpy(rows.ptr, host_rows.data(), host_rows.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
+    check(cudaMemset(nonfinite.ptr, 0, sizeof(unsigned long long)), "cudaMemset");
+  }
+  std::string verdict() const {
+    check(cudaGetLastError(), "check kernels");
+    return rows_verdict(ref_out, got_out, ref_lse, got_lse, nonfinite, nrows, head_dim);
+  }
+};
 
 // The copy ceiling: GB/s (bytes read + bytes written) of a large device-to-device copy.
 inline double measure_copy_gbps(std::string& desc) {

@@ -183,21 +183,9 @@ __global__ void __launch_bounds__(kRefThreads) reference_rows(const __grid_const
     s *= p.scale;
     return p.softcap > 0.0f ? p.softcap * tanhf(s / p.softcap) : s;
   };
-  auto block_reduce = [&](float x, bool is_max) {
-    red[threadIdx.x] = x;
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w /= 2) {
-      if (threadIdx.x < w)
-        red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], red[threadIdx.x + w]) : red[threadIdx.x] + red[threadIdx.x + w];
-      __syncthreads();
-    }
-    const float r = red[0];
-    __syncthreads();
-    return r;
-  };
   float m = -INFINITY;
   for (int j = keys.begin + threadIdx.x; j < keys.end; j += blockDim.x) m = fmaxf(m, score(j));
-  m = block_reduce(m, true);
+  m = block_reduce(m, true, red);
   float sum = 0.0f;
   float part[kMaxHdim];  // this thread's share of P @ V (local memory; a reference, not a kernel)
   for (int c = 0; c < d; ++c) part[c] = 0.0f;
@@ -207,7 +195,7 @@ __global__ void __launch_bounds__(kRefThreads) reference_rows(const __grid_const
     const T* vr = v + j * p.v_strides.row;
     for (int c = 0; c < d; ++c) part[c] += e * to_float(vr[c]);
   }
-  sum = block_reduce(sum, false);
+  sum = block_reduce(sum, false, red);
   for (int c = 0; c < d; ++c) atomicAdd(&acc[(c + threadIdx.x) % d], part[(c + threadIdx.x) % d]);
   __syncthreads();
   for (int c = threadIdx.x; c < d; c += blockDim.x) ref_out[int64_t(blockIdx.x) * d + c] = sum > 0 ? acc[c] / sum : 0.0f;
@@ -231,18 +219,10 @@ struct Case {
   bool causal;
 };
 
-struct Sets {
+struct Sets : DeviceArena {
   // Per rotated input set: q, k, v, out, lse (+ backward: dout, dq, dk, dv, dq_accum, delta).
-  std::vector<DeviceBuffer*> owned;
   std::vector<AttentionParams> fwd;
   std::vector<AttentionBwdParams> bwd;
-  ~Sets() {
-    for (auto* b : owned) delete b;
-  }
-  void* alloc(size_t bytes) {
-    owned.push_back(new DeviceBuffer(bytes));
-    return owned.back()->ptr;
-  }
 };
 
 Strides dense_strides(int seqlen, int heads, int hdim) {
@@ -268,19 +248,18 @@ std::string check_forward(const AttentionParams& p) {
     rows[3 * r + 1] = next(p.heads_q);
     rows[3 * r + 2] = r < 4 ? (r < 2 ? r : p.seqlen_q - 1 - (r - 2)) : next(p.seqlen_q);  // first and last rows too
   }
-  DeviceBuffer d_rows(rows.size() * sizeof(int)), ref_out(size_t(nrows) * p.head_dim * 4), got_out(size_t(nrows) * p.head_dim * 4),
-      ref_lse(nrows * 4), got_lse(nrows * 4), bad(sizeof(unsigned long long));
-  check(cudaMemcpy(d_rows.ptr, rows.data(), rows.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
-  check(cudaMemset(bad.ptr, 0, sizeof(unsigned long long)), "cudaMemset");
   const int64_t n_out = int64_t(p.batch) * p.seqlen_q * p.heads_q * p.head_dim;
+  SampledRows sample(rows, nrows, p.head_dim);
   for_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    reference_rows<T><<<nrows, kRefThreads>>>(p, d_rows.as<int>(), ref_out.as<float>(), ref_lse.as<float>());
-    gather_rows<T><<<nrows, 128>>>(p, d_rows.as<int>(), got_out.as<float>(), got_lse.as<float>());
-    count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out, bad.as<unsigned long long>());
+    reference_rows<T><<<nrows, kRefThreads>>>(p, sample.rows.as<int>(), sample.ref_out.as<float>(),
+                                              sample.ref_lse.as<float>());
+    gather_rows<T><<<nrows, 128>>>(p, sample.rows.as<int>(), sample.got_out.as<float>(),
+                                   sample.got_lse.as<float>());
+    count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out,
+                                      sample.nonfinite.as<unsigned long long>());
   });
-  check(cudaGetLastError(), "check kernels");
-  return rows_verdict(ref_out, got_out, ref_lse, got_lse, bad, nrows, p.head_dim);
+  return sample.verdict();
 }
 
 bool run_case(const Options& o, const Case& c, double ceiling, int& failures) {

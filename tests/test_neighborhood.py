@@ -3,9 +3,9 @@ built from the definition in Python, independently of csrc/include/attnkit/neigh
 forward out and LSE, gradients dq, dk, dv, in 1-D, 2-D and 3-D with kernel sizes (odd and
 even), dilation, stride, per-axis causal, mixed per-axis options, GQA, odd sizes and head dims;
 kernel == axis length equals dense attention; the reference mask itself against hand-worked
-windows; opcheck, torch.compile and bad input. The CUDA rows (forward only: the backward has
-no CUDA kernel yet) run where a GPU and the CUDA kernel are present and are skipped otherwise;
-tests/test_neighborhood_cuda.py holds the large CUDA shapes."""
+windows; opcheck, torch.compile and bad input. The CUDA rows (forward and backward) run where
+a GPU and the CUDA kernel are present and are skipped otherwise; tests/test_neighborhood_cuda.py
+holds the large CUDA shapes."""
 import pytest
 import torch
 
@@ -34,10 +34,8 @@ def case_id(c):
     return f"b{b}-{'x'.join(map(str, spatial))}-h{h}:{hkv}-d{d}-k{ks}-d{dil}-s{st}-c{causal}".replace(" ", "")
 
 
-def run_case(case, dtype, device, gen, grads=None):
-    """Forward (and, on the CPU, backward) of one case against the reference. The backward
-    has no CUDA kernel yet (tests/test_neighborhood_cuda.py checks that it says so)."""
-    grads = device == "cpu" if grads is None else grads
+def run_case(case, dtype, device, gen, grads=True):
+    """Forward and backward of one case against the reference."""
     b, spatial, h, hkv, d, kernel_size, dilation, stride, is_causal = case
     if device == "cuda" and d % 8:
         pytest.skip("the CUDA kernels need head_dim % 8 == 0")

@@ -14,7 +14,7 @@
 #        BENCH_ARGS (extra arguments of python -m attnkit.bench, e.g. "--quick" or "--family decode"),
 #        SUITE_SANITIZE=0 (skip compute-sanitizer), SUITE_CPP_BENCH=0 (skip bench/prefill),
 #        CPP_BENCH_ARGS (arguments of bench/prefill; default a short list, fwd + bwd),
-#        CPP_DECODE_ARGS (arguments of bench/decode).
+#        CPP_DECODE_ARGS (arguments of bench/decode), CPP_NA_ARGS (of bench/neighborhood).
 #
 # Files written (at most 8, what the device tool brings back): suite.log (wheels, GPU,
 # versions, step times), build.log (setup.py, then the CMake build of bench/prefill),
@@ -96,7 +96,7 @@ if [[ ${SUITE_CPP_BENCH:-1} != 0 ]] && command -v cmake >/dev/null 2>&1; then
   setsid bash -c "s=\$(date +%s)
     timeout -k 10 $tc cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE='$pybin' \
         -DCMAKE_CUDA_ARCHITECTURES='$ATTNKIT_CUDA_ARCHS' \
-      && timeout -k 10 $tc nice -n 10 cmake --build build/cmake --target prefill decode -j $MAX_JOBS
+      && timeout -k 10 $tc nice -n 10 cmake --build build/cmake --target prefill decode neighborhood -j $MAX_JOBS
     echo \"== cmake build of bench/prefill: exit \$? in \$(( \$(date +%s) - s ))s (limit ${tc}s)\"" \
     > "$cpp_build_log" 2>&1 &
   cpp_pid=$!
@@ -153,6 +153,14 @@ if [[ -n $cpp_pid ]]; then
       # shellcheck disable=SC2086
       timeout -k 5 "$tdec" build/cmake/decode ${CPP_DECODE_ARGS:---iters 10} >> "$cpp_log" 2>&1
       say "bench/decode: exit $? in $(( $(date +%s) - s ))s (limit ${tdec}s)"
+    fi
+    if [[ -x build/cmake/neighborhood ]]; then
+      s=$(date +%s)
+      tna=$(step_timeout 45 140)
+      { echo; echo "======== bench/neighborhood (C++, torch-free) ========"; } >> "$cpp_log"
+      # shellcheck disable=SC2086
+      timeout -k 5 "$tna" build/cmake/neighborhood ${CPP_NA_ARGS:---hdim 128 --bwd --iters 5} >> "$cpp_log" 2>&1
+      say "bench/neighborhood: exit $? in $(( $(date +%s) - s ))s (limit ${tna}s)"
     fi
   else
     echo "bench/prefill was not built; see build.log" > "$cpp_log"

@@ -48,11 +48,13 @@ void page_scores(const PageScoresParams& params, cudaStream_t stream);
 // Top-k page choice (attnkit/page_order.h), bit-identical to the CPU kernel. Both ops
 // allocate nothing and never sync: capturable in a CUDA graph.
 void select_pages(const SelectPagesParams& params, cudaStream_t stream);
-// Neighborhood attention forward (the prefill forward kernel with a neighbourhood mask
+// Neighborhood attention forward and backward (the prefill kernels with a neighbourhood mask
 // policy, docs/neighborhood.md), fp16/bf16, head_dim a multiple of 8 up to 128 (kernels for
 // 64 and 128). Rows (tokens) and heads of q/k/v/out: strides multiples of 8 elements,
-// pointers 16-byte aligned; lse (batch, heads_q, tokens) contiguous.
+// pointers 16-byte aligned; lse (batch, heads_q, tokens) contiguous. The backward needs the
+// fp32 scratch dq_accum (like q) and delta (like lse).
 bool neighborhood_supports(DType dtype, int head_dim);
 void neighborhood_fwd(const NeighborhoodParams& params, cudaStream_t stream);
+void neighborhood_bwd(const NeighborhoodBwdParams& params, cudaStream_t stream);
 
 }  // namespace attnkit::cuda

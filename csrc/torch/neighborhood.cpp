@@ -1,6 +1,6 @@
 // Schemas and bindings of neighborhood_fwd / neighborhood_bwd: checks, the flattened token
-// view of q, k, v, allocation, params, dispatch to csrc/cpu/neighborhood.cpp. The schemas are a
-// fragment of the attnkit library declared in ops.cpp.
+// view of q, k, v, allocation, params, dispatch to csrc/cpu/neighborhood.cpp or the CUDA
+// kernels. The schemas are a fragment of the attnkit library declared in ops.cpp.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -108,7 +108,8 @@ void require_cpu(const at::Tensor& q, const char* op) {
 }
 
 #ifdef ATTNKIT_WITH_CUDA
-void run_cuda_fwd(const NeighborhoodParams& p, const at::Tensor& q) {
+// What the CUDA kernels take, checked before any launch.
+void check_cuda_supported(const NeighborhoodParams& p) {
   TORCH_CHECK_VALUE(p.dtype != DType::kFloat32,
                     "attnkit.neighborhood_attention on CUDA takes float16 or bfloat16 q, k, v (dtype float32 runs "
                     "on the CPU only)");
@@ -118,7 +119,6 @@ void run_cuda_fwd(const NeighborhoodParams& p, const at::Tensor& q) {
   TORCH_CHECK_VALUE(p.batch <= 65535 && p.heads_q <= 65535,
                     "attnkit.neighborhood_attention on CUDA takes at most 65535 batch entries and heads, got batch ",
                     p.batch, " and ", p.heads_q, " heads");
-  if (q.numel() > 0) cuda::neighborhood_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
 }
 #endif
 
@@ -136,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_fwd(const at::Tensor& q, const a
   p.lse = lse.data_ptr<float>();
 #ifdef ATTNKIT_WITH_CUDA
   if (q.is_cuda()) {
-    run_cuda_fwd(p, q);
+    check_cuda_supported(p);
+    if (q.numel() > 0) cuda::neighborhood_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
     return {out, lse};
   }
 #endif
@@ -160,7 +161,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighborhood_bwd(
                     "lse must be float32 on the device of q");
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape(q)), "lse must have shape ",
                     at::IntArrayRef(lse_shape(q)), ", got ", lse.sizes());
-  require_cpu(q, "neighborhood_attention backward");
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) check_cuda_supported(bp.fwd);
+#endif
+  if (!q.is_cuda()) require_cpu(q, "neighborhood_attention backward");
   const at::Tensor out_view = tokens_view(out), dout_view = tokens_view(dout), lse_c = lse.contiguous();
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
@@ -177,6 +181,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighborhood_bwd(
   bp.dq_strides = strides_of(dq_view);
   bp.dk_strides = strides_of(dk_view);
   bp.dv_strides = strides_of(dv_view);
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) {
+    const at::Tensor dq_accum = at::empty(dq_view.sizes(), q.options().dtype(at::kFloat));  // zeroed by the kernel
+    const at::Tensor delta = at::empty_like(lse_c);
+    bp.dq_accum = dq_accum.data_ptr<float>();
+    bp.dq_accum_strides = strides_of(dq_accum);
+    bp.delta = delta.data_ptr<float>();
+    if (q.numel() > 0) cuda::neighborhood_bwd(bp, c10::cuda::getCurrentCUDAStream().stream());
+    return {dq, dk, dv};
+  }
+#endif
   if (q.numel() > 0) cpu::neighborhood_bwd(bp);
   return {dq, dk, dv};
 }
@@ -198,8 +213,6 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
 }
 
 #ifdef ATTNKIT_WITH_CUDA
-// The backward has no CUDA kernel yet: neighborhood_bwd on CUDA tensors raises
-// NotImplementedError (require_cpu) with the reason.
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("neighborhood_fwd", &neighborhood_fwd);
   m.impl("neighborhood_bwd", &neighborhood_bwd);

@@ -78,6 +78,14 @@ void check_axis(const AxisWindow& w) {
       int begin, end;
       w.key_span(a, b, begin, end);
       EXPECT(begin == lo && end == hi, "key_span(%d, %d) = [%d, %d), expected [%d, %d)", a, b, begin, end, lo, hi);
+      lo = L, hi = 0;
+      for (int y = a; y < b; ++y)
+        for (int x = 0; x < L; ++x)
+          if (visible(w, x, y)) lo = std::min(lo, x), hi = std::max(hi, x + 1);
+      w.query_span(a, b, begin, end);
+      if (hi == 0) hi = lo = begin;  // no query sees these keys: any empty range
+      EXPECT(begin == lo && end == hi, "query_span(%d, %d) = [%d, %d), expected [%d, %d)", a, b, begin, end, lo,
+             hi);
     }
 }
 
@@ -109,34 +117,43 @@ void check_grid(const Neighborhood& nb) {
   }
 }
 
-// The tile walk of a query range must return, in increasing order, every key tile holding a
-// key that a query of the range sees; tile_fully_visible must only claim what holds.
+// The tile walk of a token range must return, in increasing order, every tile on its side
+// holding a token paired with one of the range (a key a query of the range sees, or a query
+// that sees a key of the range); tile_fully_visible must only claim what holds.
 void check_tiles(const Neighborhood& nb, std::mt19937& rng) {
   const int64_t n = nb.tokens();
   for (int trial = 0; trial < 20; ++trial) {
     const int block = 1 + int(rng() % 12);
-    const int64_t qb = int64_t(rng() % n), qe = qb + 1 + int64_t(rng() % (n - qb));
-    std::vector<bool> needed((n + block - 1) / block, false);
-    for (int64_t q = qb; q < qe; ++q)
-      for (int64_t k = 0; k < n; ++k)
-        if (nb.sees(q, k)) needed[k / block] = true;
-    attnkit::KeyTileWalk walk(nb, qb, qe, block);
-    std::vector<int64_t> tiles;
-    for (int64_t t = walk.next(); t >= 0; t = walk.next()) tiles.push_back(t);
-    EXPECT(std::is_sorted(tiles.begin(), tiles.end()) &&
-               std::adjacent_find(tiles.begin(), tiles.end()) == tiles.end(),
-           "tile walk not strictly increasing");
-    EXPECT(tiles.empty() || (tiles.front() >= 0 && tiles.back() < int64_t(needed.size())), "tile out of range");
-    for (size_t t = 0; t < needed.size(); ++t)
-      EXPECT(!needed[t] || std::binary_search(tiles.begin(), tiles.end(), int64_t(t)),
-             "tile %zu holds a neighbour of queries [%lld, %lld) but the walk skips it (block %d)", t,
-             (long long)qb, (long long)qe, block);
-    for (int64_t t : tiles) {
-      const int64_t kb = t * block, ke = std::min(n, kb + block);
-      bool all = true;
-      for (int64_t q = qb; q < qe; ++q)
-        for (int64_t k = kb; k < ke; ++k) all = all && nb.sees(q, k);
-      EXPECT(!attnkit::tile_fully_visible(nb, qb, qe, kb, ke) || all, "tile_fully_visible claims a masked pair");
+    const int64_t rb = int64_t(rng() % n), re = rb + 1 + int64_t(rng() % (n - rb));
+    for (const attnkit::TileSide side : {attnkit::TileSide::kKeys, attnkit::TileSide::kQueries}) {
+      const bool keys = side == attnkit::TileSide::kKeys;
+      const auto pairs = [&](int64_t in_range, int64_t other) {
+        return keys ? nb.sees(in_range, other) : nb.sees(other, in_range);
+      };
+      std::vector<bool> needed((n + block - 1) / block, false);
+      for (int64_t t = rb; t < re; ++t)
+        for (int64_t o = 0; o < n; ++o)
+          if (pairs(t, o)) needed[o / block] = true;
+      attnkit::TileWalk walk(nb, rb, re, block, side);
+      std::vector<int64_t> tiles;
+      for (int64_t t = walk.next(); t >= 0; t = walk.next()) tiles.push_back(t);
+      EXPECT(std::is_sorted(tiles.begin(), tiles.end()) &&
+                 std::adjacent_find(tiles.begin(), tiles.end()) == tiles.end(),
+             "tile walk not strictly increasing");
+      EXPECT(tiles.empty() || (tiles.front() >= 0 && tiles.back() < int64_t(needed.size())), "tile out of range");
+      for (size_t t = 0; t < needed.size(); ++t)
+        EXPECT(!needed[t] || std::binary_search(tiles.begin(), tiles.end(), int64_t(t)),
+               "tile %zu holds a partner of tokens [%lld, %lld) but the %s walk skips it (block %d)", t,
+               (long long)rb, (long long)re, keys ? "key" : "query", block);
+      for (int64_t t : tiles) {
+        const int64_t ob = t * block, oe = std::min(n, ob + block);
+        bool all = true;
+        for (int64_t x = rb; x < re; ++x)
+          for (int64_t o = ob; o < oe; ++o) all = all && pairs(x, o);
+        const bool claimed = keys ? attnkit::tile_fully_visible(nb, rb, re, ob, oe)
+                                  : attnkit::tile_fully_visible(nb, ob, oe, rb, re);
+        EXPECT(!claimed || all, "tile_fully_visible claims a masked pair");
+      }
     }
   }
 }
@@ -172,7 +189,7 @@ int main() {
   full.axis[0] = AxisWindow{5, 5, 1, 1, false};
   full.axis[1] = AxisWindow{7, 7, 1, 1, false};
   EXPECT(attnkit::tile_fully_visible(full, 3, 20, 0, 35), "kernel == length must need no mask");
-  attnkit::KeyTileWalk walk(full, 10, 12, 4);
+  attnkit::TileWalk walk(full, 10, 12, 4, attnkit::TileSide::kKeys);
   int tiles = 0;
   while (walk.next() >= 0) ++tiles;
   EXPECT(tiles == 9, "full attention walks %d of 9 tiles", tiles);

@@ -1,5 +1,5 @@
-// neighborhood_fwd on CUDA: the params as a prefill of `tokens` rows per sequence, and the
-// kernel instantiation for the dtype and head_dim (rounded up to 64 or 128; the kernels mask
+// neighborhood_fwd / neighborhood_bwd on CUDA: the params as a prefill of `tokens` rows per
+// sequence, and the kernel instantiation for the dtype and head_dim (rounded up to 64 or 128; the kernels mask
 // the extra columns).
 #include <cutlass/numeric_types.h>
 
@@ -45,19 +45,46 @@ bool neighborhood_supports(DType dtype, int head_dim) {
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && padded_head_dim(head_dim) != 0;
 }
 
-void neighborhood_fwd(const NeighborhoodParams& params, cudaStream_t stream) {
+// Calls launch<Element, padded head_dim>() for the params' dtype and head_dim.
+template <typename Launch>
+void dispatch(const NeighborhoodParams& params, const char* op, Launch&& launch) {
   if (!neighborhood_supports(params.dtype, params.head_dim))
-    throw std::invalid_argument("attnkit.neighborhood_attention on CUDA: unsupported dtype or head_dim " +
+    throw std::invalid_argument(std::string(op) + " on CUDA: unsupported dtype or head_dim " +
                                 std::to_string(params.head_dim));
-  const AttentionParams p = as_prefill(params);
   const bool half = params.dtype == DType::kFloat16;
   if (padded_head_dim(params.head_dim) == 64) {
-    if (half) neighborhood::launch_fwd<cutlass::half_t, 64>(p, params.nbhd, stream);
-    else neighborhood::launch_fwd<cutlass::bfloat16_t, 64>(p, params.nbhd, stream);
+    if (half) launch.template operator()<cutlass::half_t, 64>();
+    else launch.template operator()<cutlass::bfloat16_t, 64>();
   } else {
-    if (half) neighborhood::launch_fwd<cutlass::half_t, 128>(p, params.nbhd, stream);
-    else neighborhood::launch_fwd<cutlass::bfloat16_t, 128>(p, params.nbhd, stream);
+    if (half) launch.template operator()<cutlass::half_t, 128>();
+    else launch.template operator()<cutlass::bfloat16_t, 128>();
   }
+}
+
+void neighborhood_fwd(const NeighborhoodParams& params, cudaStream_t stream) {
+  const AttentionParams p = as_prefill(params);
+  dispatch(params, "attnkit.neighborhood_attention", [&]<typename Element, int kHeadDim>() {
+    neighborhood::launch_fwd<Element, kHeadDim>(p, params.nbhd, stream);
+  });
+}
+
+void neighborhood_bwd(const NeighborhoodBwdParams& params, cudaStream_t stream) {
+  AttentionBwdParams bp{};
+  bp.fwd = as_prefill(params.fwd);
+  bp.dout = params.dout;
+  bp.dq = params.dq;
+  bp.dk = params.dk;
+  bp.dv = params.dv;
+  bp.dout_strides = params.dout_strides;
+  bp.dq_strides = params.dq_strides;
+  bp.dk_strides = params.dk_strides;
+  bp.dv_strides = params.dv_strides;
+  bp.dq_accum = params.dq_accum;
+  bp.dq_accum_strides = params.dq_accum_strides;
+  bp.delta = params.delta;
+  dispatch(params.fwd, "attnkit.neighborhood_attention backward", [&]<typename Element, int kHeadDim>() {
+    neighborhood::launch_bwd<Element, kHeadDim>(bp, params.fwd.nbhd, stream);
+  });
 }
 
 }  // namespace attnkit::cuda

@@ -1,8 +1,8 @@
 // Prefill backward on CUDA, the FlashAttention-2 algorithm in three kernels:
 //  1. rows:   delta = rowsum(dO * O) per query row (laid out like lse); dq_accum zeroed.
 //  2. main:   one CTA per (key block, kv head, sequence) keeps K, V in shared memory and
-//             dK, dV in registers, and walks the query blocks that see its keys
-//             (AttentionMask::rows_of_keys) for every q head of its GQA group: recompute
+//             dK, dV in registers, and walks the query blocks that see its keys (a mask
+//             policy, as in the forward) for every q head of its GQA group: recompute
 //             P from lse, dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q,
 //             and dq_accum += dS K with fp32 atomics. dK and dV are complete when the CTA
 //             ends (the group's q heads are summed in registers, no atomics).
@@ -92,9 +92,38 @@ __device__ __forceinline__ void store_acc(const Acc& acc, const Coords& coords, 
   }
 }
 
+// The mask policy of the backward, the forward's (fwd.cuh) seen from a key block: built per
+// key block from the params, its Args, the sequence and the block's first key, it offers
+// first() the first query block to visit (asked again to restart for the next q head of the
+// GQA group), next(m) the block after block m (asked once per visited block, in order),
+// valid(m), needs_mask(m) and apply(acc, coords, m) as in the forward.
+template <int kBlockM, int kBlockN>
+struct PrefillBwdMask {
+  struct Args {};
+  AttentionMask mask;
+  KeyRange tiles;
+  int n0;
+
+  __device__ PrefillBwdMask(const AttentionParams& p, const Args&, const Sequence& seq, int n0_)
+      : mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right),
+        tiles(tiles_of(mask.rows_of_keys(n0_, n0_ + kBlockN), kBlockM)),
+        n0(n0_) {}
+  __device__ int first() const { return tiles.begin; }
+  __device__ int next(int m) const { return m + 1; }
+  __device__ bool valid(int m) const { return m < tiles.end; }
+  __device__ bool needs_mask(int m) const {
+    return !mask.block_fully_visible(m * kBlockM, (m + 1) * kBlockM, n0, n0 + kBlockN);
+  }
+  template <typename Acc, typename Coords>
+  __device__ void apply(Acc& acc, const Coords& coords, int m) const {
+    apply_mask(acc, coords, mask, m * kBlockM, n0);
+  }
+};
+
 // Kernel 2: dK, dV of one key block; dS K added into dq_accum.
-template <typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_constant__ AttentionBwdParams bp) {
+template <typename Cfg, typename Policy>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    bwd_main_kernel(const __grid_constant__ AttentionBwdParams bp, const __grid_constant__ typename Policy::Args args) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
   constexpr int kThreads = Cfg::kThreads;
@@ -107,8 +136,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
   if (n0 >= seq.len_k) return;
   const int keys_left = seq.len_k - n0;
   const int group = p.heads_q / p.heads_kv;
-  const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
-  const KeyRange m_tiles = tiles_of(mask.rows_of_keys(n0, n0 + kBlockN), kBlockM);
+  Policy policy(p, args, seq, n0);
 
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
@@ -184,36 +212,37 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
   auto copy_p = make_tiled_copy_C(Copy_Atom<DefaultCopy, Element>{}, mma);
   auto thr_copy_p = copy_p.get_thread_slice(tid);
 
-  // The (q head of the group, query block) steps, flattened so that the next step's Q and
-  // dO loads can be issued as soon as the current step is done reading sdO (after dV) and
-  // sQ (after dK): they land while dK and dQ are computed.
-  const int m_count = m_tiles.end > m_tiles.begin ? m_tiles.end - m_tiles.begin : 0;
-  const int steps = group * m_count;
-  const auto head_of = [&](int step) { return h_kv * group + step / m_count; };
-  const auto block_of = [&](int step) { return m_tiles.begin + step % m_count; };
-  const auto tile_of = [&](const void* base, const Strides& strides, int step) {
-    return local_tile(gmem_rows<Element>(base, offset_of(strides, b, seq.row_q, head_of(step)), seq.len_q,
+  // The steps are (q head g of the group, query block m) pairs, walked with the next step
+  // known ahead, so that its Q and dO loads can be issued as soon as the current step is
+  // done reading sdO (after dV) and sQ (after dK): they land while dK and dQ are computed.
+  const auto tile_of = [&](const void* base, const Strides& strides, int g, int m) {
+    return local_tile(gmem_rows<Element>(base, offset_of(strides, b, seq.row_q, h_kv * group + g), seq.len_q,
                                          p.head_dim, strides.row),
-                      TileQ{}, make_coord(block_of(step), 0));
+                      TileQ{}, make_coord(m, 0));
   };
-  const auto load_q = [&](int step) {
-    copy_tile<true>(gmem_load, thr_load.partition_S(tile_of(p.q, p.q_strides, step)), tQsQ, tQc,
-                    seq.len_q - block_of(step) * kBlockM, p.head_dim);
+  const auto load_q = [&](int g, int m) {
+    copy_tile<true>(gmem_load, thr_load.partition_S(tile_of(p.q, p.q_strides, g, m)), tQsQ, tQc,
+                    seq.len_q - m * kBlockM, p.head_dim);
     cp_async_fence();
   };
-  const auto load_do = [&](int step) {
-    copy_tile<true>(gmem_load, thr_load.partition_S(tile_of(bp.dout, bp.dout_strides, step)), tQsdO, tQc,
-                    seq.len_q - block_of(step) * kBlockM, p.head_dim);
+  const auto load_do = [&](int g, int m) {
+    copy_tile<true>(gmem_load, thr_load.partition_S(tile_of(bp.dout, bp.dout_strides, g, m)), tQsdO, tQc,
+                    seq.len_q - m * kBlockM, p.head_dim);
     cp_async_fence();
   };
-  if (steps > 0) {
-    load_q(0);
-    load_do(0);
+  int g = 0, m = policy.first();
+  bool more = policy.valid(m);
+  if (more) {
+    load_q(g, m);
+    load_do(g, m);
   }
 
-  for (int step = 0; step < steps; ++step) {
-    const int h = head_of(step);
-    const int m0 = block_of(step) * kBlockM;
+  while (more) {
+    int g_next = g, m_next = policy.next(m);
+    if (!policy.valid(m_next) && ++g_next < group) m_next = policy.first();
+    more = g_next < group;
+    const int h = h_kv * group + g;
+    const int m0 = m * kBlockM;
     const int rows_left = seq.len_q - m0;
     const int64_t lse_row0 = lse_offset(p, b, h, seq);
     // The previous step read s_lse / s_delta before its first barrier after them, which
@@ -235,7 +264,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
     if (capped) apply_softcap(acc_s, p.scale, p.softcap);
     Tensor capped_logits = make_fragment_like(acc_s);  // for the softcap derivative
     if (capped) copy(acc_s, capped_logits);
-    if (!mask.block_fully_visible(m0, m0 + kBlockM, n0, n0 + kBlockN)) apply_mask(acc_s, tScS, mask, m0, n0);
+    if (policy.needs_mask(m)) policy.apply(acc_s, tScS, m);
     CUTE_UNROLL
     for (int e = 0; e < size(acc_s); ++e)
       acc_s(e) = fast_exp2(acc_s(e) * scale_log2 - s_lse[get<0>(tScS(e))]);
@@ -259,11 +288,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
     gemm_ss(acc_dv, rPt, rdOt, thr_a_t.partition_S(sPt), thr_b_t.partition_S(sdOt), mma, copy_a_t, copy_b_t,
             thr_a_t, thr_b_t);
     __syncthreads();  // every warp is done with sdO
-    if (step + 1 < steps) load_do(step + 1);
+    if (more) load_do(g_next, m_next);
     gemm_ss(acc_dk, rdSt, rQt, thr_a_t.partition_S(sdSt), thr_b_t.partition_S(sQt), mma, copy_a_t, copy_b_t,
             thr_a_t, thr_b_t);
     __syncthreads();  // every warp is done with sQ
-    if (step + 1 < steps) load_q(step + 1);
+    if (more) load_q(g_next, m_next);
     Tensor acc_dq = partition_fragment_C(mma, TileQ{});
     clear(acc_dq);
     gemm_ss(acc_dq, rdS, rKt, thr_a_n.partition_S(sdS), thr_b_t.partition_S(sKt), mma, copy_a_n, copy_b_t, thr_a_n,
@@ -275,6 +304,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
       const int r = get<0>(tdQc(e)), c = get<1>(tdQc(e));
       if (r < rows_left && c < p.head_dim) atomicAdd(dq_accum + r * bp.dq_accum_strides.row + c, acc_dq(e));
     }
+    g = g_next;
+    m = m_next;
   }
 
   cp_async_wait<0>();  // K and V may still be landing when no query block saw them
@@ -285,25 +316,34 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_main_kernel(const __grid_co
             bp.dv_strides.row, keys_left, p.head_dim, 1.f);
 }
 
-template <typename Element, int kHeadDim>
-void launch_bwd(const AttentionBwdParams& bp, cudaStream_t stream) {
+// Launches the three backward kernels of (Element, kHeadDim), the main one with mask policy
+// Policy<kBlockM, kBlockN>.
+template <typename Element, int kHeadDim, template <int, int> class Policy>
+void launch_bwd_with(const AttentionBwdParams& bp,
+                     const typename Policy<BwdConfigFor<Element, kHeadDim>::kBlockM,
+                                           BwdConfigFor<Element, kHeadDim>::kBlockN>::Args& args,
+                     cudaStream_t stream, const char* op) {
   const AttentionParams& p = bp.fwd;
   const dim3 row_grid((p.seqlen_q + kRowWarps - 1) / kRowWarps, p.heads_q, p.batch);
   bwd_rows_kernel<Element><<<row_grid, 32 * kRowWarps, 0, stream>>>(bp);
-  check(cudaGetLastError(), "attention_bwd rows launch");
+  check(cudaGetLastError(), op);
 
   using Cfg = BwdConfigFor<Element, kHeadDim>;
-  auto kernel = bwd_main_kernel<Cfg>;
+  auto kernel = bwd_main_kernel<Cfg, Policy<Cfg::kBlockM, Cfg::kBlockN>>;
   constexpr int smem = Cfg::kSmemBytes;
   if constexpr (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-          "attention_bwd: cudaFuncSetAttribute");
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), op);
   const dim3 grid((p.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.heads_kv, p.batch);
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(bp);
-  check(cudaGetLastError(), "attention_bwd launch");
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(bp, args);
+  check(cudaGetLastError(), op);
 
   bwd_dq_kernel<Element><<<row_grid, 32 * kRowWarps, 0, stream>>>(bp);
-  check(cudaGetLastError(), "attention_bwd dq launch");
+  check(cudaGetLastError(), op);
+}
+
+template <typename Element, int kHeadDim>
+void launch_bwd(const AttentionBwdParams& bp, cudaStream_t stream) {
+  launch_bwd_with<Element, kHeadDim, PrefillBwdMask>(bp, {}, stream, "attention_bwd launch");
 }
 
 }  // namespace attnkit::cuda::prefill

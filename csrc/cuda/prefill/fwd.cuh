@@ -261,13 +261,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 }
 
-// Launches the forward kernel of (Element, kHeadDim) with mask policy Policy<kBlockM, kBlockN>.
-template <typename Element, int kHeadDim, template <int, int> class Policy>
-void launch_fwd_with(const AttentionParams& p,
-                     const typename Policy<FwdConfigFor<Element, kHeadDim>::kBlockM,
-                                           FwdConfigFor<Element, kHeadDim>::kBlockN>::Args& args,
+// Launches the forward kernel of tile configuration Cfg with mask policy
+// Policy<kBlockM, kBlockN>.
+template <typename Cfg, template <int, int> class Policy>
+void launch_fwd_with(const AttentionParams& p, const typename Policy<Cfg::kBlockM, Cfg::kBlockN>::Args& args,
                      cudaStream_t stream, const char* op) {
-  using Cfg = FwdConfigFor<Element, kHeadDim>;
   auto kernel = fwd_kernel<Cfg, Policy<Cfg::kBlockM, Cfg::kBlockN>>;
   constexpr int smem = Cfg::kSmemBytes;
   if constexpr (smem > 48 * 1024)
@@ -279,7 +277,7 @@ void launch_fwd_with(const AttentionParams& p,
 
 template <typename Element, int kHeadDim>
 void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
-  launch_fwd_with<Element, kHeadDim, PrefillMask>(p, {}, stream, "attention_fwd launch");
+  launch_fwd_with<FwdConfigFor<Element, kHeadDim>, PrefillMask>(p, {}, stream, "attention_fwd launch");
 }
 
 }  // namespace attnkit::cuda::prefill

@@ -116,6 +116,24 @@ struct AxisWindow {
     if (end < begin) end = begin;
   }
 
+  // Smallest contiguous position range [begin, end) holding every query that sees a key at
+  // positions [k_begin, k_end): a key tile's query span on this axis, for the backward.
+  // Within a group the queries of a key are monotone in the key, so each group's first and
+  // last key bound it.
+  ATTNKIT_HD void query_span(int k_begin, int k_end, int& begin, int& end) const {
+    begin = length;
+    end = 0;
+    for (int y = k_begin; y < k_end && y < k_begin + dilation; ++y) {
+      const AxisRange r = queries_of(y);
+      if (r.count > 0 && r.first < begin) begin = r.first;
+    }
+    for (int y = k_end - 1; y >= k_begin && y >= k_end - dilation; --y) {
+      const AxisRange r = queries_of(y);
+      if (r.count > 0 && r.last() + 1 > end) end = r.last() + 1;
+    }
+    if (end < begin) end = begin;
+  }
+
   // Keys seen by every query at positions [q_begin, q_end), as [begin, end) (empty if none):
   // both window ends grow with the query, so the last query's begin and the first query's
   // end bound it. Dilation > 1 interleaves groups, so no key is common to a range of two or
@@ -214,28 +232,36 @@ ATTNKIT_HD void token_bounds(const Neighborhood& nb, int64_t begin, int64_t end,
   }
 }
 
-// The key tiles (tiles of `block` consecutive flattened tokens) that the queries of tokens
-// [q_begin, q_end) may need: those meeting the box of their keys' per-axis spans. The box is
-// cut into lines along the last axis; each line is a contiguous token range, so its tiles
-// form a range, and lines come in increasing token order. next() returns them in increasing
-// order without repeats (two short lines may share a tile), then -1.
-struct KeyTileWalk {
+// Which side of the attention matrix a TileWalk walks.
+enum class TileSide {
+  kKeys,     // the key tiles that a query range may need (the forward)
+  kQueries,  // the query tiles whose queries may see a key range (the backward)
+};
+
+// The tiles (of `block` consecutive flattened tokens) on `side` that may pair with tokens
+// [begin, end) of the other side: those meeting the box of the range's per-axis spans
+// (key_span or query_span). The box is cut into lines along the last axis; each line is a
+// contiguous token range, so its tiles form a range, and lines come in increasing token
+// order. next() returns them in increasing order without repeats (two short lines may share
+// a tile), then -1.
+struct TileWalk {
   int rank;
   int lengths[kMaxSpatialRank];
-  int lo[kMaxSpatialRank], hi[kMaxSpatialRank];  // key box
-  int last_lo, last_hi;   // the key box on the last axis (axis rank - 1)
+  int lo[kMaxSpatialRank], hi[kMaxSpatialRank];  // the box on `side`
+  int last_lo, last_hi;   // the box on the last axis (axis rank - 1)
   int line[2];            // leading coordinates of the next line (axes 0 .. rank - 2)
   int64_t tile, tile_end;  // tiles of the current line not yet returned
   int block;
 
-  ATTNKIT_HD KeyTileWalk(const Neighborhood& nb, int64_t q_begin, int64_t q_end, int block_)
+  ATTNKIT_HD TileWalk(const Neighborhood& nb, int64_t begin, int64_t end, int block_, TileSide side)
       : rank(nb.rank), last_lo(0), last_hi(0), tile(0), tile_end(0), block(block_) {
-    int qlo[kMaxSpatialRank], qhi[kMaxSpatialRank];
-    token_bounds(nb, q_begin, q_end, qlo, qhi);
+    int from_lo[kMaxSpatialRank], from_hi[kMaxSpatialRank];
+    token_bounds(nb, begin, end, from_lo, from_hi);
     for (int a = 0; a < kMaxSpatialRank; ++a) {
       lengths[a] = a < rank ? nb.axis[a].length : 1;
       lo[a] = 0, hi[a] = 1;
-      if (a < rank) nb.axis[a].key_span(qlo[a], qhi[a], lo[a], hi[a]);
+      if (a < rank && side == TileSide::kKeys) nb.axis[a].key_span(from_lo[a], from_hi[a], lo[a], hi[a]);
+      if (a < rank && side == TileSide::kQueries) nb.axis[a].query_span(from_lo[a], from_hi[a], lo[a], hi[a]);
       if (a == rank - 1) last_lo = lo[a], last_hi = hi[a];
     }
     line[0] = rank > 1 ? lo[0] : 0;
@@ -246,7 +272,7 @@ struct KeyTileWalk {
     while (tile >= tile_end) {
       if (rank > 1 && line[0] >= hi[0]) return -1;
       if (rank == 1 && line[0] > 0) return -1;
-      // Token of (line, key lo) on the last axis.
+      // Token of (line, lo) on the last axis.
       int64_t base = 0;
       if (rank == 2) base = int64_t(line[0]) * lengths[1];
       if (rank == 3) base = (int64_t(line[0]) * lengths[1] + line[1]) * lengths[2];

@@ -253,6 +253,12 @@ struct NeighborhoodBwdParams {
   void* dk;
   void* dv;
   Strides dout_strides, dq_strides, dk_strides, dv_strides;
+
+  // fp32 scratch of the CUDA backward, as in AttentionBwdParams: dq_accum laid out like the
+  // tokens view of q, delta like lse.
+  float* dq_accum = nullptr;
+  Strides dq_accum_strides;
+  float* delta = nullptr;
 };
 
 }  // namespace attnkit

@@ -703,7 +703,7 @@ def run_merge(r):
 
 
 # ------------------------------------------------------------------------------------
-# neighborhood attention (forward)
+# neighborhood attention (forward, and forward + backward)
 
 
 def neighborhood_configs(device, quick):
@@ -723,9 +723,9 @@ def neighborhood_configs(device, quick):
     return cfgs[:2] if quick else cfgs
 
 
-# The CUDA forward's tiles (csrc/cuda/prefill/fwd.cuh, FwdConfigFor): kBlockM x kBlockN
+# The CUDA neighborhood kernels' tiles (csrc/cuda/neighborhood/fwd.cuh): kBlockM x kBlockN
 # consecutive tokens; the CPU kernel works row by row and is compared with the same tiles.
-_NA_TILES = {64: (128, 64), 96: (64, 64), 128: (64, 64)}
+_NA_TILE = (64, 64)
 
 
 def _na_axis_masks(spatial, ks, dil, st, causal, device):
@@ -771,82 +771,94 @@ def _na_err(masks, spatial, q, k, v, out, device, n_rows=512):
 
 
 def run_neighborhood(r):
+    """Rows "<shape>" (forward) and "<shape>_fwd_bwd" (forward + backward) per shape."""
     dtype = torch.float32 if r.device == "cpu" else torch.bfloat16
     dt = dtype_name(dtype)
-    for name, B, spatial, H, D, ks, dil, st, causal in neighborhood_configs(r.device, r.quick):
+    for shape_name, B, spatial, H, D, ks, dil, st, causal in neighborhood_configs(r.device, r.quick):
         shape_str = f"B{B} {'x'.join(map(str, spatial))} H{H} D{D} k{ks} d{dil} s{st}"
-        case_id = f"neighborhood/{name}/{dt}/{shape_str}"
-        if not r.selected(case_id):
+        ids = {d: (shape_name + ("" if d == "fwd" else "_fwd_bwd"),) for d in ("fwd", "fwd_bwd")}
+        ids = {d: (name, f"neighborhood/{name}/{dt}/{shape_str}") for d, (name,) in ids.items()}
+        todo = [d for d in ids if r.selected(ids[d][1])]
+        if not todo:
             continue
         missing = _kernel_missing(r, "neighborhood_attention")
         if missing:
-            r.skip(case_id, missing)
-            continue
-        if r.over_budget():
-            r.skip(case_id, "time budget (--budget-s) spent")
+            for d in todo:
+                r.skip(ids[d][1], missing)
             continue
         rank = len(spatial)
         ks_t, dil_t, st_t, causal_t = ((x,) * rank for x in (ks, dil, st, causal))
         tokens = int(torch.tensor(spatial).prod())
         set_bytes = 4 * B * tokens * H * D * torch.empty(0, dtype=dtype).element_size()
         nbuf = rotation(r.device, set_bytes, max_sets=4)
-        bufs = [tuple(_randn((B, *spatial, H, D), dtype, r.device) for _ in range(3)) for _ in range(nbuf)]
-        print(f"{case_id} ({nbuf} buffer sets)", flush=True)
+        bufs = [tuple(_randn((B, *spatial, H, D), dtype, r.device, i < 3) for i in range(4)) for _ in range(nbuf)]
         opts = dict(dilation=dil, stride=st, is_causal=causal)
-        ak = r.time_attnkit(case_id, [_no_grad_fn(lambda q, k, v: attnkit.neighborhood_attention(q, k, v, ks, **opts),
-                                                  *t) for t in bufs])
-        if ak is None:
-            continue
         flat = lambda t: t.view(B, tokens, H, D)
-        stats = {}
-        stats["dense_prefill"], _ = r.time_peer(case_id, "dense_prefill", lambda: [
-            _no_grad_fn(lambda q, k, v: attnkit.attention(flat(q), flat(k), flat(v)), *t) for t in bufs])
         masks = _na_axis_masks(spatial, ks_t, dil_t, st_t, causal_t, r.device)
-        if r.device == "cuda":
-            def make_flex():
-                fa, create_block_mask = _flex()
-
-                def mask_mod(b, h, qi, ki):
-                    visible = qi >= 0
-                    for m, n in zip(reversed(masks), reversed(spatial)):
-                        visible = visible & m[qi % n, ki % n]
-                        qi, ki = qi // n, ki // n
-                    return visible
-                bm = create_block_mask(mask_mod, None, None, tokens, tokens, device=r.device)
-                fwd = (lambda q, k, v: fa(flat(q).transpose(1, 2), flat(k).transpose(1, 2), flat(v).transpose(1, 2),
-                                          block_mask=bm).transpose(1, 2))
-                return [_no_grad_fn(fwd, *t) for t in bufs]
-            stats["flex"], _ = r.time_peer(case_id, "flex", make_flex)
-
-            def make_natten():
-                import natten
-                fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[rank]
-                return [_no_grad_fn(lambda q, k, v: fn(q, k, v, kernel_size=ks, dilation=dil, stride=st,
-                                                       is_causal=causal), *t) for t in bufs]
-            stats["natten"], _ = r.time_peer(case_id, "natten", make_natten)
         pairs = 1
         for m in masks:
             pairs *= int(m.sum())
-        tflops = 4.0 * B * H * D * pairs / (ak.median * 1e-3) / 1e12
-        block_m, block_n = _NA_TILES[D]
+        block_m, block_n = _NA_TILE
         fraction = _na_tile_fraction(masks, spatial, block_m, block_n, r.device)
-        sol_ms = stats["dense_prefill"].median * fraction if stats["dense_prefill"] is not None else None
-        q, k, v = bufs[0]
-        with torch.no_grad():
-            out = attnkit.neighborhood_attention(q, k, v, ks, **opts)
-        try:
-            err = _na_err(masks, spatial, q, k, v, out, r.device)
-        except Exception as e:  # keep the timing; say why there is no error figure
-            err = None
-            r.note_once(f"na-err-{case_id}", f"reference failed: {type(e).__name__}: {e}"[:200])
-        shape = {"batch": B, "spatial": list(spatial), "heads": H, "head_dim": D, "kernel_size": ks,
-                 "dilation": dil, "stride": st, "is_causal": causal, "tile_fraction": fraction,
-                 "ceiling": f"speed of light = dense attnkit.attention time x fraction of {block_m}x{block_n} "
-                            f"token tile pairs holding a neighbour",
-                 "err_on": "batch 0, head 0, 512 query tokens spread over the grid"}
-        pct = 100.0 * sol_ms / ak.median if sol_ms is not None else float("nan")
-        r.add_row(Row("neighborhood", name, dt, shape, ak, tflops=tflops, pct_of_ceiling=pct, max_rel_err=err,
-                      shape_str=shape_str, id=case_id), stats)
+        for d in todo:
+            name, case_id = ids[d]
+            if r.over_budget():
+                r.skip(case_id, "time budget (--budget-s) spent")
+                continue
+            print(f"{case_id} ({nbuf} buffer sets)", flush=True)
+
+            def fns_for(forward):
+                if d == "fwd":
+                    return [_no_grad_fn(forward, q, k, v) for q, k, v, _ in bufs]
+                return [_grad_fn(forward, q, k, v, dout) for q, k, v, dout in bufs]
+
+            ak = r.time_attnkit(case_id, fns_for(lambda q, k, v: attnkit.neighborhood_attention(q, k, v, ks, **opts)))
+            if ak is None:
+                continue
+            stats = {}
+            stats["dense_prefill"], _ = r.time_peer(case_id, "dense_prefill", lambda: fns_for(
+                lambda q, k, v: attnkit.attention(flat(q), flat(k), flat(v))))
+            if r.device == "cuda":
+                def make_flex():
+                    fa, create_block_mask = _flex()
+
+                    def mask_mod(b, h, qi, ki):
+                        visible = qi >= 0
+                        for m, n in zip(reversed(masks), reversed(spatial)):
+                            visible = visible & m[qi % n, ki % n]
+                            qi, ki = qi // n, ki // n
+                        return visible
+                    bm = create_block_mask(mask_mod, None, None, tokens, tokens, device=r.device)
+                    return fns_for(lambda q, k, v: fa(flat(q).transpose(1, 2), flat(k).transpose(1, 2),
+                                                      flat(v).transpose(1, 2), block_mask=bm).transpose(1, 2))
+                stats["flex"], _ = r.time_peer(case_id, "flex", make_flex)
+
+                def make_natten():
+                    import natten
+                    fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[rank]
+                    return fns_for(lambda q, k, v: fn(q, k, v, kernel_size=ks, dilation=dil, stride=st,
+                                                      is_causal=causal))
+                stats["natten"], _ = r.time_peer(case_id, "natten", make_natten)
+            tflops = 4.0 * B * H * D * pairs * (3.5 if d == "fwd_bwd" else 1.0) / (ak.median * 1e-3) / 1e12
+            sol_ms = stats["dense_prefill"].median * fraction if stats["dense_prefill"] is not None else None
+            err, err_on = None, "the forward row's (tests/test_neighborhood_cuda.py checks the gradients)"
+            if d == "fwd":
+                q, k, v, _ = bufs[0]
+                with torch.no_grad():
+                    out = attnkit.neighborhood_attention(q, k, v, ks, **opts)
+                err_on = "batch 0, head 0, 512 query tokens spread over the grid"
+                try:
+                    err = _na_err(masks, spatial, q, k, v, out, r.device)
+                except Exception as e:  # keep the timing; say why there is no error figure
+                    r.note_once(f"na-err-{case_id}", f"reference failed: {type(e).__name__}: {e}"[:200])
+            shape = {"batch": B, "spatial": list(spatial), "heads": H, "head_dim": D, "kernel_size": ks,
+                     "dilation": dil, "stride": st, "is_causal": causal, "tile_fraction": fraction,
+                     "ceiling": f"speed of light = dense attnkit.attention time ({d}) x fraction of "
+                                f"{block_m}x{block_n} token tile pairs holding a neighbour",
+                     "err_on": err_on}
+            pct = 100.0 * sol_ms / ak.median if sol_ms is not None else float("nan")
+            r.add_row(Row("neighborhood", name, dt, shape, ak, tflops=tflops, pct_of_ceiling=pct, max_rel_err=err,
+                          shape_str=shape_str, id=case_id), stats)
         del bufs
         r.free()
 
