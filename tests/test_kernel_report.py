@@ -3,6 +3,7 @@ their exceptions, and one run on the built extension when cuobjdump and CUDA ker
 import collections
 import glob
 import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
@@ -149,8 +150,12 @@ def test_demangle_with_cxxfilt():
     assert kr.short_name(signature) == "lean_kernel<bf16, 256, QuantKV<fp8>>"
 
 
+_ids = itertools.count()
+
+
 def kernel(signature, **fields):
-    k = kr.Kernel("m" + signature, "sm_90a", "x.cu", name=kr.short_name(signature), signature=signature)
+    """A Kernel with a unique mangled name (the key of check's status), counts from fields."""
+    k = kr.Kernel(f"_Z{next(_ids)}", "sm_90a", "x.cu", name=kr.short_name(signature), signature=signature)
     for key, value in fields.items():
         setattr(k, key, collections.Counter(value) if isinstance(value, dict) else value)
     return k
