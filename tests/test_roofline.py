@@ -145,3 +145,20 @@ def test_cli_roofline_on_the_cpu_times_nothing(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| decode |")]
     assert len(rows) == 20  # the CUDA decode cases: 10 shapes, contiguous and paged
     assert any(line.startswith("| neighborhood | 3d_strided |") for line in out.splitlines())
+
+
+def test_measured_rows_carry_the_floor_into_the_table():
+    from attnkit.bench.report import table_lines
+    from attnkit.bench.runner import Runner
+
+
+    args = types.SimpleNamespace(quick=True, only=None, budget_s=None, roofline=True)
+    runner = Runner(args, "cpu", Ceilings(0.1, "fp32 mm", 20.0, "copy"), "abc1234")
+    shape = {"batch": 1, "seqlen": 1024, "heads": 32, "head_dim": 128}
+    stat = types.SimpleNamespace(median=40.0, spread=lambda: "39-41")
+    runner.add_row(Row("merge", "merge", "float32", shape, stat, gbps=5.0, pct_of_ceiling=25.0, shape_str="B1",
+                       id="merge/merge/float32/B1"), {})
+    row = runner.rows[0]
+    assert row.floor_ms == pytest.approx(roofline.merge_work(1, 1024, 32, 128, 4).bytes / 20e9 * 1e3)
+    head, cells = [line for line in table_lines(runner.rows) if line.startswith("| ")][:2]
+    assert "| floor ms | % of floor |" in head and f"| {row.pct_of_floor:.1f} |" in cells
