@@ -150,7 +150,7 @@ def test_cli_roofline_on_the_cpu_times_nothing(capsys):
 def test_measured_rows_carry_the_floor_into_the_table():
     from attnkit.bench.report import table_lines
     from attnkit.bench.runner import Runner
-
+    from attnkit.bench.timing import Ceilings
 
     args = types.SimpleNamespace(quick=True, only=None, budget_s=None, roofline=True)
     runner = Runner(args, "cpu", Ceilings(0.1, "fp32 mm", 20.0, "copy"), "abc1234")
