@@ -202,9 +202,22 @@ def test_known_exceptions_hold_within_their_stack_bytes_and_go_stale(monkeypatch
     status, problems, _ = kr.check([beyond])
     assert status[beyond.key] == "FAIL: local" and "stack 40 B > the 32 B excused" in problems[0]
 
+    # an entry whose kernels are in the binary but break no rule is stale; one whose kernels
+    # are absent (a report on a single object) is not judged
+    fixed = kernel(LEAN, ldg={128: 1})
     monkeypatch.setattr(kr, "KNOWN_EXCEPTIONS", (excuse, unused))
     _, problems, _ = kr.check([within])
-    assert len(problems) == 1 and "stale" in problems[0] and "^nothing<" in problems[0]
+    assert not problems
+    _, problems, _ = kr.check([fixed])
+    assert len(problems) == 1 and "stale" in problems[0] and "^lean_kernel<" in problems[0]
+
+
+def test_bare_cubin_sections_take_the_defaults():
+    sass = SASS.split("\tcode for sm_90a")[1]  # what cuobjdump prints for a .cubin: no fatbin header
+    usage = RESOURCE_USAGE.split("Resource usage:")[1].split("Fatbin")[0]
+    kernels = kr.parse_sass(sass, kr.parse_resource_usage(usage, "sm_90a", "x.cubin"), "sm_90a", "x.cubin")
+    assert set(kernels) == {("sm_90a", "x.cubin", "_Z4leanv"), ("sm_90a", "x.cubin", "_Z5mergev")}
+    assert kernels[("sm_90a", "x.cubin", "_Z4leanv")].stack == 56 and kernels[("sm_90a", "x.cubin", "_Z4leanv")].ldl == 1
 
 
 def test_markdown_table_shape():
