@@ -250,3 +250,12 @@ def test_report_on_the_built_extension():
     for family in ("prefill fwd", "prefill bwd main", "neighborhood fwd", "decode lean"):
         assert f"| {family} |" in run.stdout
     assert "kernel_report: clean" in run.stdout
+
+
+def test_missing_binary_or_device_code_exits_2(tmp_path, capsys):
+    assert kr.main([str(tmp_path / "absent.so")]) == 2
+    host_only = tmp_path / "host.o"
+    host_only.write_bytes(b"\x7fELF not a cuda object")
+    if kr.find_tool("cuobjdump") and shutil.which("c++filt"):
+        assert kr.main([str(host_only)]) == 2
+    assert "kernel_report:" in capsys.readouterr().err

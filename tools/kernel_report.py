@@ -9,8 +9,9 @@ traffic (LDL / STL: spills), tensor-core MMAs (HMMA / HGMMA), global load widths
 cp.async widths (LDGSTS) and FP64 instructions. Prints a markdown table, then the problems.
 
 Exit status: 0 clean; 1 when a hot kernel has local-memory traffic or lacks an instruction
-its family requires, or any kernel runs FP64, or a KNOWN_EXCEPTIONS entry no longer matches
-what the binary holds; 2 when cuobjdump / c++filt or the binary cannot be found.
+its family requires, or any kernel has FP64 instructions, or a KNOWN_EXCEPTIONS entry is no
+longer needed by the kernels it names; 2 when cuobjdump / c++filt, the binary or any CUDA
+kernel in it cannot be found.
 Python 3 standard library only.
 """
 from __future__ import annotations
@@ -340,18 +341,15 @@ def order(kernel):
 
 # --- tools and main -----------------------------------------------------------------------------
 def find_tool(name):
-    """$CUDA_HOME/bin, then PATH, then the copy triton ships beside torch."""
+    """$CUDA_HOME/bin, then PATH, then the copy triton (pulled in by torch) ships in a venv:
+    the project's .venv, or the environment running this script."""
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidates = [os.path.join(cuda_home, "bin", name)] if cuda_home else []
     on_path = shutil.which(name)
     candidates += [on_path] if on_path else []
-    candidates += sorted(glob.glob(os.path.join(
-        ROOT, ".venv", "lib", "python3*", "site-packages", "triton", "backends", "nvidia", "bin", name)))
-    try:
-        import triton  # noqa: F401  (only to locate its bin directory; not required)
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
-    except ImportError:
-        pass
+    for prefix in (os.path.join(ROOT, ".venv"), sys.prefix):
+        candidates += sorted(glob.glob(os.path.join(
+            prefix, "lib", "python3*", "site-packages", "triton", "backends", "nvidia", "bin", name)))
     return next((c for c in candidates if os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
@@ -360,7 +358,11 @@ def analyse(binaries, cuobjdump, cxxfilt):
     for binary in binaries:
         run = lambda *args: subprocess.run([cuobjdump, *args, binary], capture_output=True,
                                            text=True, check=True).stdout
-        sass = run("-sass")
+        try:
+            sass = run("-sass")
+        except subprocess.CalledProcessError as err:  # e.g. a CPU-only build: no device code
+            print(f"kernel_report: {binary}: {err.stderr.strip() or err}", file=sys.stderr)
+            continue
         # a bare cubin's resource usage names no arch: take the one its SASS is "code for"
         code_for = re.search(r"code for (sm_\w+)", sass)
         arch = code_for.group(1) if code_for else None
@@ -381,6 +383,7 @@ def main(argv=None):
     binaries = args.binaries or sorted(glob.glob(os.path.join(ROOT, "python", "attnkit", "_C*.so")))
     cuobjdump, cxxfilt = find_tool("cuobjdump"), shutil.which("c++filt")
     missing = [n for n, p in (("cuobjdump", cuobjdump), ("c++filt", cxxfilt)) if not p]
+    missing += [b for b in binaries if not os.path.isfile(b)]
     if missing or not binaries:
         print("kernel_report: " + ("not found: " + ", ".join(missing) if missing else
                                    "no binary given and no python/attnkit/_C*.so built (make build)"),
