@@ -74,21 +74,26 @@ def _q_and_out_bytes(batch, seqlen_q, heads_q, head_dim, elt):
     return 2 * batch * seqlen_q * heads_q * head_dim * elt
 
 
+def _lengths_and_table_bytes(batch, context, page_size):
+    """int32 cache_seqlens, and a paged cache's block table entries (int32 per page)."""
+    return 4 * batch + (4 * batch * -(-context // page_size) if page_size else 0)
+
+
 def decode_work(batch, seqlen_q, context, heads_q, heads_kv, head_dim, elt, page_size=None):
-    """Every key and value of every sequence read once, q read, out written; a paged cache
-    adds its block table (int32 per page) and cache_seqlens."""
+    """Every key and value of every sequence read once, q read, out written, cache_seqlens and
+    the block table of a paged cache."""
     kv = 2 * batch * context * heads_kv * head_dim * elt
-    table = 4 * batch * (-(-context // page_size) if page_size else 0) + 4 * batch
     return Work(_decode_flops(batch, seqlen_q, heads_q, context, head_dim),
-                kv + _q_and_out_bytes(batch, seqlen_q, heads_q, head_dim, elt) + table)
+                kv + _q_and_out_bytes(batch, seqlen_q, heads_q, head_dim, elt)
+                + _lengths_and_table_bytes(batch, context, page_size))
 
 
 def sparse_decode_work(batch, seqlen_q, heads_q, heads_kv, head_dim, pages_kept, page_size, elt,
                        pipeline_pages=0):
     """sparse_decode over pages_kept pages per (sequence, kv head): their K and V, the page
-    indices, the block table rows they go through. pipeline_pages > 0 adds what page_scores +
-    select_pages must read for that many pages per sequence: float32 key_min and key_max
-    (per page, kv head and channel), the scores written and read back."""
+    indices, cache_seqlens, q and out. pipeline_pages > 0 adds what page_scores + select_pages
+    must move for that many pages per sequence: the block table row, float32 key_min and
+    key_max (per page, kv head and channel), the scores written and read back."""
     keys = pages_kept * page_size
     kv = 2 * batch * heads_kv * keys * head_dim * elt
     indices = 4 * batch * heads_kv * pages_kept + 4 * batch * pipeline_pages + 4 * batch
@@ -112,9 +117,9 @@ def quant_bytes_per_token(kv_format, head_dim, group_size=None):
 def quant_decode_work(batch, seqlen_q, context, heads_q, heads_kv, head_dim, kv_format, group_size, q_elt,
                       page_size=None):
     token = 2 * heads_kv * quant_bytes_per_token(kv_format, head_dim, group_size)  # K and V
-    table = 4 * batch * (-(-context // page_size) if page_size else 0) + 4 * batch
     return Work(_decode_flops(batch, seqlen_q, heads_q, context, head_dim),
-                batch * context * token + _q_and_out_bytes(batch, seqlen_q, heads_q, head_dim, q_elt) + table)
+                batch * context * token + _q_and_out_bytes(batch, seqlen_q, heads_q, head_dim, q_elt)
+                + _lengths_and_table_bytes(batch, context, page_size))
 
 
 def merge_work(batch, seqlen, heads, head_dim, elt):
