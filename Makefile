@@ -4,6 +4,8 @@
 #   make test   build everything (CUDA sources too whenever nvcc is present), then ctest
 #               and pytest
 #   make bench  build, then python -m attnkit.bench
+#   make kernel-report  build, then tools/kernel_report.py: registers, spills and SASS
+#               instruction mix of every CUDA kernel (fails on spills in a hot kernel)
 # Python: .venv if present; else the current python3 when it already has torch (as on an
 # offline GPU machine); else a new .venv with the pinned packages.
 SHELL := /bin/bash
@@ -14,7 +16,7 @@ PACKAGES := $(PIN_TORCH) ninja==1.13.2 nvidia-cutlass==4.2.0.0 pytest==9.2.0 num
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: env build build-cpu test test-cpp test-py demo bench clean
+.PHONY: env build build-cpu test test-cpp test-py demo bench kernel-report clean
 
 env: $(if $(filter .venv/bin/python,$(PY)),.venv/.ready)
 
@@ -47,6 +49,9 @@ demo: env
 
 bench: build
 	$(PY) -m attnkit.bench $(BENCH_ARGS)
+
+kernel-report: build
+	$(PY) tools/kernel_report.py
 
 clean:
 	rm -rf build python/attnkit/_C*.so

@@ -178,7 +178,8 @@ bench_args=${BENCH_ARGS:-}
 if (( tbench >= 40 )); then
   # --budget-s: no new case starts after it, so the run ends (and writes its reports) before the timeout.
   # shellcheck disable=SC2086
-  timeout -k 10 "$tbench" "$PY" -m attnkit.bench --device cuda --budget-s $(( tbench * 3 / 4 )) \
+  # --roofline: each row also shows its fraction of the analytical time floor (times nothing more).
+  timeout -k 10 "$tbench" "$PY" -m attnkit.bench --device cuda --roofline --budget-s $(( tbench * 3 / 4 )) \
     --json "$out/$tag.json" --md "$out/$tag.md" --plot "$out/$tag.png" $bench_args > "$out/bench.log" 2>&1
   rc_bench=$?
 else

@@ -1,10 +1,12 @@
 """attnkit's benchmarks: `python -m attnkit.bench [--device cpu|cuda] [--family prefill,decode,sparse,quant,merge,neighborhood]
-[--quick] [--json FILE] [--md FILE] [--plot FILE] [--threads N] [--only ID,...] [--budget-s S]`.
+[--quick] [--json FILE] [--md FILE] [--plot FILE] [--threads N] [--only ID,...] [--budget-s S] [--roofline]`.
 
 It first measures the device's ceilings (a large matrix product, a large copy), then times
 each case of each family for attnkit and for every peer present, in the same run, and
 checks attnkit's result against attnkit.reference (float64). Method, output format and
-peers: docs/benchmarking.md. JSON rows follow DESIGN.md's "Benchmark output".
+peers: docs/benchmarking.md. JSON rows follow DESIGN.md's "Benchmark output". --roofline adds
+each row's analytical time floor (roofline.py); on the CPU it prints the floors of the CUDA
+cases on an H100 instead, timing nothing.
 """
 import argparse
 import datetime
@@ -32,6 +34,10 @@ def _parser():
                    help="run only the cases whose id (family/case/dtype/shape, as printed) contains one of these")
     p.add_argument("--budget-s", type=float, default=None,
                    help="soft time budget: cases not started within it are skipped (reports stay complete)")
+    p.add_argument("--roofline", action="store_true",
+                   help="add each row's time floor (FLOPs, minimal bytes, this run's ceilings) and its %% of it; "
+                        "with no GPU (--device cpu): print the analytical floors of the CUDA cases on an H100, "
+                        "timing nothing")
     return p
 
 
@@ -61,6 +67,11 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch sees no CUDA GPU here", file=sys.stderr)
         return 2
+    if args.roofline and device == "cpu":
+        from . import roofline
+        cases = roofline.cuda_cases(families, fams, quick=args.quick)
+        print("\n".join(roofline.analytical_lines(cases, roofline.h100_ceilings())))
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:

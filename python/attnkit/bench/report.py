@@ -61,7 +61,9 @@ def table_lines(rows):
         for r in frows:
             peers += [p for p in r.vs if p not in peers]
         rate = "TFLOP/s" if fam in ("prefill", "neighborhood") else "GB/s"
+        floors = any(r.floor_ms is not None for r in frows)
         head = ["#", "case", "dtype", "shape", "ms (median)", "min-max ms", rate, "% of ceiling", "max_rel_err"]
+        head += ["floor ms", "% of floor"] if floors else []
         head += [f"vs {p}" for p in peers]
         lines.append(f"### {fam}")
         lines.append("")
@@ -72,6 +74,7 @@ def table_lines(rows):
             val = r.tflops if fam in ("prefill", "neighborhood") else r.gbps
             cells = [str(idx), r.case, r.dtype, r.shape_str, f"{r.stat.median:.4g}", r.stat.spread(),
                      _fmt(val, ".4g"), _fmt(r.pct_of_ceiling, ".1f"), _fmt(r.max_rel_err, ".2e")]
+            cells += [_fmt(r.floor_ms, ".4g"), _fmt(r.pct_of_floor, ".1f")] if floors else []
             cells += [f"{r.vs[p]:.2f}x" if p in r.vs else "-" for p in peers]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

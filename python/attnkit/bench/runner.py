@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import roofline
 from .timing import TimingConfig, compile_running, measure
 
 
@@ -31,6 +32,8 @@ class Row:
     shape_str: str = ""
     id: str = ""
     cmd: str = ""
+    floor_ms: float = None      # --roofline: analytical time floor on this run's ceilings
+    pct_of_floor: float = None  # ... and floor_ms / ms in percent
 
     def to_json(self, device, commit):
         err, shape = self.max_rel_err, self.shape
@@ -158,6 +161,8 @@ class Runner:
                 row.vs[peer] = st.median / row.stat.median
                 row.peer_ms[peer] = st.median
         row.cmd = self.repro(row.family, row.id)
+        if self.args.roofline:
+            roofline.annotate(row, self.ceilings)
         if self.device == "cpu":
             busy = compile_running()
             if busy and not busy <= self.compilers_seen:
@@ -167,8 +172,9 @@ class Runner:
         err = "n/a" if row.max_rel_err is None else f"{row.max_rel_err:.2e}"
         rate = f"{row.tflops:.3g} TFLOP/s" if row.tflops is not None else f"{row.gbps:.3g} GB/s"
         vs = ", ".join(f"{p} {v:.2f}x" for p, v in row.vs.items()) or "no peers"
+        floor = f", {row.pct_of_floor:.1f}% of floor {row.floor_ms:.4g} ms" if row.floor_ms is not None else ""
         print(f"  {row.id}: {row.stat.median:.4g} ms [{row.stat.spread()}] {rate} "
-              f"({row.pct_of_ceiling:.1f}% of ceiling) err {err}; vs {vs}", flush=True)
+              f"({row.pct_of_ceiling:.1f}% of ceiling{floor}) err {err}; vs {vs}", flush=True)
         if self.on_row is not None:
             self.on_row(self)
 
