@@ -50,6 +50,7 @@ class Family:
 FAMILIES = (
     Family("prefill fwd", r"\bfwd_kernel<.*PrefillMask", True, ("mma", "cp.async.128")),
     Family("neighborhood fwd", r"\bfwd_kernel<.*NeighborhoodMask", True, ("mma", "cp.async.128")),
+    Family("neighborhood bwd main", r"\bbwd_main_kernel<.*NeighborhoodBwdMask", True, ("mma", "cp.async.128")),
     Family("prefill bwd main", r"\bbwd_main_kernel<", True, ("mma", "cp.async.128")),
     Family("prefill bwd rows", r"\bbwd_rows_kernel<", False),
     Family("prefill bwd dq", r"\bbwd_dq_kernel<", False),
@@ -87,17 +88,12 @@ KNOWN_EXCEPTIONS = (
         "prefill fwd hdim64 (128 x 64 tiles, 4 warps): 254 registers, 40 B stack, 11 LDL / 5 STL "
         "(32 query rows per warp). Kernel owned by the prefill lead.", 40),
     KnownException(
-        r"^fwd_kernel<FwdConfigFor<\w+, 128>, NeighborhoodMask<64, 64>>$", "local",
-        "neighborhood fwd hdim128: 255 registers, 8 B stack, 1 LDL / 1 STL (the prefill forward "
-        "with the neighbourhood mask policy). Owned by the lead.", 8),
+        r"^fwd_kernel<FwdConfig<\w+, 128, 64, 64, 4>, NeighborhoodMask<64, 64>>$", "local",
+        "neighborhood fwd hdim128 (64 x 64 tiles): 254 registers, 16 B stack frame with 0 bytes of "
+        "spill stores per ptxas -v: a small local array, not a register spill (2 LDL / 2 STL). The "
+        "head_dim-64 kernel (229 registers) has none. Owned by the lead.", 16),
     KnownException(
-        r"^fwd_kernel<FwdConfigFor<\w+, 64>, NeighborhoodMask<128, 64>>$", "local",
-        "neighborhood fwd hdim64 (128 x 64 tiles): 255 registers, 376 B stack, 163 LDL / 129 STL: "
-        "the per-element neighbourhood mask of a 128-row block does not fit beside the mainloop "
-        "(docs/neighborhood.md). The worst spill in the project; untried fixes: a 64-row block for "
-        "this policy, or routing head_dim 64 to the hdim128 kernel. Owned by the lead.", 376),
-    KnownException(
-        r"^bwd_main_kernel<BwdConfigFor<\w+, 256>>$", "local",
+        r"^bwd_main_kernel<BwdConfigFor<\w+, 256>, PrefillBwdMask<64, 64>>$", "local",
         "prefill bwd hdim256 (64 x 64 tiles, 8 warps): 255 registers, 16 B stack, 3 LDL / 3 STL "
         "(dQ, dK, dV accumulators of a 256-wide head). Owned by the prefill lead.", 16),
     KnownException(

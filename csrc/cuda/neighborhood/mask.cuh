@@ -14,11 +14,11 @@ namespace attnkit::cuda::neighborhood {
 
 using namespace cute;
 
-// Whether the tile of queries [m0, m0 + kBlockM) and keys [k0, k0 + kBlockN) holds a hidden
-// pair; keys past the last token count as hidden (their rows of K and V are zero-filled).
-template <int kBlockM, int kBlockN>
-__device__ bool tile_needs_mask(const Neighborhood& nb, int tokens, int m0, int k0) {
-  return k0 + kBlockN > tokens || !tile_fully_visible(nb, m0, min(tokens, m0 + kBlockM), k0, k0 + kBlockN);
+// Whether the tile of queries [m0, m_end) and keys [k0, k0 + kBlockN) holds a hidden pair;
+// keys past the last token count as hidden (their rows of K and V are zero-filled).
+template <int kBlockN>
+__device__ bool tile_needs_mask(const Neighborhood& nb, int tokens, int m0, int m_end, int k0) {
+  return k0 + kBlockN > tokens || !tile_fully_visible(nb, m0, m_end, k0, k0 + kBlockN);
 }
 
 // Sets the logits of query m0 + r against key k0 + c that the neighbourhood hides to -inf.
@@ -50,11 +50,15 @@ struct NeighborhoodMask {
   using Args = Neighborhood;
   const Neighborhood& nb;  // the kernel's __grid_constant__ parameter, read in place
   TileWalk walk;
-  int m0, tokens;
+  int m0, m_end, tokens;
   int current = -1, after = -1;  // the tile being visited and the one after it
 
   __device__ NeighborhoodMask(const AttentionParams&, const Args& nb_, const Sequence& seq, int m0_)
-      : nb(nb_), walk(nb_, m0_, min(seq.len_q, m0_ + kBlockM), kBlockN, TileSide::kKeys), m0(m0_), tokens(seq.len_k) {}
+      : nb(nb_),
+        walk(nb_, m0_, min(seq.len_q, m0_ + kBlockM), kBlockN, TileSide::kKeys),
+        m0(m0_),
+        m_end(min(seq.len_q, m0_ + kBlockM)),
+        tokens(seq.len_k) {}
 
   // The walk is stateful and visits increasing tiles, so next(n) steps it once per new n.
   __device__ int first() { return current = int(walk.next()), after = int(walk.next()), current; }
@@ -63,7 +67,7 @@ struct NeighborhoodMask {
     return after;
   }
   __device__ bool valid(int n) const { return n >= 0; }
-  __device__ bool needs_mask(int n) const { return tile_needs_mask<kBlockM, kBlockN>(nb, tokens, m0, n * kBlockN); }
+  __device__ bool needs_mask(int n) const { return tile_needs_mask<kBlockN>(nb, tokens, m0, m_end, n * kBlockN); }
   template <typename Acc, typename Coords>
   __device__ void apply(Acc& acc, const Coords& coords, int n) const {
     mask_tile(acc, coords, nb, tokens, m0, n * kBlockN);
@@ -88,7 +92,9 @@ struct NeighborhoodBwdMask {
   __device__ int first() { return walk = walk_of(nb, n0, tokens), int(walk.next()); }
   __device__ int next(int) { return int(walk.next()); }
   __device__ bool valid(int m) const { return m >= 0; }
-  __device__ bool needs_mask(int m) const { return tile_needs_mask<kBlockM, kBlockN>(nb, tokens, m * kBlockM, n0); }
+  __device__ bool needs_mask(int m) const {
+    return tile_needs_mask<kBlockN>(nb, tokens, m * kBlockM, min(tokens, (m + 1) * kBlockM), n0);
+  }
   template <typename Acc, typename Coords>
   __device__ void apply(Acc& acc, const Coords& coords, int m) const {
     mask_tile(acc, coords, nb, tokens, m * kBlockM, n0);
