@@ -212,6 +212,34 @@ def test_known_exceptions_hold_within_their_stack_bytes_and_go_stale(monkeypatch
     assert len(problems) == 1 and "stale" in problems[0] and "^lean_kernel<" in problems[0]
 
 
+LOOP_SASS = """
+\t\tFunction : _Z4loopv
+        /*0000*/                   STL [R1], R4 ;                                  /* 0x0 */
+        /*0010*/                   HMMA.16816.F32.BF16 R116, R104, R108, RZ ;      /* 0x0 */
+        /*0020*/                   LDL R5, [R1] ;                                  /* 0x0 */
+        /*0030*/              @!P0 BRA 0x10 ;                                      /* 0x0 */
+        /*0040*/                   LDL.LU R4, [R1] ;                               /* 0x0 */
+        /*0050*/               @P1 BRA !P2, 0x70 ;                                 /* 0x0 */
+        /*0060*/                   EXIT ;                                          /* 0x0 */
+        /*0070*/                   BRA 0x70;                                       /* 0x0 */
+"""
+
+
+def test_local_traffic_inside_loops(monkeypatch):
+    """A backward branch closes a loop [target, branch]: only the LDL between 0x10 and 0x30
+    counts; prologue and epilogue traffic may be excused, loop traffic only up to its count."""
+    loop = kr.parse_sass(LOOP_SASS, {}, "sm_90a", "x.cu")[("sm_90a", "x.cu", "_Z4loopv")]
+    assert (loop.ldl, loop.stl, loop.local_in_loops) == (2, 1, 1)
+    excuse = kr.KnownException(r"^lean_kernel<", "local", "a reason", stack_bytes_at_most=32)
+    monkeypatch.setattr(kr, "KNOWN_EXCEPTIONS", (excuse,))
+    in_loop = kernel(LEAN, ldg={128: 1}, ldl=2, stack=16, local_in_loops=1)
+    status, problems, _ = kr.check([in_loop])
+    assert status[in_loop.key] == "FAIL: local" and "1 LDL / STL inside loops > the 0 excused" in problems[0]
+    monkeypatch.setattr(kr, "KNOWN_EXCEPTIONS", (kr.KnownException(r"^lean_kernel<", "local", "a reason", 32, 1),))
+    status, problems, _ = kr.check([in_loop])
+    assert status[in_loop.key] == "known: local" and not problems
+
+
 def test_bare_cubin_sections_take_the_defaults():
     sass = SASS.split("\tcode for sm_90a")[1]  # what cuobjdump prints for a .cubin: no fatbin header
     usage = RESOURCE_USAGE.split("Resource usage:")[1].split("Fatbin")[0]
