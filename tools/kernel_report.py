@@ -91,9 +91,11 @@ KNOWN_EXCEPTIONS = (
     KnownException(
         r"^fwd_kernel<FwdConfigFor<\w+, 64>, PrefillMask<128, 64>>$", "local",
         "prefill fwd hdim64 (128 x 64 tiles, 4 warps, 32 query rows per warp): 254 registers, 40 B "
-        "stack, 11 LDL / 5 STL of which 5 inside the mainloop (L1 hits, per 64-key tile). The 64 x 64 "
-        "tile the neighbourhood kernel uses at head_dim 64 is spill-free (229 registers) but reads "
-        "every K / V tile from shared memory for half as many queries; which is faster needs a GPU.",
+        "stack, 11 LDL / 5 STL of which 5 inside the mainloop (L1 hits, per 64-key tile). Spill-free "
+        "alternatives compiled here: 128 x 64 with 8 warps (178 registers) and 64 x 64 with 4 (229, "
+        "the neighbourhood kernel's); both give each warp 16 query rows instead of 32, so every "
+        "ldmatrix of K / V feeds half the MMAs and shared-memory reads per FLOP double. Which is "
+        "faster needs a GPU.",
         40, 5),
     KnownException(
         r"^fwd_kernel<FwdConfig<\w+, 128, 64, 64, 4>, NeighborhoodMask<64, 64>>$", "local",
