@@ -241,6 +241,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) lean_kernel(const __grid
   const int group = p.heads_q / p.heads_kv, rows = group * p.seqlen_q;
   const int head_chunks = p.head_dim / 8;  // columns past head_dim (kD rounds it up) are 0
   const int head_units = p.head_dim / C::kUnitChannels;  // quantized: head_dim % 32 == 0
+  const int group_shift = p.k_quant.group_shift();  // quantized: the group of channel c is c >> group_shift
   const char* k_cache = static_cast<const char*>(p.k_cache);
   const char* v_cache = static_cast<const char*>(p.v_cache);
 
@@ -267,8 +268,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) lean_kernel(const __grid
         } else {  // offsets count rows: codes, then the group's scale / zero if u starts a group
           cp_async_16(k_s + dst, p.k_quant.codes(k_off, channel), valid);
           cp_async_16(v_s + dst, p.v_quant.codes(v_off, channel), valid);
-          if (channel % p.k_quant.group_size == 0) {
-            const int slot = (buf * kTK + j) * C::kMaxGroups + channel / p.k_quant.group_size;
+          if (channel == channel >> group_shift << group_shift) {
+            const int slot = (buf * kTK + j) * C::kMaxGroups + (channel >> group_shift);
             const int64_t kg = valid ? p.k_quant.group_of(k_off, channel) : 0;
             const int64_t vg = valid ? p.v_quant.group_of(v_off, channel) : 0;
             cp_async_4(scales_s + slot, p.k_quant.scale + kg, valid);
@@ -288,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) lean_kernel(const __grid
       if constexpr (!Kv::kQuantized) {
         return float2{1.f, 0.f};
       } else {
-        const int slot = (buf * kTK + j) * C::kMaxGroups + channel / p.k_quant.group_size;
+        const int slot = (buf * kTK + j) * C::kMaxGroups + (channel >> group_shift);
         return float2{scales_s[which * kScaleFloats + slot], scales_s[(which + 1) * kScaleFloats + slot]};
       }
     };
