@@ -84,7 +84,7 @@ struct Config {
   // Scores: thread = (key of the tile, group of kRowsS rows); a warp shares its rows.
   static constexpr int kRowGroupsS = kThreads / kTileKeys;
   static constexpr int kRowsS = kRows / kRowGroupsS;
-  // P @ V: thread = (16-byte column chunk, group of kRowsPV rows).
+  // P @ V: thread = (8-channel column chunk, group of kRowsPV rows).
   static constexpr int kRowGroupsPV = kThreads / kChunks;
   static constexpr int kRowsPV = kRows / kRowGroupsPV;
   static_assert(kChunks >= 8 && kChunks <= 32, "the thread maps need head_dim in [64, 256]");
@@ -159,7 +159,7 @@ struct alignas(kBytes) ChunkWords {
 };
 
 // 8 channels as floats from the words of their chunk: plain T converted, or codes
-// dequantized with scale and zero by attnkit/quant.h (the CPU decode's decoder).
+// dequantized with scale and zero by attnkit/quant.h (dequantize_kv's decoder).
 template <typename T, typename Kv>
 __device__ __forceinline__ void chunk_to_float(const uint32_t* w, float scale, float zero, float (&x)[8]) {
   if constexpr (!Kv::kQuantized) {
@@ -214,9 +214,12 @@ __global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape
 }
 
 // 2. The lean pass: CTA w = worker w.
+// Two CTAs per SM (the grid, decode_workers()) let ptxas use up to 255 registers: with
+// __launch_bounds__(kThreads) alone it capped the kernel at 128 and spilled (docs/decode.md).
 template <typename T, int kHeadDim, typename Kv>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm) lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape,
-                                                        const int capacity, const int workers, char* workspace) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+    lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape, const int capacity, const int workers,
+                char* workspace) {
   using C = Config<T, kHeadDim, Kv>;
   constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks, kUnits = C::kUnits;
   extern __shared__ __align__(16) char smem[];
@@ -397,8 +400,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) lean_kernel(const __grid
           }
 #pragma unroll 2
           for (int j = 0; j < kTK; ++j) {
-            const ChunkWords<Kv::kChunkBytes> words =
-                *reinterpret_cast<const ChunkWords<Kv::kChunkBytes>*>(v_s + buf * C::kTileBytes + C::chunk_offset(j, c));
+            using Words = ChunkWords<Kv::kChunkBytes>;
+            const Words words = *reinterpret_cast<const Words*>(v_s + buf * C::kTileBytes + C::chunk_offset(j, c));
             const float2 sz = scale_zero(buf, j, c * 8, 2);
             float vx[8];
             chunk_to_float<T, Kv>(words.w, sz.x, sz.y, vx);
