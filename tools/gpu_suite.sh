@@ -14,7 +14,9 @@
 #        BENCH_ARGS (extra arguments of python -m attnkit.bench, e.g. "--quick" or "--family decode"),
 #        SUITE_SANITIZE=0 (skip compute-sanitizer), SUITE_CPP_BENCH=0 (skip bench/prefill),
 #        CPP_BENCH_ARGS (arguments of bench/prefill; default a short list, fwd + bwd),
-#        CPP_DECODE_ARGS (arguments of bench/decode), CPP_NA_ARGS (of bench/neighborhood).
+#        CPP_DECODE_ARGS (runs of bench/decode separated by ';', each its arguments; default
+#        the dense / paged / sparse list, then int8, fp8, int4 and int4 group-32 caches at
+#        32k and 128k context against bf16 in the same run), CPP_NA_ARGS (of bench/neighborhood).
 #
 # Files written (at most 8, what the device tool brings back): suite.log (wheels, GPU,
 # versions, step times), build.log (setup.py, then the CMake build of bench/prefill),
@@ -148,11 +150,16 @@ if [[ -n $cpp_pid ]]; then
     say "bench/prefill: exit $rc_cpp in $(( $(date +%s) - s ))s (limit ${tcpp}s)"
     if [[ -x build/cmake/decode ]]; then
       s=$(date +%s)
-      tdec=$(step_timeout 60 150)
-      { echo; echo "======== bench/decode (C++, torch-free) ========"; } >> "$cpp_log"
-      # shellcheck disable=SC2086
-      timeout -k 5 "$tdec" build/cmake/decode ${CPP_DECODE_ARGS:---iters 10} >> "$cpp_log" 2>&1
-      say "bench/decode: exit $? in $(( $(date +%s) - s ))s (limit ${tdec}s)"
+      quant_cases="--cases 1:32768,1:131072,8:32768 --keep 0 --iters 10"
+      IFS=';' read -ra decode_runs <<< "${CPP_DECODE_ARGS:---iters 10;--kv-format int8 $quant_cases;--kv-format fp8_e4m3 $quant_cases;--kv-format int4 $quant_cases;--kv-format int4 --group-size 32 $quant_cases}"
+      for decode_args in "${decode_runs[@]}"; do
+        s=$(date +%s)
+        tdec=$(step_timeout 60 150)
+        { echo; echo "======== bench/decode $decode_args (C++, torch-free) ========"; } >> "$cpp_log"
+        # shellcheck disable=SC2086
+        timeout -k 5 "$tdec" build/cmake/decode $decode_args >> "$cpp_log" 2>&1
+        say "bench/decode $decode_args: exit $? in $(( $(date +%s) - s ))s (limit ${tdec}s)"
+      done
     fi
     if [[ -x build/cmake/neighborhood ]]; then
       s=$(date +%s)

@@ -135,35 +135,74 @@ struct PlainCache {
 };
 
 template <KVFormat F>
-struct QuantChannels {  // channels [channel, channel + 8) of a row of a quantized cache
-  const QuantizedRows* rows;
-  int64_t row;
-  int channel;
+struct QuantChannels {  // 8 channels of a row of a quantized cache: their codes, scale, zero
+  const uint8_t* codes;
+  float scale, zero;
 };
 
 template <KVFormat F>
-struct QuantRow {
-  const QuantizedRows* rows;
-  int64_t row;
-  QuantChannels<F> operator+(int channel) const { return {rows, row, channel}; }
+struct QuantRow {  // a row of a quantized cache: its codes, scales and zeros
+  const uint8_t* codes;
+  const float* scale;
+  const float* zero;  // nullptr for fp8
+  int group_shift;    // the group of channel c is c >> group_shift
+  QuantChannels<F> operator+(int channel) const {
+    const int g = channel >> group_shift;
+    return {codes + (F == KVFormat::kInt4 ? channel / 2 : channel), scale[g], zero ? zero[g] : 0.f};
+  }
 };
 
+// The float value of each e4m3 code, from quant.h's e4m3_to_float.
+struct E4M3Values {
+  float value[256];
+  E4M3Values() {
+    for (uint32_t b = 0; b < 256; ++b) value[b] = e4m3_to_float(b);
+  }
+};
+inline const E4M3Values kE4M3Values;
+
+// 8 channels dequantized with 8-wide vector ops: codes as exact floats, then quant.h's
+// int_value (code * scale + zero, fused like its fmaf under -ffp-contract=fast with FMA)
+// or fp8_value (e4m3 value * scale), so the values equal dequantize_kv's.
 template <KVFormat F>
 inline vec8 load8(QuantChannels<F> at) {
-  float values[kVec];
-  dequantize_8_channels<F>(*at.rows, at.row, at.channel, values);
-  vec8 f;
-  std::memcpy(&f, values, sizeof(f));
-  return f;
+  if constexpr (F == KVFormat::kFp8E4M3) {
+    vec8 v;
+    for (int i = 0; i < kVec; ++i) v[i] = kE4M3Values.value[at.codes[i]];
+    return v * at.scale;
+  } else {
+    ivec8 codes;
+    if constexpr (F == KVFormat::kInt8) {
+#if defined(__AVX2__)
+      const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at.codes)));
+      std::memcpy(&codes, &wide, sizeof(codes));
+#else
+      typedef uint8_t u8x8 __attribute__((vector_size(8)));
+      u8x8 bytes;
+      std::memcpy(&bytes, at.codes, sizeof(bytes));
+      codes = __builtin_convertvector(bytes, ivec8);
+#endif
+    } else {  // channel i of a little-endian word is nibble i (docs/quantization.md)
+      uint32_t word;
+      std::memcpy(&word, at.codes, sizeof(word));
+      codes = ((ivec8{} + int32_t(word)) >> ivec8{0, 4, 8, 12, 16, 20, 24, 28}) & 0xf;
+    }
+    return __builtin_convertvector(codes, vec8) * at.scale + at.zero;
+  }
 }
 
 template <KVFormat F>
 struct QuantCache {
   QuantizedRows rows;
-  QuantRow<F> row(int64_t r) const { return {&rows, r}; }
+  int row_bytes = rows.row_bytes(), groups = rows.groups();
+  int group_shift = rows.group_shift();
+  QuantRow<F> row(int64_t r) const {
+    return {rows.data + r * row_bytes, rows.scale + r * groups, rows.zero ? rows.zero + r * groups : nullptr,
+            group_shift};
+  }
   void prefetch(int64_t r, int heads, int64_t head_stride, int) const {
-    prefetch_heads(rows.codes(r, 0), heads, head_stride * rows.row_bytes(), rows.row_bytes());
-    for (int h = 0; h < heads; ++h) __builtin_prefetch(rows.scale + rows.group_of(r + h * head_stride, 0));
+    prefetch_heads(rows.data + r * row_bytes, heads, head_stride * row_bytes, row_bytes);
+    for (int h = 0; h < heads; ++h) __builtin_prefetch(rows.scale + (r + h * head_stride) * groups);
   }
 };
 

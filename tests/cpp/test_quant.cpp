@@ -229,6 +229,9 @@ void check_rows(int head_dim, int group_size, std::mt19937& rng) {
   rows.zero = F == KVFormat::kFp8E4M3 ? nullptr : zero.data();
   rows.head_dim = head_dim;
   rows.group_size = group_size;
+  for (int c = 0; c < head_dim; ++c)
+    EXPECT((c >> rows.group_shift()) == c / group_size, "group_shift: head_dim %d group %d channel %d", head_dim,
+           group_size, c);
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < head_dim; c += 8) {
       float got[8], want[8];
@@ -246,7 +249,9 @@ void check_rows(int head_dim, int group_size, std::mt19937& rng) {
 
 void test_quantized_rows() {
   std::mt19937 rng(4);
-  for (auto [head_dim, group_size] : {std::pair{128, 32}, std::pair{128, 128}, std::pair{96, 96}, std::pair{64, 64}}) {
+  for (auto [head_dim, group_size] :
+       {std::pair{128, 32}, std::pair{128, 64}, std::pair{128, 128}, std::pair{96, 96}, std::pair{256, 32},
+        std::pair{64, 64}}) {
     check_rows<KVFormat::kInt8>(head_dim, group_size, rng);
     check_rows<KVFormat::kInt4>(head_dim, group_size, rng);
     if (group_size == head_dim) check_rows<KVFormat::kFp8E4M3>(head_dim, group_size, rng);

@@ -13,10 +13,10 @@
 //     (16-byte copies, rows found per key: selection, then block_table), scores
 //     and P @ V on CUDA cores in fp32. It writes the final output when it holds the whole
 //     pair, else an fp32 partial (out, lse) to its slot in the workspace.
-//     A quantized cache (docs/quantization.md) streams its code bytes instead (8 channels =
-//     8 bytes of int8 / fp8, 4 of int4, per cp.async) and each key's scales (and zeros),
-//     and is dequantized in registers where the plain kernel converts to float, through
-//     attnkit/quant.h's dequantize_words: no dequantized copy is ever written.
+//     A quantized cache (docs/quantization.md) streams its code bytes instead, 16 bytes
+//     (16 int8 / fp8 or 32 int4 channels) per cp.async as for a plain cache, and each key's
+//     scales (and zeros), and is dequantized in registers where the plain kernel converts to
+//     float, through attnkit/quant.h's dequantize_words: no dequantized copy is ever written.
 //  3. merge_kernel: each pair split over several workers merges its slots in key order with
 //     merge_weights() (pair_partials() finds them); pairs with no visible key get out 0 and
 //     lse -inf.
@@ -56,8 +56,10 @@ struct alignas(16) Vec8 {
   T v[8];
 };
 
-// What the K/V tiles hold: a plain cache's elements of type T (a chunk of 8 channels is 16
-// bytes), or a quantized cache's codes of format F plus per key kMaxGroups scales and zeros.
+// What the K/V tiles hold: a plain cache's elements of type T, or a quantized cache's codes
+// of format F plus per key kMaxGroups scales and zeros. Tiles are copied and swizzled in
+// units of 16 bytes (8 channels of T, 16 of int8 / fp8, 32 of int4); a chunk is the 8
+// channels a P @ V thread reads (kChunkBytes: 16, 8 or 4 bytes).
 template <typename T>
 struct PlainKV {
   static constexpr bool kQuantized = false;
@@ -67,7 +69,7 @@ template <KVFormat F>
 struct QuantKV {
   static constexpr bool kQuantized = true;
   static constexpr KVFormat kFormat = F;
-  static constexpr int kChunkBytes = 8 / (F == KVFormat::kInt4 ? 2 : 1);
+  static constexpr int kChunkBytes = F == KVFormat::kInt4 ? 4 : 8;
 };
 
 // Tile config of one (dtype, head_dim, K/V storage).
@@ -75,21 +77,25 @@ template <typename T, int kHeadDim, typename Kv>
 struct Config {
   static constexpr int kD = kHeadDim;
   static constexpr int kChunks = kHeadDim / 8;  // chunks of 8 channels per K/V row
+  static constexpr int kChunksPerUnit = 16 / Kv::kChunkBytes;
+  static constexpr int kUnitChannels = 8 * kChunksPerUnit;
+  static constexpr int kUnits = kHeadDim / kUnitChannels;  // 16-byte units per K/V row
   static constexpr int kTileKeys = tile_keys_for(kHeadDim);
   // Scores: thread = (key of the tile, group of kRowsS rows); a warp shares its rows.
   static constexpr int kRowGroupsS = kThreads / kTileKeys;
   static constexpr int kRowsS = kRows / kRowGroupsS;
-  // P @ V: thread = (16-byte column chunk, group of kRowsPV rows).
+  // P @ V: thread = (8-channel column chunk, group of kRowsPV rows).
   static constexpr int kRowGroupsPV = kThreads / kChunks;
   static constexpr int kRowsPV = kRows / kRowGroupsPV;
-  static_assert(kChunks >= 8 && kChunks <= 32, "the swizzle and thread maps need head_dim in [64, 256]");
+  static_assert(kChunks >= 8 && kChunks <= 32, "the thread maps need head_dim in [64, 256]");
+  static_assert(kUnits >= 2 && kUnits <= 32 && (kUnits & (kUnits - 1)) == 0, "swizzle");
   static_assert(kTileKeys >= 32 && kThreads % kTileKeys == 0 && kRows % kRowGroupsS == 0, "score map");
   static_assert(kThreads % kChunks == 0 && kRows % kRowGroupsPV == 0, "P @ V map");
   static_assert(kTileKeys % 32 == 0 && kRows % kWarps == 0, "softmax map");
 
   // Shared memory, in bytes from the start.
   static constexpr int kQBytes = kRows * kD * 4;              // float q rows, pre-scaled
-  static constexpr int kTileBytes = kTileKeys * kChunks * Kv::kChunkBytes;
+  static constexpr int kTileBytes = kTileKeys * kUnits * 16;
   // Quantized: per buffer and key, the scale and zero of each group (groups >= 32 channels).
   static constexpr int kMaxGroups = kD / 32;
   static constexpr int kScaleBytes = Kv::kQuantized ? 2 * kTileKeys * kMaxGroups * 4 : 0;
@@ -102,9 +108,23 @@ struct Config {
   static constexpr int kScaleOffset = kPosOffset + 2 * kTileKeys * 4;  // K scale, K zero, V scale, V zero
   static constexpr int kSmemBytes = kScaleOffset + 4 * kScaleBytes;
 
-  // Chunk c of tile row j, XOR-swizzled so that 8 consecutive rows read at one column hit
-  // 8 different 16-byte bank groups.
-  __device__ static int swizzle(int j, int c) { return j * kChunks + (c ^ (j & 7)); }
+  // Byte offset of 16-byte unit u of tile row j, XOR-swizzled so that 8 consecutive rows
+  // read at one unit (the score loop) hit the 8 different 16-byte bank groups: rows of >= 8
+  // units permute their units by j % 8; shorter rows (2 or 4 units, quantized) share a
+  // 128-byte line and permute the units of the line by the line's index.
+  __device__ static int unit_offset(int j, int u) {
+    if constexpr (kUnits >= 8) {
+      return (j * kUnits + (u ^ (j & 7))) * 16;
+    } else {
+      constexpr int kRowsPerLine = 8 / kUnits;
+      const int line = j / kRowsPerLine;
+      return (line * 8 + (((j % kRowsPerLine) * kUnits + u) ^ (line & 7))) * 16;
+    }
+  }
+  // Byte offset of chunk c (8 channels) of tile row j: inside its unit, unswizzled.
+  __device__ static int chunk_offset(int j, int c) {
+    return unit_offset(j, c / kChunksPerUnit) + c % kChunksPerUnit * Kv::kChunkBytes;
+  }
 };
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
@@ -112,12 +132,11 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   const int src_size = valid ? 16 : 0;  // 0: zero-fill (keys past the sequence)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
 }
-// A 4- or 8-byte copy (quantized codes, scales), through L1: .cg takes 16 bytes only.
-template <int kBytes>
-__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, bool valid) {
+// A 4-byte copy (a scale or zero of a quantized cache), through L1: .cg takes 16 bytes only.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? kBytes : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(kBytes), "r"(src_size));
+  const int src_size = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
@@ -133,20 +152,24 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-template <typename T>
-__device__ __forceinline__ void load8(const T* smem, float (&x)[8]) {
-  const Vec8<T> v = *reinterpret_cast<const Vec8<T>*>(smem);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) x[i] = to_float(v.v[i]);
-}
+// The words of one chunk (8 channels) in shared memory: one 16-, 8- or 4-byte load.
+template <int kBytes>
+struct alignas(kBytes) ChunkWords {
+  uint32_t w[kBytes / 4];
+};
 
-// 8 channels of a quantized tile chunk (kWordsPer8Channels<F> words in shared memory).
-template <KVFormat F>
-__device__ __forceinline__ void load8(const uint8_t* smem, float scale, float zero, float (&x)[8]) {
-  uint32_t w[kWordsPer8Channels<F>];
+// 8 channels as floats from the words of their chunk: plain T converted, or codes
+// dequantized with scale and zero by attnkit/quant.h (dequantize_kv's decoder).
+template <typename T, typename Kv>
+__device__ __forceinline__ void chunk_to_float(const uint32_t* w, float scale, float zero, float (&x)[8]) {
+  if constexpr (!Kv::kQuantized) {
+    Vec8<T> v;
+    memcpy(&v, w, sizeof(v));
 #pragma unroll
-  for (int i = 0; i < kWordsPer8Channels<F>; ++i) w[i] = reinterpret_cast<const uint32_t*>(smem)[i];
-  dequantize_words<F, kWordsPer8Channels<F>>(w, scale, zero, x);
+    for (int i = 0; i < 8; ++i) x[i] = to_float(v.v[i]);
+  } else {
+    dequantize_words<Kv::kFormat, kWordsPer8Channels<Kv::kFormat>>(w, scale, zero, x);
+  }
 }
 
 // The lengths the schedule splits: cache_seqlens (dense), or pair_keys in the workspace.
@@ -191,11 +214,14 @@ __global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape
 }
 
 // 2. The lean pass: CTA w = worker w.
+// Two CTAs per SM (the grid, decode_workers()) let ptxas use up to 255 registers: with
+// __launch_bounds__(kThreads) alone it capped the kernel at 128 and spilled (docs/decode.md).
 template <typename T, int kHeadDim, typename Kv>
-__global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape,
-                                                        const int capacity, const int workers, char* workspace) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+    lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape, const int capacity, const int workers,
+                char* workspace) {
   using C = Config<T, kHeadDim, Kv>;
-  constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks, kChunkBytes = Kv::kChunkBytes;
+  constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks, kUnits = C::kUnits;
   extern __shared__ __align__(16) char smem[];
   float* q_s = reinterpret_cast<float*>(smem);
   char* k_s = smem + C::kKOffset;
@@ -217,6 +243,8 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = p.heads_q / p.heads_kv, rows = group * p.seqlen_q;
   const int head_chunks = p.head_dim / 8;  // columns past head_dim (kD rounds it up) are 0
+  const int head_units = p.head_dim / C::kUnitChannels;  // quantized: head_dim % 32 == 0
+  const int group_shift = p.k_quant.group_shift();  // quantized: the group of channel c is c >> group_shift
   const char* k_cache = static_cast<const char*>(p.k_cache);
   const char* v_cache = static_cast<const char*>(p.v_cache);
 
@@ -225,47 +253,47 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
     const int len = max(0, min(p.cache_seqlens[b], capacity));
     const AttentionMask mask(p.seqlen_q, len, /*causal=*/true, p.window_left, -1);
 
-    // K and V of work keys [tile * kTK, +kTK) into buffer `buf`, and their token positions;
-    // keys naming no token are zero-filled (and masked through their position -1).
+    // K and V of work keys [tile * kTK, +kTK) into buffer `buf`, 16 bytes per cp.async, and
+    // their token positions; keys naming no token are zero-filled (and masked through their
+    // position -1).
     auto load_tile = [&](int tile, int buf) {
-      for (int idx = tid; idx < kTK * kChunks; idx += kThreads) {
-        const int j = idx / kChunks, c = idx % kChunks;
+      for (int idx = tid; idx < kTK * kUnits; idx += kThreads) {
+        const int j = idx / kUnits, u = idx % kUnits, channel = u * C::kUnitChannels;
         const int pos = decode_key_position(p, b, h, tile * kTK + j, len);
-        if (c == 0) pos_s[buf * kTK + j] = pos;
-        const bool valid = pos >= 0 && c < head_chunks;  // else zero-filled
+        if (u == 0) pos_s[buf * kTK + j] = pos;
+        const bool valid = pos >= 0 && u < head_units;  // else zero-filled
         const int64_t k_off = valid ? decode_kv_offset(p, p.k_strides, b, pos, h) : 0;
         const int64_t v_off = valid ? decode_kv_offset(p, p.v_strides, b, pos, h) : 0;
-        const int dst = (buf * kTK * kChunks + C::swizzle(j, c)) * kChunkBytes;
+        const int dst = buf * C::kTileBytes + C::unit_offset(j, u);
         if constexpr (!Kv::kQuantized) {
-          cp_async_16(k_s + dst, k_cache + (k_off + c * 8) * int64_t(sizeof(T)), valid);
-          cp_async_16(v_s + dst, v_cache + (v_off + c * 8) * int64_t(sizeof(T)), valid);
-        } else {  // offsets count rows: codes, then the group's scale / zero if c starts a group
-          cp_async_small<kChunkBytes>(k_s + dst, p.k_quant.codes(k_off, c * 8), valid);
-          cp_async_small<kChunkBytes>(v_s + dst, p.v_quant.codes(v_off, c * 8), valid);
-          if (c * 8 % p.k_quant.group_size == 0) {
-            const int slot = (buf * kTK + j) * C::kMaxGroups + c * 8 / p.k_quant.group_size;
-            const int64_t kg = valid ? p.k_quant.group_of(k_off, c * 8) : 0;
-            const int64_t vg = valid ? p.v_quant.group_of(v_off, c * 8) : 0;
-            cp_async_small<4>(scales_s + slot, p.k_quant.scale + kg, valid);
-            cp_async_small<4>(scales_s + 2 * kScaleFloats + slot, p.v_quant.scale + vg, valid);
+          cp_async_16(k_s + dst, k_cache + (k_off + channel) * int64_t(sizeof(T)), valid);
+          cp_async_16(v_s + dst, v_cache + (v_off + channel) * int64_t(sizeof(T)), valid);
+        } else {  // offsets count rows: codes, then the group's scale / zero if u starts a group
+          cp_async_16(k_s + dst, p.k_quant.codes(k_off, channel), valid);
+          cp_async_16(v_s + dst, p.v_quant.codes(v_off, channel), valid);
+          if (channel == channel >> group_shift << group_shift) {
+            const int slot = (buf * kTK + j) * C::kMaxGroups + (channel >> group_shift);
+            const int64_t kg = valid ? p.k_quant.group_of(k_off, channel) : 0;
+            const int64_t vg = valid ? p.v_quant.group_of(v_off, channel) : 0;
+            cp_async_4(scales_s + slot, p.k_quant.scale + kg, valid);
+            cp_async_4(scales_s + 2 * kScaleFloats + slot, p.v_quant.scale + vg, valid);
             if (p.k_quant.zero != nullptr) {
-              cp_async_small<4>(scales_s + kScaleFloats + slot, p.k_quant.zero + kg, valid);
-              cp_async_small<4>(scales_s + 3 * kScaleFloats + slot, p.v_quant.zero + vg, valid);
+              cp_async_4(scales_s + kScaleFloats + slot, p.k_quant.zero + kg, valid);
+              cp_async_4(scales_s + 3 * kScaleFloats + slot, p.v_quant.zero + vg, valid);
             }
           }
         }
       }
     };
 
-    // Channels c*8 .. c*8+7 of key j of tile buffer `buf` as floats; which = 0 for K, 2 for V.
-    auto load_chunk = [&](const char* tile, int buf, int j, int c, int which, float (&x)[8]) {
-      const char* src = tile + (buf * kTK * kChunks + C::swizzle(j, c)) * kChunkBytes;
+    // Scale and zero of channel `channel` of key j of buffer `buf`; which = 0 for K, 2 for V.
+    // A plain cache has none (never read).
+    auto scale_zero = [&](int buf, int j, int channel, int which) {
       if constexpr (!Kv::kQuantized) {
-        load8(reinterpret_cast<const T*>(src), x);
+        return float2{1.f, 0.f};
       } else {
-        const int slot = (buf * kTK + j) * C::kMaxGroups + c * 8 / p.k_quant.group_size;
-        load8<Kv::kFormat>(reinterpret_cast<const uint8_t*>(src), scales_s[which * kScaleFloats + slot],
-                           scales_s[(which + 1) * kScaleFloats + slot], x);
+        const int slot = (buf * kTK + j) * C::kMaxGroups + (channel >> group_shift);
+        return float2{scales_s[which * kScaleFloats + slot], scales_s[(which + 1) * kScaleFloats + slot]};
       }
     };
 
@@ -306,21 +334,29 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
         cp_async_wait_1();
         __syncthreads();
 
-        {  // scores S[r][j] = q_r . k_j (q pre-scaled)
+        {  // scores S[r][j] = q_r . k_j (q pre-scaled), one 16-byte unit of k_j per step
           const int j = tid % kTK, rg = tid / kTK;
           float dot[C::kRowsS];
 #pragma unroll
           for (int i = 0; i < C::kRowsS; ++i) dot[i] = 0.f;
-#pragma unroll 2
-          for (int c = 0; c < kChunks; ++c) {
-            float kx[8];
-            load_chunk(k_s, buf, j, c, 0, kx);
+          constexpr int kUnitUnroll = C::kChunksPerUnit == 1 ? 2 : 1;  // 2 chunks or more per step
+#pragma unroll kUnitUnroll
+          for (int u = 0; u < kUnits; ++u) {
+            const uint4 unit = *reinterpret_cast<const uint4*>(k_s + buf * C::kTileBytes + C::unit_offset(j, u));
+            const uint32_t words[4] = {unit.x, unit.y, unit.z, unit.w};
+            const float2 sz = scale_zero(buf, j, u * C::kUnitChannels, 0);
 #pragma unroll
-            for (int i = 0; i < C::kRowsS; ++i) {
-              const float4* qv = reinterpret_cast<const float4*>(q_s + (rg * C::kRowsS + i) * kD + c * 8);
-              const float4 a = qv[0], bq = qv[1];
-              dot[i] += a.x * kx[0] + a.y * kx[1] + a.z * kx[2] + a.w * kx[3] + bq.x * kx[4] + bq.y * kx[5] +
-                        bq.z * kx[6] + bq.w * kx[7];
+            for (int k = 0; k < C::kChunksPerUnit; ++k) {
+              const int c = u * C::kChunksPerUnit + k;
+              float kx[8];
+              chunk_to_float<T, Kv>(words + k * Kv::kChunkBytes / 4, sz.x, sz.y, kx);
+#pragma unroll
+              for (int i = 0; i < C::kRowsS; ++i) {
+                const float4* qv = reinterpret_cast<const float4*>(q_s + (rg * C::kRowsS + i) * kD + c * 8);
+                const float4 a = qv[0], bq = qv[1];
+                dot[i] += a.x * kx[0] + a.y * kx[1] + a.z * kx[2] + a.w * kx[3] + bq.x * kx[4] + bq.y * kx[5] +
+                          bq.z * kx[6] + bq.w * kx[7];
+              }
             }
           }
 #pragma unroll
@@ -364,8 +400,11 @@ __global__ void __launch_bounds__(kThreads) lean_kernel(const __grid_constant__ 
           }
 #pragma unroll 2
           for (int j = 0; j < kTK; ++j) {
+            using Words = ChunkWords<Kv::kChunkBytes>;
+            const Words words = *reinterpret_cast<const Words*>(v_s + buf * C::kTileBytes + C::chunk_offset(j, c));
+            const float2 sz = scale_zero(buf, j, c * 8, 2);
             float vx[8];
-            load_chunk(v_s, buf, j, c, 2, vx);
+            chunk_to_float<T, Kv>(words.w, sz.x, sz.y, vx);
 #pragma unroll
             for (int i = 0; i < C::kRowsPV; ++i) {
               const float prob = s_s[(rg * C::kRowsPV + i) * kTK + j];

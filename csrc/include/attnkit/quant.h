@@ -202,7 +202,7 @@ ATTNKIT_HD void dequantize_16_bytes(const uint32_t w[4], float scale, float zero
 
 // ---- rows of a quantized KV cache ------------------------------------------------------
 
-// Words holding 8 channels (the CPU decode's vector): 2 of int8 / fp8, 1 of int4.
+// Words holding 8 channels (a chunk of the CUDA decode, dequantize_8_channels): 2 of int8 / fp8, 1 of int4.
 template <KVFormat F>
 constexpr int kWordsPer8Channels = F == KVFormat::kInt4 ? 1 : 2;
 
@@ -226,6 +226,16 @@ struct QuantizedRows {
     return data + row * row_bytes() + channel / channels_per_byte(format);
   }
   ATTNKIT_HD int64_t group_of(int64_t row, int channel) const { return row * groups() + channel / group_size; }
+  // The group of channel c within its row is c >> group_shift(), a shift for the kernels'
+  // inner loops: groups of 32, 64 or 128 channels, or one per row (30: group 0 for every
+  // channel of the row, also where the kernels pad head_dim; those columns are zero in q and
+  // never stored from V).
+  ATTNKIT_HD int group_shift() const {
+    if (group_size == head_dim) return 30;
+    int shift = 0;
+    while ((1 << shift) < group_size) ++shift;
+    return shift;
+  }
   ATTNKIT_HD float scale_at(int64_t row, int channel) const { return scale[group_of(row, channel)]; }
   ATTNKIT_HD float zero_at(int64_t row, int channel) const {
     return zero == nullptr ? 0.0f : zero[group_of(row, channel)];
@@ -233,7 +243,8 @@ struct QuantizedRows {
 };
 
 // Values of channels [channel, channel + 8) of row `row` (channel a multiple of 8, so the 8
-// lie in one group): the CPU decode's load, through the same decoder as dequantize_kv.
+// lie in one group), through the same decoder as dequantize_kv: the scalar statement of what
+// the CPU decode's vectorized 8-channel load computes (ctest quant checks this one).
 template <KVFormat F>
 ATTNKIT_HD void dequantize_8_channels(const QuantizedRows& rows, int64_t row, int channel, float* out) {
   uint32_t w[kWordsPer8Channels<F>];
