@@ -208,23 +208,10 @@ __global__ void reference_rows(const __grid_constant__ DecodeParams p, const int
     s[j] = dot * p.scale;
     m = fmaxf(m, s[j]);
   }
-  red[threadIdx.x] = m;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w /= 2) {
-    if (threadIdx.x < w) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + w]);
-    __syncthreads();
-  }
-  m = red[0];
-  __syncthreads();
+  m = block_reduce(m, true, red);
   float sum = 0.f;
   for (int j = threadIdx.x; j < n_keys; j += blockDim.x) sum += (s[j] = token(j) < 0 ? 0.f : expf(s[j] - m));
-  red[threadIdx.x] = sum;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w /= 2) {
-    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
-    __syncthreads();
-  }
-  sum = red[0];
+  sum = block_reduce(sum, false, red);
   for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
     float acc = 0.f;
     for (int j = 0; j < n_keys; ++j) {
@@ -256,32 +243,21 @@ std::string check_rows(const DecodeParams& p, int ctx) {
     rows[3 * r + 1] = int(rng() % p.heads_q);
     rows[3 * r + 2] = int(rng() % p.seqlen_q);
   }
-  DeviceBuffer d_rows(rows.size() * 4), scratch(size_t(nrows) * ctx * 4), ref(size_t(nrows) * p.head_dim * 4),
-      got(size_t(nrows) * p.head_dim * 4), ref_lse(nrows * 4), got_lse(nrows * 4), bad(8);
-  check(cudaMemcpy(d_rows.ptr, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy");
-  check(cudaMemset(bad.ptr, 0, 8), "cudaMemset");
+  DeviceBuffer scratch(size_t(nrows) * ctx * 4);
+  SampledRows sample(rows, nrows, p.head_dim);
   const int64_t n_out = int64_t(p.batch) * p.seqlen_q * p.heads_q * p.head_dim;
   for_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    reference_rows<T><<<nrows, kRefThreads>>>(p, d_rows.as<int>(), scratch.as<float>(), ctx, ref.as<float>(),
-                                              ref_lse.as<float>());
-    gather_rows<T><<<nrows, 128>>>(p, d_rows.as<int>(), got.as<float>(), got_lse.as<float>());
-    count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out, bad.as<unsigned long long>());
+    reference_rows<T><<<nrows, kRefThreads>>>(p, sample.rows.as<int>(), scratch.as<float>(), ctx,
+                                              sample.ref_out.as<float>(), sample.ref_lse.as<float>());
+    gather_rows<T><<<nrows, 128>>>(p, sample.rows.as<int>(), sample.got_out.as<float>(), sample.got_lse.as<float>());
+    count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out, sample.nonfinite.as<unsigned long long>());
   });
-  check(cudaGetLastError(), "check kernels");
-  return rows_verdict(ref, got, ref_lse, got_lse, bad, nrows, p.head_dim);
+  return sample.verdict();
 }
 
-struct Sets {
-  std::vector<DeviceBuffer*> owned;
+struct Sets : DeviceArena {
   std::vector<DecodeParams> params;
-  ~Sets() {
-    for (auto* b : owned) delete b;
-  }
-  void* alloc(size_t bytes) {
-    owned.push_back(new DeviceBuffer(bytes));
-    return owned.back()->ptr;
-  }
 };
 
 // Fills `rows` rows of a quantized cache (codes, scale, zero on the device) with random
