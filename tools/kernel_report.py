@@ -106,16 +106,6 @@ KNOWN_EXCEPTIONS = (
         "prefill bwd hdim256 (64 x 64 tiles, 8 warps): 255 registers, 16 B stack, 3 LDL / 3 STL, 2 "
         "inside the loop over query blocks (dK and dV accumulators of a 256-wide head fill the "
         "registers).", 16, 2),
-    KnownException(
-        r"^lean_kernel<", "local",
-        "decode lean: every instantiation but the plain-cache hdim256 ones keeps a 16-56 B stack "
-        "frame (3-24 LDL / 2-20 STL), ptxas settling at 128 registers for most. csrc/cuda/decode/"
-        "decode.cu is being reworked for spills and vector loads (decode engineer, issue 9).", 56, 28),
-    KnownException(
-        r"^lean_kernel<\w+, \d+, QuantKV<", "load.128",
-        "decode lean on quantized pages copies K/V codes 8 channels per cp.async: 8 B for int8 / fp8 "
-        "(LDGSTS.E.64), 4 B for int4 (LDGSTS.E), per QuantKV::kChunkBytes in decode.cu, so codes never "
-        "move in 128-bit accesses. Owned by the decode.cu rework (decode engineer, issue 9)."),
 )
 
 
