@@ -27,6 +27,7 @@
 #include "attnkit/params.h"
 #include "common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/neighborhood/launch.h"
 
 namespace {
 
@@ -257,29 +258,8 @@ struct Sets : DeviceArena {
   std::vector<NeighborhoodBwdParams> bwd;
 };
 
-// The same tokens as a dense non-causal prefill (the speed-of-light baseline).
-AttentionParams as_dense(const NeighborhoodParams& np) {
-  AttentionParams p{};
-  p.dtype = np.dtype;
-  p.q = np.q, p.k = np.k, p.v = np.v, p.out = np.out, p.lse = np.lse;
-  p.q_strides = np.q_strides, p.k_strides = np.k_strides, p.v_strides = np.v_strides;
-  p.out_strides = np.out_strides;
-  p.batch = np.batch, p.heads_q = np.heads_q, p.heads_kv = np.heads_kv, p.head_dim = np.head_dim;
-  p.seqlen_q = p.seqlen_k = int(np.nbhd.tokens());
-  p.scale = np.scale;
-  p.window_left = p.window_right = -1;
-  return p;
-}
-
-AttentionBwdParams as_dense(const NeighborhoodBwdParams& nbp) {
-  AttentionBwdParams bp{};
-  bp.fwd = as_dense(nbp.fwd);
-  bp.dout = nbp.dout, bp.dq = nbp.dq, bp.dk = nbp.dk, bp.dv = nbp.dv;
-  bp.dout_strides = nbp.dout_strides, bp.dq_strides = nbp.dq_strides;
-  bp.dk_strides = nbp.dk_strides, bp.dv_strides = nbp.dv_strides;
-  bp.dq_accum = nbp.dq_accum, bp.dq_accum_strides = nbp.dq_accum_strides, bp.delta = nbp.delta;
-  return bp;
-}
+// The same tokens as a dense non-causal prefill: the speed-of-light baseline.
+using attnkit::cuda::neighborhood::as_prefill;
 
 bool run_case(const Options& o, const Case& c, int hdim, int& failures) {
   const int heads = 2048 / hdim;
@@ -343,7 +323,7 @@ bool run_case(const Options& o, const Case& c, int hdim, int& failures) {
     using attnkit::cuda::attention_fwd;
     using attnkit::cuda::neighborhood_bwd;
     using attnkit::cuda::neighborhood_fwd;
-    const Stat dense = time_calls([&](int i) { attention_fwd(as_dense(sets.fwd[i % nsets]), nullptr); }, o.warmup,
+    const Stat dense = time_calls([&](int i) { attention_fwd(as_prefill(sets.fwd[i % nsets]), nullptr); }, o.warmup,
                                   o.iters);
     const Stat fwd = time_calls([&](int i) { neighborhood_fwd(sets.fwd[i % nsets], nullptr); }, o.warmup, o.iters);
     char notes[96];
@@ -356,7 +336,7 @@ bool run_case(const Options& o, const Case& c, int hdim, int& failures) {
     }
     report("fwd", fwd, dense, flops, verdict);
     if (o.bwd) {
-      const Stat dense_bwd = time_calls([&](int i) { attention_bwd(as_dense(sets.bwd[i % nsets]), nullptr); },
+      const Stat dense_bwd = time_calls([&](int i) { attention_bwd(as_prefill(sets.bwd[i % nsets]), nullptr); },
                                         o.warmup, o.iters);
       for (const auto& p : sets.fwd) neighborhood_fwd(p, nullptr);  // out, lse for the backward
       const Stat bwd = time_calls([&](int i) { neighborhood_bwd(sets.bwd[i % nsets], nullptr); }, o.warmup, o.iters);

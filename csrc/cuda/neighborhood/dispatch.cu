@@ -1,6 +1,6 @@
 // neighborhood_fwd / neighborhood_bwd on CUDA: the params as a prefill of `tokens` rows per
-// sequence, and the kernel instantiation for the dtype and head_dim (rounded up to 64 or 128; the kernels mask
-// the extra columns).
+// sequence (launch.h), and the kernel instantiation for the dtype and head_dim (rounded up
+// to 64 or 128; the kernels mask the extra columns).
 #include <cutlass/numeric_types.h>
 
 #include <stdexcept>
@@ -15,28 +15,6 @@ namespace {
 int padded_head_dim(int head_dim) {
   if (head_dim <= 0 || head_dim % 8 != 0) return 0;  // 16-byte vectors of fp16 / bf16
   return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 0;
-}
-
-AttentionParams as_prefill(const NeighborhoodParams& np) {
-  AttentionParams p{};
-  p.dtype = np.dtype;
-  p.q = np.q;
-  p.k = np.k;
-  p.v = np.v;
-  p.out = np.out;
-  p.lse = np.lse;
-  p.q_strides = np.q_strides;
-  p.k_strides = np.k_strides;
-  p.v_strides = np.v_strides;
-  p.out_strides = np.out_strides;
-  p.batch = np.batch;
-  p.heads_q = np.heads_q;
-  p.heads_kv = np.heads_kv;
-  p.head_dim = np.head_dim;
-  p.seqlen_q = p.seqlen_k = int(np.nbhd.tokens());
-  p.scale = np.scale;
-  p.window_left = p.window_right = -1;
-  return p;
 }
 
 }  // namespace
@@ -62,26 +40,14 @@ void dispatch(const NeighborhoodParams& params, const char* op, Launch&& launch)
 }
 
 void neighborhood_fwd(const NeighborhoodParams& params, cudaStream_t stream) {
-  const AttentionParams p = as_prefill(params);
+  const AttentionParams p = neighborhood::as_prefill(params);
   dispatch(params, "attnkit.neighborhood_attention", [&]<typename Element, int kHeadDim>() {
     neighborhood::launch_fwd<Element, kHeadDim>(p, params.nbhd, stream);
   });
 }
 
 void neighborhood_bwd(const NeighborhoodBwdParams& params, cudaStream_t stream) {
-  AttentionBwdParams bp{};
-  bp.fwd = as_prefill(params.fwd);
-  bp.dout = params.dout;
-  bp.dq = params.dq;
-  bp.dk = params.dk;
-  bp.dv = params.dv;
-  bp.dout_strides = params.dout_strides;
-  bp.dq_strides = params.dq_strides;
-  bp.dk_strides = params.dk_strides;
-  bp.dv_strides = params.dv_strides;
-  bp.dq_accum = params.dq_accum;
-  bp.dq_accum_strides = params.dq_accum_strides;
-  bp.delta = params.delta;
+  const AttentionBwdParams bp = neighborhood::as_prefill(params);
   dispatch(params.fwd, "attnkit.neighborhood_attention backward", [&]<typename Element, int kHeadDim>() {
     neighborhood::launch_bwd<Element, kHeadDim>(bp, params.fwd.nbhd, stream);
   });

@@ -8,7 +8,33 @@
 
 namespace attnkit::cuda::neighborhood {
 
-// q, k, v, out and lse as a prefill of p.seqlen_q = p.seqlen_k = tokens rows per sequence.
+// The neighbourhood params as those of a dense, non-causal prefill of p.seqlen_q =
+// p.seqlen_k = tokens rows per sequence: what the kernels (and bench/neighborhood's dense
+// baseline) take.
+inline AttentionParams as_prefill(const NeighborhoodParams& np) {
+  AttentionParams p{};
+  p.dtype = np.dtype;
+  p.q = np.q, p.k = np.k, p.v = np.v, p.out = np.out, p.lse = np.lse;
+  p.q_strides = np.q_strides, p.k_strides = np.k_strides, p.v_strides = np.v_strides;
+  p.out_strides = np.out_strides;
+  p.batch = np.batch, p.heads_q = np.heads_q, p.heads_kv = np.heads_kv, p.head_dim = np.head_dim;
+  p.seqlen_q = p.seqlen_k = int(np.nbhd.tokens());
+  p.scale = np.scale;
+  p.window_left = p.window_right = -1;
+  return p;
+}
+
+inline AttentionBwdParams as_prefill(const NeighborhoodBwdParams& np) {
+  AttentionBwdParams bp{};
+  bp.fwd = as_prefill(np.fwd);
+  bp.dout = np.dout, bp.dq = np.dq, bp.dk = np.dk, bp.dv = np.dv;
+  bp.dout_strides = np.dout_strides, bp.dq_strides = np.dq_strides;
+  bp.dk_strides = np.dk_strides, bp.dv_strides = np.dv_strides;
+  bp.dq_accum = np.dq_accum, bp.dq_accum_strides = np.dq_accum_strides, bp.delta = np.delta;
+  return bp;
+}
+
+// p, bp: as_prefill of the neighbourhood params.
 template <typename Element, int kHeadDim>
 void launch_fwd(const AttentionParams& p, const Neighborhood& nb, cudaStream_t stream);
 template <typename Element, int kHeadDim>
