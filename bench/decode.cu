@@ -3,7 +3,7 @@
 //
 //   decode [--dtype bf16|fp16] [--hdim D] [--heads H] [--kv-heads HKV] [--seqlen-q Q]
 //          [--cases B:CTX[,B:CTX...]] [--page P] [--keep N] [--iters N] [--warmup N] [--no-check]
-//          [--kv-format int8|int4|fp8_e4m3 [--group-size N]]
+//          [--kv-format int8|int4|fp8_e4m3 [--group-size N] [--rotate-keys]]
 //
 // Default: bf16, head_dim 128, 32 q heads / 8 kv heads, one query per sequence, batch x
 // context in {1 x 8k, 1 x 32k, 1 x 128k, 1 x 512k, 8 x 32k, 32 x 8k, 64 x 32k}, each with a
@@ -23,6 +23,8 @@
 // over the cache), so the fp32 check compares with the dequantized cache (quant.h's byte
 // decoder). Its GB/s counts the bytes the kernel must read (codes, scales, zeros) and its
 // notes give the speed-up over the plain case of the same shape just measured.
+// --rotate-keys marks the quantized K rows as rotated (H k, PagedKVCache's default for int8 /
+// int4), so the kernel rotates its query rows first; the fp32 check rotates q the same way.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -55,6 +57,7 @@ struct Options {
   bool quantized = false;  // --kv-format: also run each case on a quantized cache
   KVFormat kv_format = KVFormat::kInt8;
   int group_size = 0;  // channels per scale; 0 = head_dim (one group per row)
+  bool rotate_keys = false;  // --rotate-keys: the quantized K rows are rotated (docs/quantization.md)
 };
 
 // The quantized cache of a case, or none (plain cache of the q dtype).
@@ -62,6 +65,7 @@ struct KvCache {
   bool quantized = false;
   KVFormat format = KVFormat::kInt8;
   int group_size = 0;
+  bool rotated_keys = false;  // K rows taken as H k: the kernel rotates q
 };
 
 const char* format_name(KVFormat f) {
@@ -74,7 +78,7 @@ const char* format_name(KVFormat f) {
                "usage: decode [--dtype bf16|fp16] [--hdim D] [--heads H] [--kv-heads HKV] [--seqlen-q Q]\n"
                "              [--cases B:CTX[,B:CTX...]] [--page P (0 = contiguous only)]\n"
                "              [--keep N (sparse: 1/N of the pages; 0 = none)] [--iters N]\n"
-               "              [--warmup N] [--no-check] [--kv-format int8|int4|fp8_e4m3 [--group-size N]]\n",
+               "              [--warmup N] [--no-check] [--kv-format int8|int4|fp8_e4m3 [--group-size N] [--rotate-keys]]\n",
                why);
   std::exit(code);
 }
@@ -139,6 +143,8 @@ Options parse(int argc, char** argv) {
       else usage("--kv-format takes int8, int4 or fp8_e4m3");
     } else if (a == "--group-size") {
       o.group_size = to_int(value(), "--group-size");
+    } else if (a == "--rotate-keys") {
+      o.rotate_keys = true;
     } else if (a == "-h" || a == "--help") {
       usage("torch-free microbenchmark of attnkit's CUDA decode kernel", 0);
     } else {
@@ -148,6 +154,8 @@ Options parse(int argc, char** argv) {
   if (o.heads % o.kv_heads != 0) usage("--heads must be a multiple of --kv-heads");
   if (o.quantized && o.hdim % 32 != 0) usage("--kv-format needs an --hdim that is a multiple of 32");
   if (o.group_size && !o.quantized) usage("--group-size needs --kv-format");
+  if (o.rotate_keys && (!o.quantized || o.hdim < 32 || o.hdim > 256 || (o.hdim & (o.hdim - 1))))
+    usage("--rotate-keys needs --kv-format and --hdim 32, 64, 128 or 256");
   if (o.group_size && (o.kv_format == KVFormat::kFp8E4M3 || o.group_size % 32 || o.hdim % o.group_size))
     usage("--group-size must be a multiple of 32 dividing --hdim, and int8 / int4 only (fp8 scales rows)");
   return o;
@@ -194,7 +202,13 @@ __global__ void reference_rows(const __grid_constant__ DecodeParams p, const int
     return t <= last ? t : -1;
   };
   float* s = scratch + int64_t(blockIdx.x) * max_len;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + int64_t(i) * p.q_strides.row + h * p.q_strides.head;
+  const T* q_row = static_cast<const T*>(p.q) + b * p.q_strides.batch + int64_t(i) * p.q_strides.row +
+                   h * p.q_strides.head;
+  __shared__ float q[256];  // the query, rotated as the keys are (H q) when they are stored as H k
+  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) q[c] = attnkit::cuda::to_float(q_row[c]);
+  __syncthreads();
+  if (p.k_quant.rotated && threadIdx.x == 0) attnkit::hadamard_rotate(q, p.head_dim);
+  __syncthreads();
   __shared__ float red[kRefThreads];
   float m = -INFINITY;
   for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
@@ -204,7 +218,7 @@ __global__ void reference_rows(const __grid_constant__ DecodeParams p, const int
     const int64_t k = key_row(p, p.k_strides, b, t, h_kv);
     float dot = 0.f;
     for (int c = 0; c < p.head_dim; ++c)
-      dot += attnkit::cuda::to_float(q[c]) * cache_value<T>(p.k_cache, p.k_quant, k, c);
+      dot += q[c] * cache_value<T>(p.k_cache, p.k_quant, k, c);
     s[j] = dot * p.scale;
     m = fmaxf(m, s[j]);
   }
@@ -304,6 +318,7 @@ bool run_case(const Options& o, const KvCache& kv, int batch, int ctx, int page,
   if (kv.quantized) {
     storage += std::string("+") + format_name(kv.format);
     if (kv.group_size != o.hdim) storage += "g" + std::to_string(kv.group_size);
+    if (kv.rotated_keys) storage += "+rot";
   }
   std::snprintf(name, sizeof name, "%s B%d ctx%d Hq%d Hkv%d D%d q%d %s", storage.c_str(), batch, ctx, o.heads,
                 o.kv_heads, o.hdim, o.seqlen_q, layout.c_str());
@@ -363,6 +378,7 @@ bool run_case(const Options& o, const KvCache& kv, int batch, int ctx, int page,
           q->zero = scale_arrays == 2 ? static_cast<const float*>(sets.alloc(size_t(n_rows) * rows_layout.groups() * 4))
                                       : nullptr;
         }
+        p.k_quant.rotated = kv.rotated_keys;
         p.k_cache = p.k_quant.data;
         p.v_cache = p.v_quant.data;
         p.k_strides = p.v_strides = Strides{rows_per_block * o.kv_heads, o.kv_heads, 1};
@@ -475,7 +491,7 @@ int main(int argc, char** argv) {
                 copy_gbps, desc.c_str(), o.warmup, o.iters);
     std::printf("%-56s %9s  %-19s %8s  %7s  %s\n", "case", "ms(med)", "min-max ms", "GB/s", "% copy", "notes");
     int failures = 0;
-    const KvCache quant{o.quantized, o.kv_format, o.group_size ? o.group_size : o.hdim};
+    const KvCache quant{o.quantized, o.kv_format, o.group_size ? o.group_size : o.hdim, o.rotate_keys};
     for (const auto& [batch, ctx] : o.cases)
       for (const int page : o.pages)
         for (const int keep : page && o.keep ? std::vector<int>{0, o.keep} : std::vector<int>{0}) {

@@ -128,6 +128,26 @@ def paged(gen, lens, page_size, kv_heads, head_dim, dtype, device, spare_pages=5
     return k, v, table.int().to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
+def hadamard(x):
+    """H x along the last axis (a power of two), H the orthonormal Hadamard matrix, in float32
+    butterfly by butterfly in the order of attnkit/quant.h's hadamard_rotate: torch's float32
+    add, subtract and multiply round like the kernels, so this gives their bits."""
+    x = x.float().clone()
+    n = x.shape[-1]
+    log2n = n.bit_length() - 1
+    h = 1
+    while h < n:
+        pairs = x.unflatten(-1, (n // (2 * h), 2, h))
+        lower, upper = pairs[..., 0, :].clone(), pairs[..., 1, :].clone()
+        pairs[..., 0, :] = lower + upper
+        pairs[..., 1, :] = lower - upper
+        h *= 2
+    norm = torch.tensor(2.0 ** -(log2n // 2), dtype=torch.float32)
+    if log2n % 2:
+        norm = norm * torch.tensor(0.70710678118654752, dtype=torch.float32)
+    return x * norm
+
+
 def realistic_kv(gen, batch, seqlen, kv_heads, head_dim, *, heads_q=None, outlier_channels=4, dtype=torch.float32,
                  device="cpu"):
     """q (batch, 1, heads_q, head_dim), k, v (batch, seqlen, kv_heads, head_dim) drawn like

@@ -8,7 +8,7 @@ import torch
 
 import attnkit
 from attnkit import reference
-from conftest import randn, realistic_kv, rel_err
+from conftest import hadamard, randn, realistic_kv, rel_err
 
 FORMATS = [("int8", None), ("int8", 32), ("int8", 64), ("int8", 128), ("int4", None), ("int4", 32), ("int4", 64),
            ("int4", 128), ("fp8_e4m3", None)]
@@ -266,3 +266,61 @@ def test_decode_accuracy_with_k_fix(name, quantize_k, fmt, group):
     for seed in (0, 1):
         err = decode_error(quantize_k, round_trip(fmt, group), seed)
         assert err <= DECODE_BOUND[fmt], f"{name}, seed {seed}: {err:.3e} > {DECODE_BOUND[fmt]:.0e}"
+
+
+# ---- rotated rows (quantize_kv(..., rotate=True)) ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt,group", FORMATS, ids=FORMAT_IDS)
+def test_rotate_quantizes_hadamard_rows(fmt, group, dtype, gen):
+    """rotate=True stores exactly quantize_kv(H x), and dequantize_kv rotates back: H applied
+    to the dequantized values, in float32 (the bits of conftest.hadamard)."""
+    for head_dim in (32, 64, 128, 256):
+        if group is not None and group > head_dim:
+            continue
+        x = (randn(gen, 5, 3, head_dim) * 3 + randn(gen, 5, 3, 1)).to(dtype)
+        x[1, 2, 7] = 40.0  # an outlier channel
+        q = attnkit.quantize_kv(x, fmt, group_size=group, rotate=True)
+        want = attnkit.quantize_kv(hadamard(x), fmt, group_size=group)
+        assert q.rotated and not want.rotated
+        assert torch.equal(q.data, want.data) and torch.equal(q.scale, want.scale)
+        if want.zero is not None:
+            assert torch.equal(q.zero, want.zero)
+        for out_dtype in DTYPES:
+            got = attnkit.dequantize_kv(q, dtype=out_dtype)
+            assert torch.equal(got, hadamard(attnkit.dequantize_kv(want)).to(out_dtype))
+        # H is orthonormal: the round trip errs like the format on H x.
+        err = (attnkit.dequantize_kv(q).double() - x.double()).norm() / x.double().norm()
+        assert err < {"int8": 1e-2, "int4": 2e-1, "fp8_e4m3": 5e-2}[fmt]
+
+
+def test_hadamard_is_the_orthonormal_matrix(gen):
+    """conftest.hadamard (and so the kernels) against the Sylvester matrix in float64."""
+    for n in (32, 64, 128, 256):
+        H = torch.ones(1, 1, dtype=torch.float64)
+        while H.shape[0] < n:
+            H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+        x = randn(gen, 4, n)
+        want = x.double() @ (H / n ** 0.5).T
+        assert rel_err(hadamard(x), want) < 1e-6
+        assert rel_err(hadamard(hadamard(x)), x) < 1e-6  # H H = I
+
+
+def test_rotate_bad_input():
+    with pytest.raises(ValueError, match="rotate"):
+        attnkit.quantize_kv(torch.randn(2, 96), "int8", rotate=True)
+    with pytest.raises(ValueError, match="rotate"):
+        attnkit.quantize_kv(torch.randn(2, 512), "int8", rotate=True)
+    with pytest.raises(ValueError, match="rotate must be a bool"):
+        attnkit.quantize_kv(torch.randn(2, 64), "int8", rotate=1)
+    q = attnkit.quantize_kv(torch.randn(2, 96), "int8")
+    with pytest.raises(ValueError, match="rotated"):
+        attnkit.dequantize_kv(q._replace(rotated=True))
+
+
+def test_rotate_opcheck():
+    x = torch.randn(3, 2, 64)
+    torch.library.opcheck(torch.ops.attnkit.quantize_kv.default, (x, "int4", 0, True))
+    q = attnkit.quantize_kv(x, "int4", rotate=True)
+    torch.library.opcheck(torch.ops.attnkit.dequantize_kv.default,
+                          (q.data, q.scale, q.zero, "int4", 0, torch.float16, True))

@@ -47,3 +47,23 @@ def test_unaligned_data_uses_byte_path(gen):
     sliced = attnkit.QuantizedKV(q.data.view(-1)[8:8 + 8 * 2 * 64].view(8, 2, 64), q.scale[:8], q.zero[:8], "int8")
     cpu = attnkit.QuantizedKV(*(t.cpu() if torch.is_tensor(t) else t for t in sliced))
     assert same_bits(attnkit.dequantize_kv(cpu), attnkit.dequantize_kv(sliced))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt,group", FORMATS, ids=FORMAT_IDS)
+def test_cuda_rotated_bit_identical(fmt, group, dtype, gen):
+    """rotate=True: the CUDA warp-per-row rotation and quantization write the CPU's bits."""
+    for head_dim in (32, 64, 128, 256):
+        if group is not None and group > head_dim:
+            continue
+        x = (randn(gen, 7, 3, head_dim) * 3 + randn(gen, 7, 3, 1)).to(dtype)
+        x[2, 1, 5] = float("nan")
+        x[4, 0] = 0.0
+        cpu = attnkit.quantize_kv(x, fmt, group_size=group, rotate=True)
+        gpu = attnkit.quantize_kv(x.cuda(), fmt, group_size=group, rotate=True)
+        assert gpu.rotated and torch.equal(gpu.data.cpu(), cpu.data), "data"
+        assert same_bits(cpu.scale, gpu.scale), "scale"
+        if cpu.zero is not None:
+            assert same_bits(cpu.zero, gpu.zero), "zero"
+        for out_dtype in DTYPES:
+            assert same_bits(attnkit.dequantize_kv(cpu, dtype=out_dtype), attnkit.dequantize_kv(gpu, dtype=out_dtype))

@@ -15,7 +15,8 @@
 #        SUITE_SANITIZE=0 (skip compute-sanitizer), SUITE_CPP_BENCH=0 (skip bench/prefill),
 #        CPP_BENCH_ARGS (arguments of bench/prefill; default a short list, fwd + bwd),
 #        CPP_DECODE_ARGS (runs of bench/decode separated by ';', each its arguments; default
-#        the dense / paged / sparse list, then int8, fp8, int4 and int4 group-32 caches at
+#        the dense / paged / sparse list, then int8, fp8, int4 (plain and with rotated keys, the
+#        PagedKVCache default) and int4 group-32 caches at
 #        32k and 128k context against bf16 in the same run), CPP_NA_ARGS (of bench/neighborhood).
 #
 # Files written (at most 8, what the device tool brings back): suite.log (wheels, GPU,
@@ -151,7 +152,7 @@ if [[ -n $cpp_pid ]]; then
     if [[ -x build/cmake/decode ]]; then
       s=$(date +%s)
       quant_cases="--cases 1:32768,1:131072,8:32768 --keep 0 --iters 10"
-      IFS=';' read -ra decode_runs <<< "${CPP_DECODE_ARGS:---iters 10;--kv-format int8 $quant_cases;--kv-format fp8_e4m3 $quant_cases;--kv-format int4 $quant_cases;--kv-format int4 --group-size 32 $quant_cases}"
+      IFS=';' read -ra decode_runs <<< "${CPP_DECODE_ARGS:---iters 10;--kv-format int8 $quant_cases;--kv-format fp8_e4m3 $quant_cases;--kv-format int4 $quant_cases;--kv-format int4 --rotate-keys $quant_cases;--kv-format int4 --group-size 32 $quant_cases}"
       for decode_args in "${decode_runs[@]}"; do
         s=$(date +%s)
         tdec=$(step_timeout 60 150)

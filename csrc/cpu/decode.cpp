@@ -336,6 +336,7 @@ class DecodeWorker {
                    row.h * p_.q_strides.head;
       float* dst = q_tile_.data() + size_t(r) * Dp_;
       load_row(q, D_, dst, p_.scale);
+      if (p_.k_quant.rotated) hadamard_rotate(dst, D_);  // keys stored as H k: (H q) . (H k) = q . k
       std::fill(dst + D_, dst + Dp_, 0.f);
       state_[r] = RowSoftmax{};
       const KeyRange keys = mask.keys_of(row.s);

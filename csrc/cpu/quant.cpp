@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <vector>
 
 #include "attnkit/quant.h"
 #include "cpu/dispatch.h"
@@ -13,15 +14,16 @@ namespace attnkit::cpu {
 namespace {
 
 template <typename T>
-void quantize_groups(const QuantizeKVParams& p) {
+void quantize_rows(const QuantizeKVParams& p) {
+  const int row_bytes = p.head_dim / channels_per_byte(p.format);
   const int groups_per_row = p.head_dim / p.group_size;
-  const int group_bytes = p.group_size / channels_per_byte(p.format);
-  at::parallel_for(0, p.rows * groups_per_row, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const T* x = static_cast<const T*>(p.x) + g * p.group_size;
-      quantize_group(
-          p.format, [x](int i) { return to_float(x[i]); }, p.group_size, p.data + g * group_bytes, p.scale + g,
-          p.zero ? p.zero + g : nullptr);
+  at::parallel_for(0, p.rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(p.head_dim);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = static_cast<const T*>(p.x) + r * p.head_dim;
+      for (int c = 0; c < p.head_dim; ++c) row[c] = to_float(x[c]);
+      quantize_row(p.format, p.group_size, p.rotate, row.data(), p.head_dim, p.data + r * row_bytes,
+                   p.scale + r * groups_per_row, p.zero ? p.zero + r * groups_per_row : nullptr);
     }
   });
 }
@@ -36,6 +38,7 @@ void dequantize_rows(const DequantizeKVParams& p) {
   const bool wide = row_bytes % 16 == 0;
   at::parallel_for(0, p.rows, 16, [&](int64_t begin, int64_t end) {
     float values[32];
+    std::vector<float> row(p.head_dim);
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* data = p.data + r * row_bytes;
       T* out = static_cast<T*>(p.out) + r * p.head_dim;
@@ -51,16 +54,30 @@ void dequantize_rows(const DequantizeKVParams& p) {
         } else {
           dequantize_byte<F>(data[byte], p.scale[g], zero, values);
         }
-        for (int i = 0; i < chunk * kPerByte; ++i) out[byte * kPerByte + i] = from_float<T>(values[i]);
+        for (int i = 0; i < chunk * kPerByte; ++i) row[byte * kPerByte + i] = values[i];
       }
+      if (p.rotated) hadamard_rotate(row.data(), p.head_dim);  // H (H x) = x
+      for (int c = 0; c < p.head_dim; ++c) out[c] = from_float<T>(row[c]);
     }
   });
 }
 
 }  // namespace
 
+void quantize_row(KVFormat format, int group_size, bool rotate, float* x, int head_dim, uint8_t* data, float* scale,
+                  float* zero) {
+  if (rotate) hadamard_rotate(x, head_dim);
+  const int group_bytes = group_size / channels_per_byte(format);
+  for (int g = 0; g < head_dim / group_size; ++g) {
+    const float* group = x + g * group_size;
+    quantize_group(
+        format, [group](int i) { return group[i]; }, group_size, data + g * group_bytes, scale + g,
+        zero ? zero + g : nullptr);
+  }
+}
+
 void quantize_kv(const QuantizeKVParams& params) {
-  dispatch_dtype(params.dtype, [&](auto tag) { quantize_groups<decltype(tag)>(params); });
+  dispatch_dtype(params.dtype, [&](auto tag) { quantize_rows<decltype(tag)>(params); });
 }
 
 void dequantize_kv(const DequantizeKVParams& params) {

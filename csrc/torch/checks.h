@@ -79,6 +79,13 @@ inline int channels_per_group(KVFormat format, int64_t group_size, int64_t head_
   return int(group_size == 0 ? head_dim : group_size);
 }
 
+// Rotated key rows (stored as H k, attnkit/quant.h): head_dim 32, 64, 128 or 256, what the
+// CUDA kernels' warp-per-row rotation covers. `name` is the flag's argument.
+inline void check_rotation(bool rotate, int64_t head_dim, const char* name) {
+  TORCH_CHECK_VALUE(!rotate || (head_dim >= 32 && head_dim <= 256 && (head_dim & (head_dim - 1)) == 0), name,
+                    "=True needs head_dim 32, 64, 128 or 256 (a Hadamard rotation), got head_dim ", head_dim);
+}
+
 // (batch, seqlen, heads, head_dim) tensors; varlen (total, heads, head_dim) has no batch stride.
 inline Strides strides_of(const at::Tensor& t) {
   if (t.dim() == 4) return {t.stride(0), t.stride(1), t.stride(2)};

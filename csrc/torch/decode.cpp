@@ -49,6 +49,7 @@ struct CacheQuant {
   const std::optional<at::Tensor>& k_zero;
   const std::optional<at::Tensor>& v_scale;
   const std::optional<at::Tensor>& v_zero;
+  bool rotated_keys;  // K rows hold H k (attnkit/quant.h)
 };
 
 // Checks a quantized cache's codes and scales against q and returns its rows: data uint8
@@ -120,7 +121,10 @@ std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Ten
   if (quant.kv_format) {
     p.k_quant = quantized_rows(q, quant, k_cache, "k_cache", quant.k_scale, "k_scale", quant.k_zero, "k_zero");
     p.v_quant = quantized_rows(q, quant, v_cache, "v_cache", quant.v_scale, "v_scale", quant.v_zero, "v_zero");
+    check_rotation(quant.rotated_keys, q.size(3), "rotated_keys");
+    p.k_quant.rotated = quant.rotated_keys;
   } else {
+    TORCH_CHECK_VALUE(!quant.rotated_keys, "rotated_keys is only for a quantized cache (kv_format given)");
     for (auto [t, name] : {std::pair{&quant.k_scale, "k_scale"}, std::pair{&quant.k_zero, "k_zero"},
                            std::pair{&quant.v_scale, "v_scale"}, std::pair{&quant.v_zero, "v_zero"}})
       TORCH_CHECK_VALUE(!t->has_value(), name, " is only for a quantized cache (kv_format given)");
@@ -242,9 +246,9 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
                                           const std::optional<at::Tensor>& k_scale,
                                           const std::optional<at::Tensor>& k_zero,
                                           const std::optional<at::Tensor>& v_scale,
-                                          const std::optional<at::Tensor>& v_zero) {
+                                          const std::optional<at::Tensor>& v_zero, bool rotated_keys) {
   return run_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window_left, std::nullopt,
-                    {kv_format, group_size, k_scale, k_zero, v_scale, v_zero});
+                    {kv_format, group_size, k_scale, k_zero, v_scale, v_zero, rotated_keys});
 }
 
 // Selection entries are not checked: an entry < 0 or naming tokens past the end selects
@@ -257,9 +261,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& k_scale,
                                                  const std::optional<at::Tensor>& k_zero,
                                                  const std::optional<at::Tensor>& v_scale,
-                                                 const std::optional<at::Tensor>& v_zero) {
+                                                 const std::optional<at::Tensor>& v_zero, bool rotated_keys) {
   return run_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, -1,
-                    Selection{indices, tokens_per_index}, {kv_format, group_size, k_scale, k_zero, v_scale, v_zero});
+                    Selection{indices, tokens_per_index},
+                    {kv_format, group_size, k_scale, k_zero, v_scale, v_zero, rotated_keys});
 }
 
 }  // namespace

@@ -16,11 +16,13 @@ TORCH_LIBRARY(attnkit, m) {
   m.def(
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, float scale, "
       "float softcap, int window_left, str? kv_format=None, int group_size=0, Tensor? k_scale=None, "
-      "Tensor? k_zero=None, Tensor? v_scale=None, Tensor? v_zero=None) -> (Tensor out, Tensor lse)");
+      "Tensor? k_zero=None, Tensor? v_scale=None, Tensor? v_zero=None, bool rotated_keys=False) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor block_table, "
       "Tensor indices, int tokens_per_index, float scale, float softcap, str? kv_format=None, int group_size=0, "
-      "Tensor? k_scale=None, Tensor? k_zero=None, Tensor? v_scale=None, Tensor? v_zero=None) -> (Tensor out, Tensor lse)");
+      "Tensor? k_scale=None, Tensor? k_zero=None, Tensor? v_scale=None, Tensor? v_zero=None, bool rotated_keys=False) "
+      "-> (Tensor out, Tensor lse)");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
 }
 

@@ -31,7 +31,7 @@ std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_kv(const at::Tensor& x, const std::string& kv_format,
-                                                           int64_t group_size) {
+                                                           int64_t group_size, bool rotate) {
   const KVFormat format = format_of(kv_format);
   TORCH_CHECK_VALUE(x.dim() >= 2, "x must have at least 2 dimensions (..., kv_heads, head_dim), got shape ",
                     x.sizes());
@@ -41,6 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_kv(const at::Tensor& x, 
   const int64_t head_dim = x.size(-1);
   p.group_size = channels_per_group(format, group_size, head_dim);
   p.head_dim = int(head_dim);
+  check_rotation(rotate, head_dim, "rotate");
+  p.rotate = rotate;
   const int64_t groups = head_dim / p.group_size;
   const at::Tensor xc = x.contiguous();
   at::Tensor data = at::empty(with_last(x.sizes(), head_dim / channels_per_byte(format)), x.options().dtype(at::kByte));
@@ -64,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_kv(const at::Tensor& x, 
 }
 
 at::Tensor dequantize_kv(const at::Tensor& data, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
-                         const std::string& kv_format, int64_t group_size, at::ScalarType dtype) {
+                         const std::string& kv_format, int64_t group_size, at::ScalarType dtype, bool rotated) {
   const KVFormat format = format_of(kv_format);
   TORCH_CHECK_VALUE(data.scalar_type() == at::kByte, "data must be uint8, got ", data.scalar_type());
   TORCH_CHECK_VALUE(data.dim() >= 2, "data must have at least 2 dimensions (..., kv_heads, bytes per row), got shape ",
@@ -76,6 +78,8 @@ at::Tensor dequantize_kv(const at::Tensor& data, const at::Tensor& scale, const 
   const int64_t head_dim = data.size(-1) * channels_per_byte(format);
   p.group_size = channels_per_group(format, group_size, head_dim);
   p.head_dim = int(head_dim);
+  check_rotation(rotated, head_dim, "rotated");
+  p.rotated = rotated;
   const std::vector<int64_t> scale_shape = with_last(data.sizes(), head_dim / p.group_size);
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
   TORCH_CHECK_VALUE(scale.sizes() == at::IntArrayRef(scale_shape), "scale must have shape ",
@@ -115,10 +119,12 @@ at::Tensor dequantize_kv(const at::Tensor& data, const at::Tensor& scale, const 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(attnkit, m) {
-  m.def("quantize_kv(Tensor x, str kv_format, int group_size) -> (Tensor data, Tensor scale, Tensor zero)");
   m.def(
-      "dequantize_kv(Tensor data, Tensor scale, Tensor? zero, str kv_format, int group_size, ScalarType dtype) "
-      "-> Tensor");
+      "quantize_kv(Tensor x, str kv_format, int group_size, bool rotate=False) -> (Tensor data, Tensor scale, "
+      "Tensor zero)");
+  m.def(
+      "dequantize_kv(Tensor data, Tensor scale, Tensor? zero, str kv_format, int group_size, ScalarType dtype, "
+      "bool rotated=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {

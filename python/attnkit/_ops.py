@@ -18,6 +18,7 @@ _OP_NAMES = {
     "sparse_decode": "attnkit::sparse_decode",
     "merge_attention_states": "attnkit::merge_attention_states",
     "paged_cache_append": "attnkit::paged_cache_append",
+    "paged_cache_append_quantized": "attnkit::paged_cache_append_quantized",
     "page_scores": "attnkit::page_scores",
     "select_pages": "attnkit::select_pages",
     "quantize_kv": "attnkit::quantize_kv",
@@ -49,14 +50,15 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, *args):
 
 @torch.library.register_fake("attnkit::decode")
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window_left, kv_format=None,
-                 group_size=0, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
+                 group_size=0, k_scale=None, k_zero=None, v_scale=None, v_zero=None, rotated_keys=False):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("attnkit::sparse_decode")
 def _sparse_decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, indices, tokens_per_index, scale, softcap,
-                        kv_format=None, group_size=0, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
+                        kv_format=None, group_size=0, k_scale=None, k_zero=None, v_scale=None, v_zero=None,
+                        rotated_keys=False):
     return _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, -1)
 
 

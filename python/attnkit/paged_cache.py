@@ -1,18 +1,26 @@
 """PagedKVCache: a paged KV cache with a page allocator and per-page key min / max (the
 Quest metadata), holding the tensors attnkit.decode takes, in q's dtype or quantized
-(kv_format, docs/quantization.md). Host-side bookkeeping in Python; the row writes and min /
-max updates run in the paged_cache_append kernel, or for a quantized cache in quantize_kv's
-kernels and a scatter of the codes (docs/paged_cache.md)."""
+(kv_format, docs/quantization.md). Host-side bookkeeping in Python; the row writes (and
+their quantization) and the min / max updates run in one kernel, paged_cache_append or
+paged_cache_append_quantized (docs/paged_cache.md)."""
 from collections import deque
 
 import torch
 
 from ._ops import CUDA_KERNELS, ops
-from .quant import QuantizedKV, _check_format, quantize_kv
+from .quant import QuantizedKV, _check_flag, _check_format
+
+ROTATABLE_HEAD_DIMS = (32, 64, 128, 256)
 
 
 @torch.library.register_fake("attnkit::paged_cache_append")
 def _paged_cache_append_fake(k_pages, v_pages, key_min, key_max, k, v, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("attnkit::paged_cache_append_quantized")
+def _paged_cache_append_quantized_fake(k_pages, v_pages, k_scale, k_zero, v_scale, v_zero, key_min, key_max, k, v,
+                                       slot_mapping, key_offset, token_seq, kv_format, group_size, rotate_keys):
     return None
 
 
@@ -36,13 +44,14 @@ class PagedKVCache:
                         partial page's end do not count; a page's values are reset when it
                         is allocated again and its first row is written)
 
-    On CUDA, append is one fused kernel launch (rows and key min / max); the allocator and
+    On CUDA, append is one fused kernel launch (rows, their quantization, and key min / max); the allocator and
     the slot plan stay on the host, so append itself is not for CUDA-graph capture, while
     decode, page_scores and select_pages on these tensors are (docs/paged_cache.md).
 
     Quantized (kv_format "int8", "int4" or "fp8_e4m3", group_size None / 32 / 64 / 128 as
-    attnkit.quantize_kv takes them; head_dim a multiple of 32): appended rows are quantized
-    on the way in; `dtype` is then the dtype of the rows append takes. k_pages / v_pages hold
+    attnkit.quantize_kv takes them; head_dim a multiple of 32, at most 256): appended rows are
+    quantized on the way in, in the append kernel; `dtype` is then the dtype of the rows
+    append takes. k_pages / v_pages hold
     the uint8 codes, (num_pages, page_size, num_kv_heads, head_dim / channels_per_byte), and
       k_scale, v_scale  float32 (num_pages, page_size, num_kv_heads, groups)
       k_zero, v_zero    like k_scale (None for fp8_e4m3)
@@ -54,6 +63,12 @@ class PagedKVCache:
     outlier channels of K stop setting the quantization step (docs/quantization.md has the
     measured errors); decode's lse is then that of the stored keys (add scale * q . c for the
     true one), and softcap (not shift-invariant) must stay 0.
+    rotate_keys (quantized caches only): K is stored rotated, as quantize_kv(k - c,
+    rotate=True), and k_cache says so (rotated=True): decode rotates its queries instead.
+    The rotation spreads K's outlier channels over all channels, which int4 with one scale per
+    row needs to meet its accuracy bound (docs/quantization.md). Default (None): on for int8
+    and int4 where head_dim is 32, 64, 128 or 256, off for fp8_e4m3 (a float format, which
+    the rotation does not help: measured in docs/quantization.md).
 
     Decode of sequences `ids` (an int32 / int64 index tensor), either kind of cache:
       attnkit.decode(q, cache.k_cache, cache.v_cache, cache.cache_seqlens[ids],
@@ -61,7 +76,8 @@ class PagedKVCache:
     """
 
     def __init__(self, num_pages, page_size, num_kv_heads, head_dim, *, dtype=torch.float32, device="cpu",
-                 max_seqs=1, max_pages_per_seq=None, kv_format=None, group_size=None, center_keys=True):
+                 max_seqs=1, max_pages_per_seq=None, kv_format=None, group_size=None, center_keys=True,
+                 rotate_keys=None):
         self.num_pages = _positive_int(num_pages, "num_pages")
         self.page_size = _positive_int(page_size, "page_size")
         self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
@@ -72,21 +88,31 @@ class PagedKVCache:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
         device = torch.device(device)
-        if device.type != "cpu" and not (device.type == "cuda" and CUDA_KERNELS["paged_cache_append"]):
+        append_op = "paged_cache_append" if kv_format is None else "paged_cache_append_quantized"
+        if device.type != "cpu" and not (device.type == "cuda" and CUDA_KERNELS[append_op]):
             raise NotImplementedError(f"attnkit.PagedKVCache has no append kernel for {device.type} tensors in this "
                                       f"build")
         self.kv_format, self.group_size = kv_format, group_size
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         if kv_format is not None:
             _check_format(kv_format, group_size)
-            if head_dim % 32 != 0:
-                raise ValueError(f"head_dim must be a multiple of 32 for a quantized cache, got {head_dim}")
+            if head_dim % 32 != 0 or head_dim > 256:
+                raise ValueError(f"head_dim must be a multiple of 32, at most 256, for a quantized cache, got "
+                                 f"{head_dim}")
+            if rotate_keys is None:
+                rotate_keys = kv_format != "fp8_e4m3" and head_dim in ROTATABLE_HEAD_DIMS
+            elif _check_flag(rotate_keys, "rotate_keys") and head_dim not in ROTATABLE_HEAD_DIMS:
+                raise ValueError(f"rotate_keys=True needs head_dim in {ROTATABLE_HEAD_DIMS} (a Hadamard rotation), "
+                                 f"got {head_dim}")
             if (group_size or head_dim) > head_dim or head_dim % (group_size or head_dim) != 0:
                 raise ValueError(f"group_size ({group_size}) must divide head_dim ({head_dim})")
             groups = head_dim // (group_size or head_dim)
             shape = (num_pages, page_size, num_kv_heads, head_dim // 2 if kv_format == "int4" else head_dim)
         elif group_size is not None:
             raise ValueError(f"group_size is for a quantized cache (kv_format given), got {group_size!r}")
+        elif rotate_keys is not None:
+            raise ValueError(f"rotate_keys is for a quantized cache (kv_format given), got {rotate_keys!r}")
+        self.rotate_keys = bool(rotate_keys)
         self.k_pages = torch.zeros(shape, dtype=dtype if kv_format is None else torch.uint8, device=device)
         device = self.k_pages.device  # "cuda" -> "cuda:<current index>", as the inputs' .device reads
         self.dtype, self.device = dtype, device
@@ -114,7 +140,8 @@ class PagedKVCache:
         """The K pages as attnkit.decode takes them: k_pages, or a QuantizedKV of a quantized cache."""
         if self.kv_format is None:
             return self.k_pages
-        return QuantizedKV(self.k_pages, self.k_scale, self.k_zero, self.kv_format, self.group_size)
+        return QuantizedKV(self.k_pages, self.k_scale, self.k_zero, self.kv_format, self.group_size,
+                           self.rotate_keys)
 
     @property
     def v_cache(self):
@@ -221,37 +248,24 @@ class PagedKVCache:
             [self._lens[s] for s in seq_ids], dtype=torch.int32, device=self.device)
 
     def _append_quantized(self, seq_ids, counts, k, v, slot_mapping):
-        """Quantizes the rows with quantize_kv's kernels (CPU or CUDA, the same bits) and
-        scatters codes and scales to their slots; folds the original keys into key_min /
-        key_max as the paged_cache_append kernel does (a page written at offset 0 restarts)."""
+        """Sets the key offset of sequences appended to for the first time (the mean of their
+        first chunk), then quantizes and stores the rows and folds the keys into key_min /
+        key_max in one kernel (paged_cache_append_quantized)."""
         if k.shape[0] == 0:
             return
+        key_offset = token_seq = None
         if self.key_offset is not None:
             start = 0
             for s, n in zip(seq_ids, counts):
                 if self._lens[s] == 0:  # a sequence's first chunk sets its offset
                     self.key_offset[s] = k[start:start + n].float().mean(0)
                 start += n
-            rows = torch.tensor(seq_ids, device=self.device).repeat_interleave(torch.tensor(counts, device=self.device))
-            k_stored = k.float() - self.key_offset[rows]
-        else:
-            k_stored = k
-        flat = self.page_size * self.num_pages
-        for pages, scale, zero, x in ((self.k_pages, self.k_scale, self.k_zero, k_stored),
-                                      (self.v_pages, self.v_scale, self.v_zero, v)):
-            quantized = quantize_kv(x, self.kv_format, group_size=self.group_size)
-            pages.view(flat, *pages.shape[2:])[slot_mapping] = quantized.data
-            scale.view(flat, *scale.shape[2:])[slot_mapping] = quantized.scale
-            if zero is not None:
-                zero.view(flat, *zero.shape[2:])[slot_mapping] = quantized.zero
-        page = slot_mapping // self.page_size
-        restarted = page[slot_mapping % self.page_size == 0]
-        self.key_min[restarted] = float("inf")
-        self.key_max[restarted] = float("-inf")
-        index = page[:, None].expand(-1, self.num_kv_heads * self.head_dim)
-        keys = k.float().reshape(k.shape[0], -1)
-        self.key_min.view(self.num_pages, -1).scatter_reduce_(0, index, keys, "amin")
-        self.key_max.view(self.num_pages, -1).scatter_reduce_(0, index, keys, "amax")
+            key_offset = self.key_offset
+            token_seq = torch.tensor(seq_ids, device=self.device).repeat_interleave(
+                torch.tensor(counts, device=self.device))
+        ops.paged_cache_append_quantized(self.k_pages, self.v_pages, self.k_scale, self.k_zero, self.v_scale,
+                                         self.v_zero, self.key_min, self.key_max, k, v, slot_mapping, key_offset,
+                                         token_seq, self.kv_format, self.group_size or 0, self.rotate_keys)
 
     def free(self, seq_id):
         """Return the pages of sequence `seq_id` to the free list and empty it."""

@@ -1,7 +1,8 @@
 // Unit tests of the quantized KV formats in attnkit/quant.h, the code both the CPU and the
 // CUDA kernels run: the e4m3 decoding of all 256 bytes against a formula written from the
 // OCP definition, e4m3 encoding against a brute-force nearest search, the int8 / int4
-// round-trip bound and edge values, and the 16-byte decoding against the byte-wise one.
+// round-trip bound and edge values, the 16-byte decoding against the byte-wise one, and the
+// Hadamard rotation of rotated keys (and the orders the CUDA kernels split it in).
 // Run by ctest; exits non-zero on failure.
 #include <cmath>
 #include <cstdint>
@@ -260,6 +261,72 @@ void test_quantized_rows() {
 
 }  // namespace
 
+// The Hadamard rotation of rotated key rows: hadamard_rotate against the Sylvester matrix in
+// double; the orders the CUDA kernels split it in (cuda/quant/warp_row.cuh: lanes holding
+// channels l + 32 j, and butterflies of a stage dealt out to lanes by their index t) give
+// its bits exactly; and the 32-channel blocks the warp quantizer folds into a group are that
+// group's channels.
+void test_hadamard(std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int n = 32; n <= 256; n *= 2) {
+    EXPECT(std::fabs(attnkit::hadamard_norm(n) * std::sqrt(float(n)) - 1.0f) < 2e-7f, "norm of %d", n);
+    std::vector<float> x(n);
+    for (float& e : x) e = normal(rng);
+    std::vector<float> rotated = x;
+    attnkit::hadamard_rotate(rotated.data(), n);
+    double err = 0, norm = 0;
+    for (int r = 0; r < n; ++r) {
+      double want = 0;
+      for (int c = 0; c < n; ++c) want += (__builtin_popcount(r & c) % 2 ? -1.0 : 1.0) * x[c];
+      want /= std::sqrt(double(n));
+      err += (rotated[r] - want) * (rotated[r] - want);
+      norm += want * want;
+    }
+    EXPECT(std::sqrt(err / norm) < 1e-6, "n %d: relative error %g against the matrix", n, std::sqrt(err / norm));
+
+    // Warp layout: lane l, register j holds channel l + 32 j.
+    const int per = n / 32;
+    std::vector<float> lanes = x;  // index l + 32 j
+    for (int h = 1; h < 32; h <<= 1) {
+      std::vector<float> next(n);
+      for (int j = 0; j < per; ++j)
+        for (int l = 0; l < 32; ++l)
+          next[l + 32 * j] = attnkit::hadamard_butterfly(lanes[l + 32 * j], lanes[(l ^ h) + 32 * j], l & h);
+      lanes = next;
+    }
+    for (int h = 1; h < per; h <<= 1)
+      for (int l = 0; l < 32; ++l)
+        for (int j = 0; j < per; ++j) {
+          if (j & h) continue;
+          const float lower = lanes[l + 32 * j], upper = lanes[l + 32 * (j + h)];
+          lanes[l + 32 * j] = attnkit::hadamard_butterfly(lower, upper, false);
+          lanes[l + 32 * (j + h)] = attnkit::hadamard_butterfly(upper, lower, true);
+        }
+    for (float& e : lanes) e *= attnkit::hadamard_norm(n);
+    EXPECT(std::memcmp(lanes.data(), rotated.data(), n * sizeof(float)) == 0, "n %d: warp-register order differs", n);
+
+    // Shared-memory order: stage h, butterfly t -> lower channel t / h * 2h + t % h.
+    for (int h = 1; h < n; h <<= 1) {
+      std::vector<int> seen(n, 0);
+      for (int t = 0; t < n / 2; ++t) {
+        const int c = t / h * 2 * h + t % h;
+        EXPECT(c + h < n && (c & h) == 0, "n %d h %d: butterfly %d at %d", n, h, t, c);
+        if (c + h < n) ++seen[c], ++seen[c + h];
+      }
+      for (int c = 0; c < n; ++c) EXPECT(seen[c] == 1, "n %d h %d: channel %d in %d butterflies", n, h, c, seen[c]);
+    }
+
+    // Warp quantizer groups: block j (channels 32 j .. 32 j + 31) belongs to group j / (group_size / 32).
+    for (int group_size : {32, 64, 128, n}) {
+      if (group_size > n) continue;
+      const int blocks_per_group = group_size / 32;
+      for (int j = 0; j < per; ++j)
+        for (int l = 0; l < 32; ++l)
+          EXPECT((l + 32 * j) / group_size == j / blocks_per_group, "n %d group %d: block %d", n, group_size, j);
+    }
+  }
+}
+
 int main() {
   test_fp8_decode_all_bytes();
   test_fp8_encode();
@@ -267,6 +334,8 @@ int main() {
   test_edge_values();
   test_wide_matches_bytes();
   test_quantized_rows();
+  std::mt19937 rng(7);
+  test_hadamard(rng);
   if (failures == 0) std::printf("quant: all tests passed\n");
   return failures == 0 ? 0 : 1;
 }

@@ -35,6 +35,7 @@
 #include "cuda/check.h"
 #include "cuda/convert.cuh"
 #include "cuda/kernels.h"
+#include "cuda/quant/warp_row.cuh"
 
 namespace attnkit::cuda {
 namespace {
@@ -309,6 +310,10 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
                                                  row.head_q * p.q_strides.head + d]) * p.scale;
         }
         q_s[idx] = x;
+      }
+      if (p.k_quant.rotated) {  // keys stored as H k: rotate the queries instead, (H q) . (H k) = q . k
+        __syncthreads();
+        for (int r = warp; r < kRows; r += kWarps) warp_hadamard_shared(q_s + r * kD, p.head_dim, lane);
       }
       // Softmax state of the rows this warp owns (rows warp, warp + kWarps, ...), in
       // every lane; the visible keys of those rows.

@@ -1,7 +1,8 @@
 // quantize_kv / dequantize_kv on CUDA: grid-stride loops around the format code of
 // attnkit/quant.h (shared with the CPU kernels, so both write the same bits). Quantize: one
 // thread per group (a few KB per decode step; not tuned). Dequantize: one thread per 16
-// bytes of data, the load the decode kernels will use, else one per byte.
+// bytes of data, the load the decode kernels will use, else one per byte. Rotated rows
+// (keys stored as H k): one warp per row, which rotates it.
 #include "cuda/quant/quant.h"
 
 #include <cuda_bf16.h>
@@ -9,10 +10,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <type_traits>
 
 #include "attnkit/quant.h"
 #include "cuda/check.h"
 #include "cuda/convert.cuh"
+#include "cuda/quant/warp_row.cuh"
 
 namespace attnkit::cuda {
 namespace {
@@ -30,6 +34,47 @@ __global__ void quantize_kernel(const __grid_constant__ QuantizeKVParams p) {
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x)
     quantize_group(p.format, LoadAsFloat<T>{static_cast<const T*>(p.x) + g * p.group_size}, p.group_size,
                    p.data + g * group_bytes, p.scale + g, p.zero ? p.zero + g : nullptr);
+}
+
+// Rotated rows (QuantizeKVParams::rotate / DequantizeKVParams::rotated): one warp per row,
+// lane l holding channels l + 32 j (cuda/quant/warp_row.cuh).
+template <typename T, int kPer>
+__global__ void quantize_rotated_kernel(const __grid_constant__ QuantizeKVParams p) {
+  const int lane = threadIdx.x % 32;
+  for_each_warp_row(p.rows, [&](int64_t r) {
+    const T* x = static_cast<const T*>(p.x) + r * p.head_dim;
+    float values[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) values[j] = to_float(x[lane + 32 * j]);
+    warp_hadamard(values, lane);
+    warp_quantize_row(p.format, p.group_size, values, lane, r, p.data, p.scale, p.zero);
+  });
+}
+
+template <typename T, int kPer>
+__global__ void dequantize_rotated_kernel(const __grid_constant__ DequantizeKVParams p) {
+  const int lane = threadIdx.x % 32;
+  for_each_warp_row(p.rows, [&](int64_t r) {
+    float values[kPer];
+    warp_dequantize_row(p.format, p.group_size, r, p.data, p.scale, p.zero, lane, values);
+    warp_hadamard(values, lane);  // H (H x) = x
+    T* out = static_cast<T*>(p.out) + r * p.head_dim;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) out[lane + 32 * j] = from_float<T>(values[j]);
+  });
+}
+
+// Runs fn(std::integral_constant<int, head_dim / 32>) for a rotated row: head_dim 32, 64,
+// 128 or 256 (the binding checks it).
+template <typename Fn>
+void dispatch_rotated(int head_dim, Fn&& fn) {
+  switch (head_dim) {
+    case 32: fn(std::integral_constant<int, 1>{}); return;
+    case 64: fn(std::integral_constant<int, 2>{}); return;
+    case 128: fn(std::integral_constant<int, 4>{}); return;
+    case 256: fn(std::integral_constant<int, 8>{}); return;
+  }
+  throw std::invalid_argument("rotated rows need head_dim 32, 64, 128 or 256");
 }
 
 template <typename T>
@@ -86,8 +131,14 @@ constexpr int kThreads = 256;
 
 template <typename T>
 void launch_quantize(const QuantizeKVParams& p, cudaStream_t stream) {
-  const int64_t groups = p.rows * (p.head_dim / p.group_size);
-  quantize_kernel<T><<<blocks_for(groups, kThreads), kThreads, 0, stream>>>(p);
+  if (p.rotate) {
+    dispatch_rotated(p.head_dim, [&](auto per) {
+      quantize_rotated_kernel<T, per()><<<blocks_for(p.rows * 32, kThreads), kThreads, 0, stream>>>(p);
+    });
+  } else {
+    const int64_t groups = p.rows * (p.head_dim / p.group_size);
+    quantize_kernel<T><<<blocks_for(groups, kThreads), kThreads, 0, stream>>>(p);
+  }
   check(cudaGetLastError(), "quantize_kv launch");
 }
 
@@ -112,6 +163,13 @@ void quantize_kv(const QuantizeKVParams& params, cudaStream_t stream) {
 void dequantize_kv(const DequantizeKVParams& params, cudaStream_t stream) {
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (params.rotated) {
+      dispatch_rotated(params.head_dim, [&](auto per) {
+        dequantize_rotated_kernel<T, per()><<<blocks_for(params.rows * 32, kThreads), kThreads, 0, stream>>>(params);
+      });
+      check(cudaGetLastError(), "dequantize_kv launch");
+      return;
+    }
     switch (params.format) {
       case KVFormat::kInt8: launch_dequantize<KVFormat::kInt8, T>(params, stream); break;
       case KVFormat::kInt4: launch_dequantize<KVFormat::kInt4, T>(params, stream); break;

@@ -162,6 +162,25 @@ struct PagedAppendParams {
   int heads_kv;
   int head_dim;
   int page_size;
+
+  // Quantized cache (docs/quantization.md; quantized == false: plain): each row (token, kv
+  // head) is quantized on the way in. k_pages / v_pages then hold its codes, contiguous
+  // (num_pages, page_size, heads_kv, head_dim / channels_per_byte), and k_scale, k_zero,
+  // v_scale, v_zero one float32 per group, contiguous (num_pages, page_size, heads_kv,
+  // head_dim / group_size); zeros nullptr for fp8. Keys are stored as
+  // quantize(H^rotate_keys (k - key_offset[token_seq[i]])), where key_offset (nullptr: none)
+  // is float32 (sequences, heads_kv, head_dim) and token_seq (n_tokens,) its row per token.
+  // key_min / key_max fold the keys as given.
+  bool quantized = false;
+  KVFormat format = KVFormat::kInt8;
+  int group_size = 0;
+  bool rotate_keys = false;
+  float* k_scale = nullptr;
+  float* k_zero = nullptr;
+  float* v_scale = nullptr;
+  float* v_zero = nullptr;
+  const float* key_offset = nullptr;
+  const int64_t* token_seq = nullptr;
 };
 
 // page_scores: per (sequence, kv head, logical page) the Quest upper bound of the scaled
@@ -213,6 +232,7 @@ struct QuantizeKVParams {
   int64_t rows;
   int head_dim;
   int group_size;
+  bool rotate = false;  // quantize H x (head_dim a power of two; attnkit/quant.h)
 };
 
 struct DequantizeKVParams {
@@ -225,6 +245,7 @@ struct DequantizeKVParams {
   int64_t rows;
   int head_dim;
   int group_size;
+  bool rotated = false;  // rows hold H x: out = H (their values) = x
 };
 
 // Neighborhood attention forward: q, k, v (batch, *spatial, heads, head_dim) viewed with the

@@ -58,9 +58,10 @@ struct IntScale {
 ATTNKIT_HD IntScale int_scale(float lo, float hi, bool finite, int levels) {
   if (!finite) return {float_of(kQuietNaN), float_of(kQuietNaN)};
   // -0 and +0 compare equal, so which one a min reduction returns depends on the order it
-  // saw them: store +0 so every reduction order (CPU, CUDA, a future warp-parallel one)
-  // gives the same bits.
-  return {(hi - lo) / float(levels), lo == 0.0f ? 0.0f : lo};
+  // saw them: store +0 so every reduction order (CPU, CUDA's warp-parallel one) gives the
+  // same bits.
+  // The same for hi (a max reduction may return -0 or +0 too).
+  return {((hi == 0.0f ? 0.0f : hi) - lo) / float(levels), lo == 0.0f ? 0.0f : lo};
 }
 
 // Nearest code, ties to even. x >= zero, so only the top needs a clamp (the rounded
@@ -114,7 +115,10 @@ ATTNKIT_HD float e4m3_to_float(uint32_t b) {
 }
 
 // Scale of a row: amax / 448, so the largest element maps to 448; NaN for a non-finite row.
-ATTNKIT_HD float fp8_scale(float amax, bool finite) { return finite ? amax / kFp8Max : float_of(kQuietNaN); }
+// (An amax of -0, which a max reduction may return, is stored as +0.)
+ATTNKIT_HD float fp8_scale(float amax, bool finite) {
+  return finite ? (amax == 0.0f ? 0.0f : amax) / kFp8Max : float_of(kQuietNaN);
+}
 
 // Code of x in a row of scale s. A row of zeros (s == 0) keeps the sign of each zero; a
 // non-finite row (s NaN) stores code 0.
@@ -124,6 +128,45 @@ ATTNKIT_HD uint32_t fp8_code(float x, float s) {
 }
 
 ATTNKIT_HD float fp8_value(uint32_t code, float s) { return e4m3_to_float(code) * s; }
+
+// ---- rotated keys --------------------------------------------------------------------------
+// A cache may store H k instead of k, H the orthonormal Hadamard matrix of size head_dim (a
+// power of two): H is symmetric and H H = I, so (H q) . (H k) = q . k, and decode rotates
+// its queries instead of un-rotating keys. The rotation spreads K's few outlier channels
+// over all channels, so one int4 step per row fits every channel (docs/quantization.md).
+
+ATTNKIT_HD bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+// One butterfly of the fast Walsh-Hadamard transform on the pair (x[c], x[c + h]): the lower
+// element becomes x[c] + x[c + h], the upper x[c] - x[c + h]. `mine` is this element,
+// `partner` the other: a thread holding either element computes its own result with the
+// same float operation as the sequential loop, so every parallel split gives the same bits.
+ATTNKIT_HD float hadamard_butterfly(float mine, float partner, bool upper) { return upper ? partner - mine : mine + partner; }
+
+// 1 / sqrt(n) for n a power of two, as the same float on host and device: 2^-k, times the
+// float nearest 1 / sqrt(2) for odd log2(n).
+ATTNKIT_HD float hadamard_norm(int n) {
+  int log2n = 0;
+  while ((1 << log2n) < n) ++log2n;
+  const float half_power = float_of(uint32_t(127 - log2n / 2) << 23);
+  return log2n % 2 ? half_power * 0.70710678118654752f : half_power;
+}
+
+// x[0..n) <- H x in place (n a power of two): log2(n) butterfly stages (h = 1, 2, 4, ...),
+// then one multiplication by hadamard_norm(n).
+ATTNKIT_HD void hadamard_rotate(float* x, int n) {
+  for (int h = 1; h < n; h <<= 1) {
+    for (int i = 0; i < n; i += 2 * h) {
+      for (int c = i; c < i + h; ++c) {
+        const float lower = x[c], upper = x[c + h];
+        x[c] = hadamard_butterfly(lower, upper, false);
+        x[c + h] = hadamard_butterfly(upper, lower, true);
+      }
+    }
+  }
+  const float norm = hadamard_norm(n);
+  for (int c = 0; c < n; ++c) x[c] *= norm;
+}
 
 // ---- a group: quantize, and dequantize one byte or 16 loaded bytes ----------------------
 
@@ -218,6 +261,7 @@ struct QuantizedRows {
   const float* zero = nullptr;  // nullptr for fp8
   int head_dim = 0;
   int group_size = 0;  // channels per group (head_dim for one group per row)
+  bool rotated = false;  // rows hold H x (keys only: readers rotate their queries)
 
   ATTNKIT_HD int row_bytes() const { return head_dim / channels_per_byte(format); }
   ATTNKIT_HD int groups() const { return head_dim / group_size; }
