@@ -210,6 +210,17 @@ void test_wide_matches_bytes() {
   }
 }
 
+// Values of channels [channel, channel + 8) of row `row` (channel a multiple of 8, so the 8
+// lie in one group) through the words decoder: the scalar statement of what the decode
+// kernels' 8-channel loads compute (kWordsPer8Channels words, dequantize_words).
+template <KVFormat F>
+void dequantize_8_channels(const attnkit::QuantizedRows& rows, int64_t row, int channel, float* out) {
+  uint32_t w[attnkit::kWordsPer8Channels<F>];
+  std::memcpy(w, rows.codes(row, channel), sizeof(w));
+  attnkit::dequantize_words<F, attnkit::kWordsPer8Channels<F>>(w, rows.scale_at(row, channel),
+                                                               rows.zero_at(row, channel), out);
+}
+
 // QuantizedRows addressing and the 8-channel decoder of the decode kernels: every 8
 // channels of every row equal the byte-wise decoding with the row's group scale / zero.
 template <KVFormat F>
@@ -236,7 +247,7 @@ void check_rows(int head_dim, int group_size, std::mt19937& rng) {
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < head_dim; c += 8) {
       float got[8], want[8];
-      attnkit::dequantize_8_channels<F>(rows, r, c, got);
+      dequantize_8_channels<F>(rows, r, c, got);
       const int g = r * groups + c / group_size;
       const float z = F == KVFormat::kFp8E4M3 ? 0.0f : zero[g];
       for (int i = 0; i < 8; i += per)

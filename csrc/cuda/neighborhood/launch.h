@@ -26,11 +26,8 @@ inline AttentionParams as_prefill(const NeighborhoodParams& np) {
 
 inline AttentionBwdParams as_prefill(const NeighborhoodBwdParams& np) {
   AttentionBwdParams bp{};
+  static_cast<AttentionGrads&>(bp) = np;  // the same gradients and scratch
   bp.fwd = as_prefill(np.fwd);
-  bp.dout = np.dout, bp.dq = np.dq, bp.dk = np.dk, bp.dv = np.dv;
-  bp.dout_strides = np.dout_strides, bp.dq_strides = np.dq_strides;
-  bp.dk_strides = np.dk_strides, bp.dv_strides = np.dv_strides;
-  bp.dq_accum = np.dq_accum, bp.dq_accum_strides = np.dq_accum_strides, bp.delta = np.delta;
   return bp;
 }
 

@@ -57,22 +57,26 @@ struct AttentionParams {
   ATTNKIT_HD bool is_varlen() const { return cu_seqlens_q != nullptr; }
 };
 
-// Prefill backward: dq, dk, dv from dout, recomputing probabilities from lse.
-struct AttentionBwdParams {
-  AttentionParams fwd;  // q, k, v, out, lse as in the forward
+// The gradient side of a backward pass (prefill and neighborhood): dout in; dq, dk, dv out.
+struct AttentionGrads {
   const void* dout;
   void* dq;
   void* dk;
   void* dv;
   Strides dout_strides, dq_strides, dk_strides, dv_strides;
 
-  // fp32 scratch of the CUDA backward (unused by the CPU kernel), allocated by the caller:
+  // fp32 scratch of the CUDA backward (unused by the CPU kernels), allocated by the caller:
   // dq_accum laid out like q (dense (batch, seqlen_q, heads_q, head_dim), varlen
-  // (total_q, heads_q, head_dim)) and zeroed by the kernel's pre-pass; delta = rowsum(dO * O)
-  // laid out like lse.
+  // (total_q, heads_q, head_dim), neighborhood the tokens view of q) and zeroed by the
+  // kernel's pre-pass; delta = rowsum(dO * O) laid out like lse.
   float* dq_accum = nullptr;
   Strides dq_accum_strides;
   float* delta = nullptr;
+};
+
+// Prefill backward: dq, dk, dv from dout, recomputing probabilities from lse.
+struct AttentionBwdParams : AttentionGrads {
+  AttentionParams fwd;  // q, k, v, out, lse as in the forward
 };
 
 // Decode: a few queries per sequence against a contiguous or paged KV cache.
@@ -267,19 +271,8 @@ struct NeighborhoodParams {
 };
 
 // Neighborhood attention backward: dq, dk, dv from dout, recomputing probabilities from lse.
-struct NeighborhoodBwdParams {
+struct NeighborhoodBwdParams : AttentionGrads {
   NeighborhoodParams fwd;  // q, k, v, out, lse as in the forward
-  const void* dout;
-  void* dq;
-  void* dk;
-  void* dv;
-  Strides dout_strides, dq_strides, dk_strides, dv_strides;
-
-  // fp32 scratch of the CUDA backward, as in AttentionBwdParams: dq_accum laid out like the
-  // tokens view of q, delta like lse.
-  float* dq_accum = nullptr;
-  Strides dq_accum_strides;
-  float* delta = nullptr;
 };
 
 }  // namespace attnkit

@@ -245,7 +245,7 @@ ATTNKIT_HD void dequantize_16_bytes(const uint32_t w[4], float scale, float zero
 
 // ---- rows of a quantized KV cache ------------------------------------------------------
 
-// Words holding 8 channels (a chunk of the CUDA decode, dequantize_8_channels): 2 of int8 / fp8, 1 of int4.
+// Words holding 8 channels (a chunk of the decode kernels): 2 of int8 / fp8, 1 of int4.
 template <KVFormat F>
 constexpr int kWordsPer8Channels = F == KVFormat::kInt4 ? 1 : 2;
 
@@ -285,15 +285,5 @@ struct QuantizedRows {
     return zero == nullptr ? 0.0f : zero[group_of(row, channel)];
   }
 };
-
-// Values of channels [channel, channel + 8) of row `row` (channel a multiple of 8, so the 8
-// lie in one group), through the same decoder as dequantize_kv: the scalar statement of what
-// the CPU decode's vectorized 8-channel load computes (ctest quant checks this one).
-template <KVFormat F>
-ATTNKIT_HD void dequantize_8_channels(const QuantizedRows& rows, int64_t row, int channel, float* out) {
-  uint32_t w[kWordsPer8Channels<F>];
-  memcpy(w, rows.codes(row, channel), sizeof(w));
-  dequantize_words<F, kWordsPer8Channels<F>>(w, rows.scale_at(row, channel), rows.zero_at(row, channel), out);
-}
 
 }  // namespace attnkit

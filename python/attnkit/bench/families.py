@@ -553,7 +553,10 @@ def run_sparse(r):
 # ------------------------------------------------------------------------------------
 # quant: decode on quantized pages (docs/quantization.md) against bf16 decode
 
-QUANT_FORMATS = [("int8", None), ("fp8_e4m3", None), ("int4", None), ("int4", 32)]
+# (kv_format, group_size, rotated keys): int4 per row with rotated keys is PagedKVCache's
+# default int4 (the rotation costs decode a transform of each query row).
+QUANT_FORMATS = [("int8", None, False), ("fp8_e4m3", None, False), ("int4", None, False), ("int4", None, True),
+                 ("int4", 32, False)]
 
 
 def quant_configs(device, quick):
@@ -587,7 +590,8 @@ def run_quant(r):
         B, ctx = c["B"], c["ctx"]
         npages = B * ctx // PAGE
         shape_str = f"B{B} ctx{ctx} Hq{Hq} Hkv{Hkv} D{D} page{PAGE}"
-        ids = [f"quant/decode_{f}{'_g' + str(gs) if gs else ''}/{dt}/{shape_str}" for f, gs in QUANT_FORMATS]
+        ids = [f"quant/decode_{f}{'_g' + str(gs) if gs else ''}{'_rot' if rot else ''}/{dt}/{shape_str}"
+               for f, gs, rot in QUANT_FORMATS]
         todo = [i for i in ids if r.selected(i)]
         if not todo:
             continue
@@ -612,10 +616,11 @@ def run_quant(r):
         plain_bytes = 2 * Hkv * D * k.element_size()  # K and V per token
         base = r.time_attnkit(f"quant/{dt}/{shape_str} [bf16_decode]",
                               [lambda: attnkit.decode(q, k, v, lens, block_table=bt)], graph=graph)
-        for (fmt, gs), case_id in zip(QUANT_FORMATS, ids):
+        for (fmt, gs, rot), case_id in zip(QUANT_FORMATS, ids):
             if case_id not in todo:
                 continue
-            qk, qv = attnkit.quantize_kv(k, fmt, group_size=gs), attnkit.quantize_kv(v, fmt, group_size=gs)
+            qk = attnkit.quantize_kv(k, fmt, group_size=gs, rotate=rot)
+            qv = attnkit.quantize_kv(v, fmt, group_size=gs)
             token_bytes = 2 * Hkv * sum(t[0, 0, 0].numel() * t.element_size() for t in qk[:3] if t is not None)
             print(f"{case_id} ({token_bytes} bytes per token vs {plain_bytes})", flush=True)
             ak = r.time_attnkit(case_id, [lambda: attnkit.decode(q, qk, qv, lens, block_table=bt)], graph=graph)
@@ -624,7 +629,8 @@ def run_quant(r):
                 err, err_on = _quant_err(r, q, k, v, lens, bt, out, Hq // Hkv)
                 gbps = B * ctx * token_bytes / (ak.median * 1e-3) / 1e9
                 shape = {"batch": B, "seqlen_q": 1, "context": ctx, "heads_q": Hq, "heads_kv": Hkv, "head_dim": D,
-                         "page_size": PAGE, "kv_format": fmt, "group_size": gs, "bytes_per_token": token_bytes,
+                         "page_size": PAGE, "kv_format": fmt, "group_size": gs, "rotated_keys": rot,
+                         "bytes_per_token": token_bytes,
                          "peer_bytes_per_token": plain_bytes, "bytes_saved_per_token": plain_bytes - token_bytes,
                          "err_on": err_on}
                 r.add_row(Row("quant", case_id.split("/")[1], dt, shape, ak, gbps=gbps,

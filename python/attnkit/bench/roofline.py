@@ -247,10 +247,10 @@ def cuda_cases(families_module, names, quick=False):
                     yield family, case, dname(c["dtype"]), shape_str, shape
         elif family == "quant":
             for c in fm.quant_configs("cuda", quick):
-                for fmt, gs in fm.QUANT_FORMATS:
+                for fmt, gs, rot in fm.QUANT_FORMATS:
                     shape = dict(batch=c["B"], seqlen_q=1, context=c["ctx"], heads_q=32, heads_kv=8, head_dim=128,
                                  page_size=page, kv_format=fmt, group_size=gs)
-                    yield (family, f"decode_{fmt}{'_g' + str(gs) if gs else ''}", "bfloat16",
+                    yield (family, f"decode_{fmt}{'_g' + str(gs) if gs else ''}{'_rot' if rot else ''}", "bfloat16",
                            f"B{c['B']} ctx{c['ctx']} Hq32 Hkv8 D128 page{page}", shape)
         elif family == "merge":
             for B, S, H, D, dtype in fm.merge_configs("cuda", quick):
