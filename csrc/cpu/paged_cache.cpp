@@ -21,14 +21,13 @@ namespace {
 template <typename T>
 void store_quantized(const PagedAppendParams& p, int i, int64_t h, const T* k_src, const T* v_src, float* row) {
   const int64_t dst = p.slot_mapping[i] * p.heads_kv + h;  // row (slot, kv head) of the contiguous pages
-  const int row_bytes = p.head_dim / channels_per_byte(p.format), groups = p.head_dim / p.group_size;
   const float* offset = p.key_offset ? p.key_offset + (p.token_seq[i] * p.heads_kv + h) * p.head_dim : nullptr;
   for (int d = 0; d < p.head_dim; ++d) row[d] = offset ? to_float(k_src[d]) - offset[d] : to_float(k_src[d]);
-  quantize_row(p.format, p.group_size, p.rotate_keys, row, p.head_dim, static_cast<uint8_t*>(p.k_pages) + dst * row_bytes,
-               p.k_scale + dst * groups, p.k_zero ? p.k_zero + dst * groups : nullptr);
+  quantize_row(p.format, p.group_size, p.rotate_keys, row, p.head_dim, dst, static_cast<uint8_t*>(p.k_pages),
+               p.k_scale, p.k_zero);
   for (int d = 0; d < p.head_dim; ++d) row[d] = to_float(v_src[d]);
-  quantize_row(p.format, p.group_size, false, row, p.head_dim, static_cast<uint8_t*>(p.v_pages) + dst * row_bytes,
-               p.v_scale + dst * groups, p.v_zero ? p.v_zero + dst * groups : nullptr);
+  quantize_row(p.format, p.group_size, false, row, p.head_dim, dst, static_cast<uint8_t*>(p.v_pages), p.v_scale,
+               p.v_zero);
 }
 
 // One kv head per task: its min / max rows are touched by that task only, and its tokens go

@@ -15,15 +15,12 @@ namespace {
 
 template <typename T>
 void quantize_rows(const QuantizeKVParams& p) {
-  const int row_bytes = p.head_dim / channels_per_byte(p.format);
-  const int groups_per_row = p.head_dim / p.group_size;
   at::parallel_for(0, p.rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(p.head_dim);
     for (int64_t r = begin; r < end; ++r) {
       const T* x = static_cast<const T*>(p.x) + r * p.head_dim;
       for (int c = 0; c < p.head_dim; ++c) row[c] = to_float(x[c]);
-      quantize_row(p.format, p.group_size, p.rotate, row.data(), p.head_dim, p.data + r * row_bytes,
-                   p.scale + r * groups_per_row, p.zero ? p.zero + r * groups_per_row : nullptr);
+      quantize_row(p.format, p.group_size, p.rotate, row.data(), p.head_dim, r, p.data, p.scale, p.zero);
     }
   });
 }
@@ -64,11 +61,14 @@ void dequantize_rows(const DequantizeKVParams& p) {
 
 }  // namespace
 
-void quantize_row(KVFormat format, int group_size, bool rotate, float* x, int head_dim, uint8_t* data, float* scale,
-                  float* zero) {
+void quantize_row(KVFormat format, int group_size, bool rotate, float* x, int head_dim, int64_t row, uint8_t* data,
+                  float* scale, float* zero) {
   if (rotate) hadamard_rotate(x, head_dim);
-  const int group_bytes = group_size / channels_per_byte(format);
-  for (int g = 0; g < head_dim / group_size; ++g) {
+  const int group_bytes = group_size / channels_per_byte(format), groups = head_dim / group_size;
+  data += row * (head_dim / channels_per_byte(format));
+  scale += row * groups;
+  if (zero != nullptr) zero += row * groups;
+  for (int g = 0; g < groups; ++g) {
     const float* group = x + g * group_size;
     quantize_group(
         format, [group](int i) { return group[i]; }, group_size, data + g * group_bytes, scale + g,

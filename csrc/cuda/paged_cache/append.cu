@@ -105,7 +105,7 @@ __global__ void append_quantized_kernel(const __grid_constant__ PagedAppendParam
       const int c = lane + 32 * j;
       x[j] = offset ? to_float(k_src[c]) - offset[c] : to_float(k_src[c]);
     }
-    if constexpr ((kPer & (kPer - 1)) == 0) {
+    if constexpr (is_power_of_two(kPer)) {
       if (p.rotate_keys) warp_hadamard(x, lane);
     }
     warp_quantize_row(p.format, p.group_size, x, lane, dst, static_cast<uint8_t*>(p.k_pages), p.k_scale, p.k_zero);

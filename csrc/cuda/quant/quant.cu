@@ -10,8 +10,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
-#include <type_traits>
 
 #include "attnkit/quant.h"
 #include "cuda/check.h"
@@ -62,19 +60,6 @@ __global__ void dequantize_rotated_kernel(const __grid_constant__ DequantizeKVPa
 #pragma unroll
     for (int j = 0; j < kPer; ++j) out[lane + 32 * j] = from_float<T>(values[j]);
   });
-}
-
-// Runs fn(std::integral_constant<int, head_dim / 32>) for a rotated row: head_dim 32, 64,
-// 128 or 256 (the binding checks it).
-template <typename Fn>
-void dispatch_rotated(int head_dim, Fn&& fn) {
-  switch (head_dim) {
-    case 32: fn(std::integral_constant<int, 1>{}); return;
-    case 64: fn(std::integral_constant<int, 2>{}); return;
-    case 128: fn(std::integral_constant<int, 4>{}); return;
-    case 256: fn(std::integral_constant<int, 8>{}); return;
-  }
-  throw std::invalid_argument("rotated rows need head_dim 32, 64, 128 or 256");
 }
 
 template <typename T>
@@ -132,8 +117,9 @@ constexpr int kThreads = 256;
 template <typename T>
 void launch_quantize(const QuantizeKVParams& p, cudaStream_t stream) {
   if (p.rotate) {
-    dispatch_rotated(p.head_dim, [&](auto per) {
-      quantize_rotated_kernel<T, per()><<<blocks_for(p.rows * 32, kThreads), kThreads, 0, stream>>>(p);
+    dispatch_channels_per_lane(p.head_dim, [&](auto per) {  // head_dim 32, 64, 128, 256 (checked)
+      if constexpr (is_power_of_two(per()))
+        quantize_rotated_kernel<T, per()><<<blocks_for(p.rows * 32, kThreads), kThreads, 0, stream>>>(p);
     });
   } else {
     const int64_t groups = p.rows * (p.head_dim / p.group_size);
@@ -164,8 +150,9 @@ void dequantize_kv(const DequantizeKVParams& params, cudaStream_t stream) {
   dispatch_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (params.rotated) {
-      dispatch_rotated(params.head_dim, [&](auto per) {
-        dequantize_rotated_kernel<T, per()><<<blocks_for(params.rows * 32, kThreads), kThreads, 0, stream>>>(params);
+      dispatch_channels_per_lane(params.head_dim, [&](auto per) {  // head_dim 32, 64, 128, 256 (checked)
+        if constexpr (is_power_of_two(per()))
+          dequantize_rotated_kernel<T, per()><<<blocks_for(params.rows * 32, kThreads), kThreads, 0, stream>>>(params);
       });
       check(cudaGetLastError(), "dequantize_kv launch");
       return;

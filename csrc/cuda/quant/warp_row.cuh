@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "attnkit/quant.h"
@@ -158,9 +159,11 @@ __device__ __forceinline__ void warp_dequantize_row(KVFormat format, int group_s
 }
 
 // Runs fn(std::integral_constant<int, head_dim / 32>) for head_dim 32 .. 256, a multiple
-// of 32 (the binding checks it; a power of two where the row is rotated).
+// of 32 (the bindings check it; a power of two where the row is rotated, so fn instantiates
+// warp_hadamard under `if constexpr (is_power_of_two(per()))`).
 template <typename Fn>
 void dispatch_channels_per_lane(int head_dim, Fn&& fn) {
+  if (head_dim % 32 != 0) throw std::invalid_argument("warp rows need head_dim a multiple of 32 up to 256");
   switch (head_dim / 32) {
     case 1: fn(std::integral_constant<int, 1>{}); return;
     case 2: fn(std::integral_constant<int, 2>{}); return;
@@ -171,6 +174,7 @@ void dispatch_channels_per_lane(int head_dim, Fn&& fn) {
     case 7: fn(std::integral_constant<int, 7>{}); return;
     case 8: fn(std::integral_constant<int, 8>{}); return;
   }
+  throw std::invalid_argument("warp rows need head_dim a multiple of 32 up to 256");
 }
 
 }  // namespace attnkit::cuda

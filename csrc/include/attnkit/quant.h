@@ -135,7 +135,7 @@ ATTNKIT_HD float fp8_value(uint32_t code, float s) { return e4m3_to_float(code) 
 // its queries instead of un-rotating keys. The rotation spreads K's few outlier channels
 // over all channels, so one int4 step per row fits every channel (docs/quantization.md).
 
-ATTNKIT_HD bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+ATTNKIT_HD constexpr bool is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
 
 // One butterfly of the fast Walsh-Hadamard transform on the pair (x[c], x[c + h]): the lower
 // element becomes x[c] + x[c + h], the upper x[c] - x[c + h]. `mine` is this element,
