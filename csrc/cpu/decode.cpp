@@ -392,6 +392,10 @@ class DecodeWorker {
         const float factor = softmax_update_row(s, n_pad, state_[r]);
         if (factor != 1.f) scale_row(acc_.data() + size_t(r) * Dp_, Dp_, factor);
       }
+      if (!every_row_sees(key0, n, rows)) {
+        accumulate_visible(key0, n, rows);
+        continue;
+      }
       // Values: keys in fours, same order; meanwhile the next tile's keys are prefetched.
       for (c = 0; c < n; c += kValueKeys) {
         const int m = std::min(kValueKeys, n - c);
@@ -437,6 +441,44 @@ class DecodeWorker {
 
  private:
   using Row = decltype(std::declval<Cache>().row(0));
+
+  // Whether row r sees key c of the tile that starts at work key key0.
+  bool sees(int r, int key0, int c) const {
+    return visible_[r].contains(p_.is_sparse() ? pos_[c] : key0 + c);
+  }
+  bool every_row_sees(int key0, int n, int rows) const {
+    for (int r = 0; r < rows; ++r) {
+      if (!p_.is_sparse()) {
+        if (visible_[r].begin > key0 || visible_[r].end < key0 + n) return false;
+        continue;
+      }
+      for (int c = 0; c < n; ++c)
+        if (!sees(r, key0, c)) return false;
+    }
+    return true;
+  }
+
+  // acc += P V for a tile holding keys some row does not see (a window edge, the causal
+  // corner of several queries, unselected or padding keys): each row reads only the values
+  // of its visible keys, so a masked key's NaN or inf value never meets its zero
+  // probability (0 * NaN = NaN). Rare tiles: one value row per (row, key).
+  void accumulate_visible(int key0, int n, int rows) {
+    const int64_t v_head = p_.v_strides.head;
+    for (int r = 0; r < rows; ++r) {
+      float* o = acc_.data() + size_t(r) * Dp_;
+      const float* prob = s_tile_.data() + size_t(r) * kTileKeys;
+      for (int c = 0; c < n; ++c) {
+        if (!sees(r, key0, c)) continue;
+        const Row row = v_cache_.row(v_off_[c] + r / rows_head_ * v_head);
+        if (D_ == Dp_) {
+          accumulate_rows<1>(o, 1, Dp_, prob + c, kTileKeys, &row);
+        } else {
+          const float* f = padded(row);
+          accumulate_rows<1>(o, 1, Dp_, prob + c, kTileKeys, &f);
+        }
+      }
+    }
+  }
 
   // A cache row whose head_dim is not a multiple of 8, as floats zero-padded to Dp_ (rows
   // of a multiple of 8 are read in place, converted 8 elements at a time). Quantized

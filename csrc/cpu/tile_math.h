@@ -37,15 +37,20 @@ inline float hsum8(vec8 v) {
   for (int i = 0; i < kVec; ++i) s += v[i];
   return s;
 }
+// Max that propagates NaN (unlike std::max / fmaxf), so a NaN logit makes its row NaN.
+inline vec8 nan_max8(vec8 a, vec8 b) { return (b > a) | (b != b) ? b : a; }
+inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 inline float hmax8(vec8 v) {
   float m = v[0];
-  for (int i = 1; i < kVec; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < kVec; ++i) m = nan_max(m, v[i]);
   return m;
 }
 
 // exp(x) for x <= 88, relative error ~2e-7 (Cephes polynomial). Inputs below -87 give a
 // value < 2e-38 instead of 0; callers that need an exact 0 for masked logits select it.
+// NaN gives NaN (the clamps below would turn it into 88.3: a finite, huge probability).
 inline vec8 exp8(vec8 x) {
+  const vec8 input = x;
   x = x < splat8(88.3f) ? x : splat8(88.3f);
   x = x > splat8(-87.3f) ? x : splat8(-87.3f);
   const vec8 t = x * 1.44269504088896341f + 0.5f;
@@ -62,7 +67,7 @@ inline vec8 exp8(vec8 x) {
   const ivec8 pow2 = (__builtin_convertvector(fx, ivec8) + 127) << 23;
   vec8 scale;
   std::memcpy(&scale, &pow2, sizeof(scale));
-  return y * scale;
+  return input == input ? y * scale : input;
 }
 
 // softcap * tanh(x / softcap) through exp: tanh(u) = 1 - 2 / (exp(2u) + 1).
@@ -177,11 +182,9 @@ inline void transform_and_mask_row(float* s, int n_pad, int n_valid, int key0, K
 inline float softmax_update_row(float* s, int n_pad, RowSoftmax& state) {
   vec8 vmax = splat8(kNegInf);
   for (int c = 0; c < n_pad; c += kVec) {
-    const vec8 v = load8(s + c);
-    vmax = v > vmax ? v : vmax;
+    vmax = nan_max8(vmax, load8(s + c));
   }
-  const float tile_max = hmax8(vmax);
-  const float new_max = tile_max > state.max ? tile_max : state.max;
+  const float new_max = nan_max(state.max, hmax8(vmax));
   const float factor = state.rescale_to(new_max);
   if (new_max == kNegInf) {  // nothing visible so far: probabilities are all zero
     std::memset(s, 0, sizeof(float) * n_pad);
@@ -231,10 +234,7 @@ inline void softmax_update_cols(float* st, int n, int ld, int cols, float* max, 
   for (int q = 0; q < cols; q += kVec) {
     const vec8 old_max = load8(max + q);
     vec8 new_max = old_max;
-    for (int c = 0; c < n; ++c) {
-      const vec8 v = load8(st + int64_t(c) * ld + q);
-      new_max = v > new_max ? v : new_max;
-    }
+    for (int c = 0; c < n; ++c) new_max = nan_max8(new_max, load8(st + int64_t(c) * ld + q));
     const vec8 f = old_max == splat8(kNegInf) ? vec8{} : exp8(old_max - new_max);
     vec8 s = load8(sum + q) * f;
     for (int c = 0; c < n; ++c) {
@@ -247,6 +247,34 @@ inline void softmax_update_cols(float* st, int n, int ld, int cols, float* max, 
     store8(max + q, new_max);
     store8(sum + q, s);
     store8(factor + q, f);
+  }
+}
+
+// Whether the first D values of n rows (ld apart) are all finite (no exponent of all ones;
+// integer ops, so the loop vectorises).
+inline bool all_finite(const float* rows, int n, int64_t ld, int D) {
+  uint32_t non_finite = 0;
+  for (int c = 0; c < n; ++c)
+    for (int d = 0; d < D; ++d) {
+      uint32_t bits;
+      std::memcpy(&bits, rows + c * ld + d, sizeof(bits));
+      non_finite |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+  return non_finite == 0;
+}
+
+// acc[r] += sum of Pt(c, r) v_c over the keys c of the tile (keys key0 .. key0 + n) that
+// query r sees, [lo[r], hi[r]): P^T V without reading a value its row does not see, so a
+// masked key's NaN never meets its zero probability. Rows of v and acc: Dp wide.
+inline void accumulate_visible_cols(int rows, int n, const float* pt, int ld, const float* v, int64_t ldv, int Dp,
+                                    int key0, const int32_t* lo, const int32_t* hi, float* acc) {
+  for (int r = 0; r < rows; ++r) {
+    const int c_begin = lo[r] - key0 > 0 ? lo[r] - key0 : 0, c_end = hi[r] - key0 < n ? hi[r] - key0 : n;
+    float* o = acc + int64_t(r) * Dp;
+    for (int c = c_begin; c < c_end; ++c) {
+      const vec8 prob = splat8(pt[int64_t(c) * ld + r]);
+      for (int d = 0; d < Dp; d += kVec) store8(o + d, load8(o + d) + prob * load8(v + c * ldv + d));
+    }
   }
 }
 
@@ -264,8 +292,9 @@ inline void probs_and_dscores_cols(float* st, float* dpt, int n, int ld, int col
       vec8 ds = p * (load8(dp_row + q) - load8(delta + q));
       if (softcap > 0.f) {
         const vec8 u = t / softcap;
-        ds = masked ? vec8{} : ds * (1.f - u * u);
+        ds = ds * (1.f - u * u);
       }
+      ds = masked ? vec8{} : ds;  // a masked key's value may be NaN: 0 * NaN must not reach dQ, dK
       store8(s_row + q, p);
       store8(dp_row + q, ds);
     }

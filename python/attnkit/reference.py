@@ -25,6 +25,9 @@ Semantics (docs/semantics.md):
   lse_i = log(sum_j exp(s_ij)) over the visible keys (natural log), shape
   (batch, heads, seqlen_q) dense or (heads, total_q) varlen.
   A row with no visible key gives out 0 and lse -inf, never NaN.
+- Non-finite inputs: a NaN in q, or in a key or value the row sees, makes the row's output
+  NaN (lse too, for q and keys), as in torch SDPA; a key or value the row does not see
+  (masked, past the sequence, not selected) never reaches it, not even as 0 * NaN.
 """
 import math
 
@@ -53,6 +56,17 @@ def mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None):
     if right != -1:
         visible &= j <= diag + right
     return visible
+
+
+def _visible_values(p, v, visible):
+    """einsum("bhij,bjhd->bihd", p, v) in which key j contributes to row i only where
+    visible[i, j] (broadcast to p's shape): a masked key's NaN or inf value never meets its
+    zero probability, while a visible one makes the row's channel NaN."""
+    finite = torch.isfinite(v)
+    out = torch.einsum("bhij,bjhd->bihd", p, torch.where(finite, v, torch.zeros_like(v)))
+    sees = visible.expand(p.shape).to(p.dtype)
+    poisoned = torch.einsum("bhij,bjhd->bihd", sees, (~finite).to(p.dtype)) > 0
+    return torch.where(poisoned, torch.full_like(out, float("nan")), out)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0):
@@ -94,10 +108,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         row_max = s.new_zeros(batch, heads, seqlen_q, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.where(visible, torch.exp(s - row_max), torch.zeros_like(s))
-    total = p.sum(dim=-1, keepdim=True)                           # 0 exactly on empty rows
-    seen = total > 0
+    total = p.sum(dim=-1, keepdim=True)                           # 0 exactly on empty rows, NaN on NaN rows
+    seen = total != 0
     safe_total = torch.where(seen, total, torch.ones_like(total))
-    out = torch.einsum("bhij,bjhd->bihd", p / safe_total, v)
+    out = _visible_values(p / safe_total, v, visible)
     lse = torch.where(seen, torch.log(safe_total) + row_max, torch.full_like(total, float("-inf")))
     return out, lse.squeeze(-1)
 
@@ -223,9 +237,10 @@ def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_table, indices, *, t
             visible = tokens[None, :] <= query_pos[:, None]                # (seqlen_q, n)
             s = s.masked_fill(~visible, float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)                           # (group, seqlen_q)
-            seen = torch.isfinite(row_lse)
+            seen = row_lse != float("-inf")
             prob = torch.where(seen[..., None], torch.exp(s - row_lse[..., None]), torch.zeros_like(s))
-            out[b, :, g * group:(g + 1) * group] = torch.einsum("gst,td->sgd", prob, values[tokens, g])
+            v_rows = values[tokens, g][None, :, None].expand(1, len(tokens), group, head_dim)
+            out[b, :, g * group:(g + 1) * group] = _visible_values(prob[None], v_rows, visible)[0]
             lse[b, g * group:(g + 1) * group] = row_lse
     return out, lse
 
@@ -425,6 +440,6 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, is_cau
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     s = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
     s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # finite: every query sees at least one key
-    out = torch.einsum("bhij,bjhd->bihd", torch.exp(s - lse[..., None]), vf)
+    lse = torch.logsumexp(s, dim=-1)  # finite (for finite inputs): every query sees at least one key
+    out = _visible_values(torch.exp(s - lse[..., None]), vf, visible)
     return out.reshape(q.shape[:-1] + (head_dim,)), lse.reshape(batch, heads, *spatial)

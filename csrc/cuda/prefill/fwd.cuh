@@ -232,8 +232,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const float sum = quad_sum(row_sum[r]);
-    row_lse[r] = sum > 0.f ? row_max[r] * logit_scale + logf(sum) : -INFINITY;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    // sum 0: the row saw no key; a NaN sum (NaN among its visible keys) stays NaN.
+    row_lse[r] = sum == 0.f ? -INFINITY : row_max[r] * logit_scale + logf(sum);
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;
     CUTE_UNROLL
     for (int j = 0; j < size<1>(o); ++j) o(r, j) *= inv;
   }

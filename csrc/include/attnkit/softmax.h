@@ -41,8 +41,10 @@ struct RowSoftmax {
     return factor;
   }
 
-  ATTNKIT_HD float lse() const { return sum > 0.f ? max + logf(sum) : kNegInf; }
-  ATTNKIT_HD float inv_sum() const { return sum > 0.f ? 1.f / sum : 0.f; }
+  // A row that saw no key (sum 0) gives lse -inf and output 0; a NaN sum (a NaN logit or
+  // value among the visible keys) stays NaN in both, as in torch SDPA.
+  ATTNKIT_HD float lse() const { return sum == 0.f ? kNegInf : max + logf(sum); }
+  ATTNKIT_HD float inv_sum() const { return sum == 0.f ? 0.f : 1.f / sum; }
 };
 
 // Weights to combine two partial attention results over disjoint key sets:
