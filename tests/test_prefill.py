@@ -203,11 +203,69 @@ def test_varlen_equals_dense_per_sequence(device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lse_is_not_differentiable(device, gen):
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_lse_gradient(device, varlen, gen):
+    """lse is differentiable: a loss on out and lse (softcap, window, a fully masked row)
+    gives the reference's gradients."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q, k, v = (randn(gen, 1, 8, 1, 16, dtype=dtype, device=device).requires_grad_() for _ in range(3))
-    out, lse = attnkit.attention(q, k, v, return_lse=True)
-    assert out.requires_grad and not lse.requires_grad
+    q, k, v = randn(gen, 2, 37, 4, 64), randn(gen, 2, 50, 2, 64), randn(gen, 2, 50, 2, 64)
+    w_out, w_lse = randn(gen, 2, 37, 4, 64), randn(gen, 2, 4, 37)
+    opts = dict(causal=True, window=(20, -1), softcap=20.0)
+    leaves = [t.to(dtype=dtype, device=device).requires_grad_() for t in (q, k, v)]
+    if varlen:
+        cu = cu_seqlens([37, 37], device)
+        cu_k = cu_seqlens([50, 50], device)
+        out, lse = attnkit.attention_varlen(*(t.flatten(0, 1) for t in leaves), cu, cu_k, 37, 50, return_lse=True,
+                                            **opts)
+        out, lse = out.unflatten(0, (2, 37)), lse.unflatten(1, (2, 37)).transpose(0, 1)
+    else:
+        out, lse = attnkit.attention(*leaves, return_lse=True, **opts)
+    loss = (out.float() * w_out.to(device)).sum() + (lse * w_lse.to(device)).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference.attention(*ref_leaves, **opts)
+    ref_grads = torch.autograd.grad((ref * w_out.double()).sum() + (ref_lse * w_lse.double()).sum(), ref_leaves)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close(g, r, GRAD_TOL[dtype], f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_keys_merged_gradients(device, gen):
+    """Attention over two halves of the keys merged by merge_attention_states has the
+    gradients of attention over all keys (the ring / split-KV pattern)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (randn(gen, 1, 40, 4, 32, dtype=dtype, device=device).requires_grad_() for _ in range(3))
+    dout = randn(gen, 1, 40, 4, 32, dtype=dtype, device=device)
+    whole = attnkit.attention(q, k, v)
+    want = torch.autograd.grad(whole, (q, k, v), dout)
+    o_a, l_a = attnkit.attention(q, k[:, :17], v[:, :17], return_lse=True)
+    o_b, l_b = attnkit.attention(q, k[:, 17:], v[:, 17:], return_lse=True)
+    merged, _ = attnkit.merge_attention_states(o_a, l_a, o_b, l_b)
+    got = torch.autograd.grad(merged, (q, k, v), dout)
+    assert_close(merged, whole.double(), FWD_TOL[dtype])
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w.double(), 2 * GRAD_TOL[dtype], f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_no_queries_backward(device, varlen, gen):
+    """seqlen_q = 0 (or no tokens): the backward accepts what the forward did, zero gradients."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = randn(gen, 2, 0, 4, 32, dtype=dtype, device=device).requires_grad_()
+    k, v = (randn(gen, 2, 9, 2, 32, dtype=dtype, device=device).requires_grad_() for _ in range(2))
+    if varlen:
+        qv = q.detach().flatten(0, 1).requires_grad_()
+        kv, vv = (t.detach().flatten(0, 1).requires_grad_() for t in (k, v))
+        cu_q, cu_k = cu_seqlens([0, 0], device), cu_seqlens([9, 9], device)
+        out = attnkit.attention_varlen(qv, kv, vv, cu_q, cu_k, 0, 9, causal=True)
+        leaves = (qv, kv, vv)
+    else:
+        out = attnkit.attention(q, k, v, causal=True)
+        leaves = (q, k, v)
+    out.sum().backward()
+    assert leaves[0].grad.shape == leaves[0].shape
+    assert (leaves[1].grad == 0).all() and (leaves[2].grad == 0).all()
 
 
 def test_opcheck(gen):

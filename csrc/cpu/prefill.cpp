@@ -53,9 +53,10 @@ struct TileMask {
       }
     }
   }
+  bool all_visible(int k0, int n) const { return k0 >= max_lo && k0 + n <= min_hi; }
   // Masks and softcaps the logits of keys k0 .. k0 + n (a no-op when all are visible).
   void apply(float* st, int n, int cols, int k0, float softcap) const {
-    if (softcap == 0.f && k0 >= max_lo && k0 + n <= min_hi) return;
+    if (softcap == 0.f && all_visible(k0, n)) return;
     transform_and_mask_cols(st, n, kBlockQ, cols, k0, lo, hi, softcap);
   }
 };
@@ -143,7 +144,11 @@ void forward(const AttentionParams& p) {
         for (int r = 0; r < rows; ++r)
           if (factor[r] != 1.f) scale_row(acc.data() + r * Dp, Dp, factor[r]);
         const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, true, v_buf.data(), ldv);
-        gemm<true, true>(rows, Dp, n, st.data(), kBlockQ, v, ldv, acc.data(), Dp);
+        if (tile_mask.all_visible(k0, n) || all_finite(v, n, ldv, D))
+          gemm<true, true>(rows, Dp, n, st.data(), kBlockQ, v, ldv, acc.data(), Dp);
+        else  // a NaN / inf value of a key some rows do not see must not meet their 0 probability
+          accumulate_visible_cols(rows, n, st.data(), kBlockQ, v, ldv, Dp, k0, tile_mask.lo, tile_mask.hi,
+                                  acc.data());
       }
 
       for (int r = 0; r < rows; ++r) {
@@ -190,7 +195,8 @@ void backward(const AttentionBwdParams& bp) {
           load_row(do_row(q0 + r), D, d_o.data(), 1.f);
           for (int d = 0; d < D; ++d) dot += o[d] * d_o[d];
         }
-        delta[it * kBlockQ + r] = dot;
+        const bool lse_used = r < rows && bp.grad_lse;  // d lse / d s = P: delta -= grad_lse
+        delta[it * kBlockQ + r] = lse_used ? dot - bp.grad_lse[lse_offset(p, b, h, seq) + q0 + r] : dot;
       }
     }
   });
@@ -284,7 +290,10 @@ void backward(const AttentionBwdParams& bp) {
         const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, true, s.k_buf.data(), ldk);
         const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, false, s.v_buf.data(), ldv);
         recompute(s, it, k, ldk, v, ldv, n, cols, k0);
-        gemm<true, true>(rows, Dp, n, s.dpt.data(), kBlockQ, k, ldk, dq, Dp);  // dQ += dS K
+        if (s.mask.all_visible(k0, n) || all_finite(k, n, ldk, D))
+          gemm<true, true>(rows, Dp, n, s.dpt.data(), kBlockQ, k, ldk, dq, Dp);  // dQ += dS K
+        else  // as in the forward: a masked key's NaN must not meet its dS of 0
+          accumulate_visible_cols(rows, n, s.dpt.data(), kBlockQ, k, ldk, Dp, k0, s.mask.lo, s.mask.hi, dq);
       }
       for (int r = 0; r < rows; ++r)
         store_row(dq + r * Dp, D, p.scale, row_ptr<T>(bp.dq, bp.dq_strides, b, seq.row_q + q0 + r, h));

@@ -36,7 +36,7 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
 }
 
 inline void check_head_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
                     " must be contiguous in its last dimension (head_dim), got strides ", t.strides());
 }
 

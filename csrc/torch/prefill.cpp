@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    bool causal, double scale, int64_t window_left, int64_t window_right, double softcap) {
+    bool causal, double scale, int64_t window_left, int64_t window_right, double softcap, const OptTensor& grad_lse) {
   const c10::DeviceGuard guard(q.device());
   const at::Tensor qd = for_device(q), kd = for_device(k), vd = for_device(v);
   AttentionBwdParams bp{};
@@ -186,6 +186,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                                                             : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "lse must have shape ", at::IntArrayRef(lse_shape),
                     ", got ", lse.sizes());
+  at::Tensor grad_lse_c;
+  if (grad_lse.has_value()) {
+    TORCH_CHECK_VALUE(grad_lse->scalar_type() == at::kFloat && grad_lse->device() == q.device(),
+                      "grad_lse must be float32 on the device of q");
+    TORCH_CHECK_VALUE(grad_lse->sizes() == at::IntArrayRef(lse_shape), "grad_lse must have the shape of lse ",
+                      at::IntArrayRef(lse_shape), ", got ", grad_lse->sizes());
+    grad_lse_c = grad_lse->contiguous();
+    bp.grad_lse = grad_lse_c.data_ptr<float>();
+  }
   const at::Tensor lse_c = lse.contiguous(), out_d = for_device(out), dout_d = for_device(dout);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);

@@ -72,14 +72,18 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.options = (max_q, max_k, causal, scale, window_left, window_right, softcap)
-    ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
+    """Both outputs are differentiable: lse's gradient enters the kernel's delta
+    (AttentionGrads::grad_lse), so partial attentions merged by merge_attention_states (split
+    KV, ring attention) get exact gradients."""
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    if grad_out.stride(-1) != 1:
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = ops.attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.options)
+    dq, dk, dv = ops.attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.options, grad_lse)
     return (dq, dk, dv) + (None,) * 9
 
 
@@ -98,3 +102,42 @@ def _decode_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("attnkit::decode", _decode_backward, setup_context=_decode_setup_context)
 torch.library.register_autograd("attnkit::sparse_decode", _decode_backward, setup_context=_decode_setup_context)
+
+
+def _lse_as_rows(lse, out):
+    """lse (batch, heads, seqlen) or (heads, tokens) viewed in out's row layout with a
+    trailing 1: (batch, seqlen, heads, 1) or (tokens, heads, 1)."""
+    return (lse.transpose(1, 2) if out.dim() == 4 else lse.transpose(0, 1)).unsqueeze(-1)
+
+
+def _rows_as_lse(rows, out):
+    rows = rows.squeeze(-1)
+    return rows.transpose(1, 2) if out.dim() == 4 else rows.transpose(0, 1)
+
+
+def _merge_setup_context(ctx, inputs, output):
+    out_a, lse_a, out_b, lse_b = inputs
+    out, lse = output
+    ctx.save_for_backward(out_a, lse_a, out_b, lse_b, out, lse)
+
+
+def _merge_backward(ctx, grad_out, grad_lse):
+    """out = w_a out_a + w_b out_b and lse = log(exp(lse_a) + exp(lse_b)), with
+    w_x = exp(lse_x - lse) (0 where both sides saw no key): d out_x = w_x g and
+    d lse_x = w_x (g . (out_x - out) + g_lse), in float32."""
+    out_a, lse_a, out_b, lse_b, out, lse = ctx.saved_tensors
+    lse_rows = _lse_as_rows(lse, out)
+    empty = lse_rows == float("-inf")
+    g = grad_out.float() if grad_out is not None else torch.zeros_like(out, dtype=torch.float32)
+    g_lse = _lse_as_rows(grad_lse, out) if grad_lse is not None else 0.0
+    grads = []
+    for out_x, lse_x in ((out_a, lse_a), (out_b, lse_b)):
+        w = torch.where(empty, 0.0, torch.exp(_lse_as_rows(lse_x, out) - lse_rows))
+        d_out = (w * g).to(out_x.dtype)
+        d_lse = w * ((g * (out_x.float() - out.float())).sum(-1, keepdim=True) + g_lse)
+        grads += [d_out, _rows_as_lse(d_lse, out).contiguous()]
+    return tuple(grads)
+
+
+torch.library.register_autograd("attnkit::merge_attention_states", _merge_backward,
+                                setup_context=_merge_setup_context)

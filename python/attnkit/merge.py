@@ -9,7 +9,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse).
     out (batch, seqlen, heads, head_dim) with lse (batch, heads, seqlen), or out (tokens,
     heads, head_dim) with lse (heads, tokens); lse float32. Both -inf gives 0 and -inf.
-    Returns (out, lse).
+    Differentiable in all four inputs. Returns (out, lse).
     """
     for t, name in ((out_a, "out_a"), (lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
         _checks.check_tensor(t, name)

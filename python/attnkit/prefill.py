@@ -10,9 +10,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     causal: bottom-right aligned (query i sees keys <= i + seqlen_k - seqlen_q).
     window: (left, right) sliding window around that diagonal, -1 = unbounded.
     softcap: > 0 applies softcap * tanh(s / softcap) to the scaled logits.
-    GQA/MQA: heads a multiple of kv_heads. Differentiable in q, k and v.
+    GQA/MQA: heads a multiple of kv_heads. Differentiable in q, k and v, through out and
+    lse (so partial attentions merged with merge_attention_states train exactly).
     Returns out (like q), or (out, lse) with lse float32 (batch, heads, seqlen_q);
-    a row that sees no key gets out 0 and lse -inf. See docs/semantics.md.
+    a row that sees no key gets out 0 and lse -inf; a NaN in a key or value a row sees
+    makes the row NaN, one it does not see never reaches it. See docs/semantics.md.
     """
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _checks.check_tensor(t, name)

@@ -47,7 +47,7 @@ struct BwdConfigFor : BwdConfig<Element, kHeadDim, 64, 64, (kHeadDim >= 128 ? 8 
 
 constexpr int kRowWarps = 8;  // rows kernels: one warp per row, 8 rows per CTA
 
-// Kernel 1: delta = rowsum(dO * O) and dq_accum = 0 for every query row.
+// Kernel 1: delta = rowsum(dO * O) (- grad_lse) and dq_accum = 0 for every query row.
 template <typename Element>
 __global__ void __launch_bounds__(32 * kRowWarps) bwd_rows_kernel(const __grid_constant__ AttentionBwdParams bp) {
   const AttentionParams& p = bp.fwd;
@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(32 * kRowWarps) bwd_rows_kernel(const __grid_c
     acc[c] = 0.f;
   }
   for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
-  if (lane == 0) bp.delta[lse_offset(p, b, h, seq) + row] = dot;
+  const int64_t lse_index = lse_offset(p, b, h, seq) + row;
+  if (lane == 0) bp.delta[lse_index] = bp.grad_lse ? dot - bp.grad_lse[lse_index] : dot;
 }
 
 // Kernel 3: dq = scale * dq_accum.

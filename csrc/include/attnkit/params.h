@@ -72,6 +72,9 @@ struct AttentionGrads {
   float* dq_accum = nullptr;
   Strides dq_accum_strides;
   float* delta = nullptr;
+  // Optional (nullptr: none) gradient of the loss with respect to lse, laid out like lse.
+  // d lse / d s_j = P_j, so it enters as delta -= grad_lse: dS = P (dP - delta + grad_lse).
+  const float* grad_lse = nullptr;
 };
 
 // Prefill backward: dq, dk, dv from dout, recomputing probabilities from lse.
