@@ -22,10 +22,15 @@ __version__ = "0.1.0"
 
 
 def has_cuda_kernel(name):
-    """Whether op `name` ("attention", "decode", "merge_attention_states",
-    "paged_cache_append" (PagedKVCache.append), "page_scores", "select_pages") has a CUDA
-    kernel in this build."""
-    return CUDA_KERNELS.get(name, False)
+    """Whether op `name` has a CUDA kernel in this build. Names: "attention" (attention,
+    attention_varlen and their backward), "decode", "sparse_decode" (sparse_decode,
+    sparse_decode_tokens), "merge_attention_states", "paged_cache_append" (PagedKVCache.append),
+    "paged_cache_append_quantized" (PagedKVCache.append with kv_format), "page_scores",
+    "select_pages", "quantize_kv", "dequantize_kv", "neighborhood_attention" (forward and
+    backward). Any other name raises ValueError."""
+    if name not in CUDA_KERNELS:
+        raise ValueError(f"has_cuda_kernel: unknown op name {name!r}; names: {sorted(CUDA_KERNELS)}")
+    return CUDA_KERNELS[name]
 
 
 def cuda_available():
