@@ -212,6 +212,25 @@ def test_known_exceptions_hold_within_their_stack_bytes_and_go_stale(monkeypatch
     assert len(problems) == 1 and "stale" in problems[0] and "^lean_kernel<" in problems[0]
 
 
+def test_known_exceptions_per_arch(monkeypatch):
+    """An entry with an arch covers only that arch's kernels: the sm_80 build of a kernel may
+    carry other counts than its sm_90a build, each stated in its own entry."""
+    on_90 = kr.KnownException(r"^lean_kernel<", "local", "sm_90a counts", 16, 0, arch="sm_90a")
+    on_80 = kr.KnownException(r"^lean_kernel<", "local", "sm_80 counts", 32, 2, arch="sm_80")
+    monkeypatch.setattr(kr, "KNOWN_EXCEPTIONS", (on_90, on_80))
+    hopper = kernel(LEAN, ldg={128: 1}, ldl=2, stack=16)
+    ampere = kernel(LEAN, ldg={128: 1}, ldl=4, stack=32, local_in_loops=2)
+    ampere.arch = "sm_80"
+    status, problems, notes = kr.check([hopper, ampere])
+    assert not problems and status[hopper.key] == status[ampere.key] == "known: local"
+    assert notes == ["known exception `^lean_kernel<` (local, sm_90a): sm_90a counts",
+                     "known exception `^lean_kernel<` (local, sm_80): sm_80 counts"]
+    # the sm_90a entry does not excuse the sm_80 kernel, and is not stale in an sm_80-only report
+    monkeypatch.setattr(kr, "KNOWN_EXCEPTIONS", (on_90,))
+    status, problems, _ = kr.check([ampere])
+    assert status[ampere.key] == "FAIL: local" and len(problems) == 1 and "stale" not in problems[0]
+
+
 LOOP_SASS = """
 \t\tFunction : _Z4loopv
         /*0000*/                   STL [R1], R4 ;                                  /* 0x0 */
