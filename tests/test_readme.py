@@ -52,3 +52,23 @@ def test_snippet_runs(path, line, code):
     torch.manual_seed(0)
     # Leading newlines make the block's line numbers those of the markdown file in tracebacks.
     exec(compile("\n" * line + code, str(path.relative_to(ROOT)), "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_states_paged_cache_signature():
+    """README documents PagedKVCache's whole constructor, defaults included."""
+    import inspect
+
+    import attnkit
+    signature = str(inspect.signature(attnkit.PagedKVCache)).replace("'", '"')
+    assert f"PagedKVCache{signature}" in (ROOT / "README.md").read_text()
+
+
+def test_has_cuda_kernel_names():
+    """has_cuda_kernel's docstring and the README name every op it knows; others raise."""
+    import attnkit
+    from attnkit._ops import CUDA_KERNELS
+    readme = (ROOT / "README.md").read_text()
+    for name in CUDA_KERNELS:
+        assert f'"{name}"' in attnkit.has_cuda_kernel.__doc__ and f"`{name}`" in readme, name
+    with pytest.raises(ValueError, match="unknown op name"):
+        attnkit.has_cuda_kernel("attn")
