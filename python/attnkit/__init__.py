@@ -4,7 +4,9 @@ Ops: attention, attention_varlen (prefill, with autograd), decode (contiguous or
 cache), merge_attention_states, neighborhood_attention (1-3 D, with autograd); PagedKVCache
 (a paged KV cache with a page allocator and per-page key min / max); page_scores,
 select_pages, sparse_decode, sparse_decode_tokens, streaming_page_indices (query-aware
-sparse decode); quantize_kv, dequantize_kv (int8 / int4 / fp8 e4m3 KV formats).
+sparse decode); quantize_kv, dequantize_kv (int8 / int4 / fp8 e4m3 KV formats);
+attnkit.distributed: context parallelism over torch.distributed (ring and all-gather
+attention, sharded decode).
 attnkit.reference holds the float64 oracle of each op.
 """
 import torch
@@ -17,6 +19,7 @@ from .paged_cache import PagedKVCache
 from .prefill import attention, attention_varlen
 from .quant import QuantizedKV, dequantize_kv, quantize_kv
 from .sparse import page_scores, select_pages, sparse_decode, sparse_decode_tokens, streaming_page_indices
+from . import distributed  # context parallelism (attnkit.distributed.ring_attention, ...): docs/context_parallel.md
 
 __version__ = "0.1.0"
 

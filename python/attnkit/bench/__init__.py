@@ -1,4 +1,4 @@
-"""attnkit's benchmarks: `python -m attnkit.bench [--device cpu|cuda] [--family prefill,decode,sparse,quant,merge,neighborhood]
+"""attnkit's benchmarks: `python -m attnkit.bench [--device cpu|cuda] [--family prefill,decode,sparse,quant,merge,neighborhood,context_parallel]
 [--quick] [--json FILE] [--md FILE] [--plot FILE] [--threads N] [--only ID,...] [--budget-s S] [--roofline]`.
 
 It first measures the device's ceilings (a large matrix product, a large copy), then times
@@ -24,7 +24,8 @@ def _parser():
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--family", default="prefill,decode,sparse,quant,merge,neighborhood",
-                   help="comma-separated families among prefill, decode, sparse, quant, merge, neighborhood (default: all)")
+                   help="comma-separated families among prefill, decode, sparse, quant, merge, neighborhood "
+                        "(default: these), context_parallel (spawns 2 gloo processes; only when named)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (make demo)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON (DESIGN.md format)")
     p.add_argument("--md", metavar="FILE", help="write the report as markdown")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import attnkit
 from attnkit import reference
 
+from .context_parallel import run_context_parallel
 from .runner import Row, dtype_name, rel_err
 from .timing import rotation
 
@@ -870,4 +871,5 @@ def run_neighborhood(r):
 
 
 FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "quant": run_quant,
-            "merge": run_merge, "neighborhood": run_neighborhood}
+            "merge": run_merge, "neighborhood": run_neighborhood,
+            "context_parallel": run_context_parallel}  # not in --family's default: it spawns processes
