@@ -21,6 +21,7 @@ import torch
 import attnkit
 from attnkit import reference
 from attnkit._ops import CUDA_KERNELS  # the op names attnkit.has_cuda_kernel knows
+from attnkit.testing import realistic_kv
 
 # Relative-error bounds per input dtype (tests/conftest.py).
 FWD = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -254,23 +255,8 @@ def check_quantize(kv_format, group_size, dev, dtype, gen):
            "dequantize_kv(quantize_kv(x))", [("values", rel_err(got, ref), FWD[torch.float32])]
 
 
-def kv_like_real(gen, seqlen, kv_heads, head_dim, dtype, dev):
-    """q (1, 1, 4 * kv_heads, head_dim), k, v (1, seqlen, kv_heads, head_dim) drawn like real
-    decode inputs, as tests/conftest.realistic_kv (docs/quantization.md): a mean per (kv head,
-    channel), 4 outlier channels of K per kv head with mean +-10 and spread 3, q ~ N(0, 2^2)."""
-    mean_k, spread_k = 0.5 * randn(gen, kv_heads, head_dim), torch.ones(kv_heads, head_dim)
-    outliers = torch.rand(kv_heads, head_dim, generator=gen).argsort(-1)[:, :4]
-    signs = torch.randint(0, 2, (kv_heads, 4), generator=gen) * 2.0 - 1
-    mean_k.scatter_(1, outliers, 10 * signs)
-    spread_k.scatter_(1, outliers, 3.0)
-    k = mean_k + spread_k * randn(gen, 1, seqlen, kv_heads, head_dim)
-    v = 0.5 * randn(gen, kv_heads, head_dim) + randn(gen, 1, seqlen, kv_heads, head_dim)
-    q = 2 * randn(gen, 1, 1, 4 * kv_heads, head_dim)
-    return tuple(t.to(dtype=dtype, device=dev) for t in (q, k, v))
-
-
 def check_quantized_decode(kv_format, group_size, dev, dtype, gen):
-    q, k, v = kv_like_real(gen, 2048, 4, 128, dtype, dev)
+    q, k, v = realistic_kv(gen, 1, 2048, 4, 128, dtype=dtype, device=dev)
     cache = attnkit.PagedKVCache(2048 // 16, 16, 4, 128, dtype=dtype, device=dev, kv_format=kv_format,
                                  group_size=group_size)
     cache.append(0, k[0, :256], v[0, :256])  # the prompt: sets the key offset
