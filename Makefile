@@ -15,8 +15,12 @@ SHELL := /bin/bash
 PY := $(shell if [ -x .venv/bin/python ]; then echo .venv/bin/python; \
 	elif python3 -c 'import torch' >/dev/null 2>&1; then echo python3; else echo .venv/bin/python; fi)
 PIN_TORCH ?= torch==2.14.1
+# Optional dependencies the tests exercise (drop-in integrations), pinned; attnkit itself
+# imports them lazily and does not need them.
+TEST_PACKAGES := transformers==5.22.2
+PIN_NATTEN := natten==0.21.7
 PACKAGES := $(PIN_TORCH) ninja==1.13.2 nvidia-cutlass==4.2.0.0 pytest==9.2.0 numpy==2.4.6 expecttest==0.3.0 \
-	setuptools==84.2.1 wheel==0.48.0
+	setuptools==84.2.1 wheel==0.48.0 $(TEST_PACKAGES)
 # Where neither a GPU nor nvcc is present, the CPU build of the same torch (~0.2 GB instead of
 # ~5.7 GB with its CUDA libraries), from PyTorch's CPU index; PyPI's wheel when that is unreachable.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -38,6 +42,9 @@ env: $(if $(filter .venv/bin/python,$(PY)),.venv/.ready)
 	  echo "attnkit: $(TORCH_CPU_INDEX) unreachable: PyPI's $(PIN_TORCH) instead (a CUDA build, ~5.7 GB)"; \
 	fi
 	.venv/bin/pip install -q $(PACKAGES)
+	@# NATTEN (tests of attnkit.compat.natten compare against it): its pure-Python build (no
+	@# libnatten: no GPU visible, NATTEN_CUDA_ARCH unset), against the torch above.
+	CUDA_VISIBLE_DEVICES= NATTEN_CUDA_ARCH= .venv/bin/pip install -q --no-build-isolation --no-deps $(PIN_NATTEN)
 	touch $@
 
 # Full build: CUDA sources whenever torch has CUDA and nvcc is found.

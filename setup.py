@@ -53,6 +53,14 @@ def locate_cuda_home():
             return
 
 
+def write_build_info(torch_version, cuda_archs):
+    """python/attnkit/_build_info.py: what the extension is built against, read at import
+    (before the extension loads) to name a torch mismatch and the GPUs this build serves."""
+    with open(os.path.join(ROOT, "python", "attnkit", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py at build time (not in git)."""\n'
+                f"TORCH_VERSION = {torch_version!r}\nCUDA_ARCHS = {cuda_archs!r}\n")
+
+
 def build_extensions():
     locate_cuda_home()
     import torch
@@ -88,6 +96,7 @@ def build_extensions():
         ext = CppExtension("attnkit._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
         why = "ATTNKIT_FORCE_CPU=1" if force_cpu else "torch without CUDA or nvcc not found"
         backends = f"CPU only ({why})"
+    write_build_info(torch.__version__, archs if with_cuda else [])
     print(f"attnkit: building backends: {backends}; {len(sources)} sources; "
           f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}; CPU flags {' '.join(cpu_flags) or '(none)'}",
           file=sys.stderr)

@@ -30,7 +30,7 @@ def test_demo_checks_every_public_op():
     demo = load_demo()
     names = {word for name, _, _ in demo.CHECKS for word in name.split()}
     covered = {"QuantizedKV": "quantize_kv", "dequantize_kv": "quantize_kv", "PagedKVCache": "PagedKVCache.append"}
-    helpers = {"has_cuda_kernel", "cuda_available"}
+    helpers = {"has_cuda_kernel", "cuda_available", "cuda_capabilities"}
     missing = [op for op in attnkit.__all__ if op not in helpers and covered.get(op, op) not in names]
     assert not missing, f"tools/demo.py has no check of {missing}"
 

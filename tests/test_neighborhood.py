@@ -106,6 +106,26 @@ def test_full_kernel_is_dense_attention(spatial, device, gen):
     assert_close(lse.reshape(dense_lse.shape), dense_lse.double(), 1e-5, "lse")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [0.0, -0.5], ids=lambda s: f"scale{s:g}")
+def test_nonpositive_scale(scale, device, gen):
+    """scale <= 0 (shares the prefill kernel's softmax): against the reference, fwd and bwd."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = randn(gen, 1, 9, 11, 4, 32, dtype=dtype, device=device).requires_grad_()
+    k, v = (randn(gen, 1, 9, 11, 2, 32, dtype=dtype, device=device).requires_grad_() for _ in range(2))
+    opts = dict(dilation=(2, 1), is_causal=(False, True), scale=scale)
+    out, lse = attnkit.neighborhood_attention(q, k, v, (3, 5), return_lse=True, **opts)
+    qr, kr, vr = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.neighborhood_attention(qr, kr, vr, (3, 5), **opts)
+    assert_close(out, ref, FWD_TOL[dtype], "out")
+    assert_lse_close(lse, ref_lse, FWD_TOL[dtype])
+    dout = randn(gen, *out.shape, dtype=dtype, device=device)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (qr, kr, vr), dout.cpu().double())
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, GRAD_TOL[dtype], name)
+
+
 def test_reference_mask_by_hand():
     """The oracle's windows on small axes, worked out by hand from NATTEN's definition."""
     rows = lambda m: [[j for j in range(m.shape[1]) if m[i, j]] for i in range(m.shape[0])]

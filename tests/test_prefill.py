@@ -78,6 +78,30 @@ def test_attention_explicit_scale(device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [0.0, -0.2, -1.0], ids=lambda s: f"scale{s:g}")
+def test_attention_nonpositive_scale(scale, device, gen):
+    """scale <= 0 is legal arithmetic: 0 averages the visible values, a negative scale favours
+    the least similar keys. Partial last key tiles (70, 130 keys) and masked rows included."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    run_case((2, 50, 70, 4, 2, 64, True, (-1, -1), 0.0), dtype, device, gen, scale=scale)
+    run_case((1, 130, 65, 2, 1, 128, True, (3, 0), 0.0), dtype, device, gen, scale=scale)  # masked rows
+    run_case((1, 33, 130, 2, 2, 64, False, (9, 30), 5.0), dtype, device, gen, scale=scale)  # softcap
+
+
+# Windows at and past int32: each is unbounded on these lengths (or hides the other side).
+HUGE_WINDOWS = [(-1, 2**31 - 1), (2**31 - 1, -1), (2**31, 0), (2**32, 2**32), (2**40, 3), (5, 2**63 - 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", HUGE_WINDOWS, ids=str)
+def test_attention_huge_windows(window, device, gen):
+    """Windows near and past 2**31 saturate instead of wrapping (int32 index math)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    run_case((2, 45, 70, 4, 2, 64, False, window, 0.0), dtype, device, gen)
+    run_case((1, 70, 45, 2, 1, 64, True, window, 0.0), dtype, device, gen, grads=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_attention_random_sweep(device, gen):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(7)

@@ -143,6 +143,20 @@ def check_decode_paged(dev, dtype, gen):
         ("out", rel_err(out, ref), FWD[dtype]), ("lse", rel_err(lse, ref_lse), FWD[dtype])]
 
 
+def check_paged_prefill(dev, dtype, gen):
+    k, v = (randn(gen, 64, 16, 2, 64, dtype=dtype, device=dev) for _ in "kv")
+    table = torch.randperm(64, generator=gen).int().view(2, 32)
+    lens_q, lens_k = [200, 33], [300, 511]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32) for n in (lens_q, lens_k))
+    q = randn(gen, sum(lens_q), 8, 64, dtype=dtype, device=dev)
+    out, lse = attnkit.attention_varlen(q, k, v, cu_q.to(dev), cu_k.to(dev), 200, 511, causal=True,
+                                        block_table=table.to(dev), return_lse=True)
+    ref, ref_lse = reference.attention_varlen(ref_input(q), ref_input(k), ref_input(v), cu_q, cu_k, causal=True,
+                                              block_table=table)
+    return f"chunks of {lens_q} new tokens over {lens_k} paged keys (page 16, shuffled), causal", [
+        ("out", rel_err(out, ref), FWD[dtype]), ("lse", rel_err(lse, ref_lse), FWD[dtype])]
+
+
 def check_merge(dev, dtype, gen):
     out_a, out_b = (randn(gen, 2, 5, 8, 64, dtype=dtype, device=dev) for _ in "ab")
     lse_a, lse_b = (randn(gen, 2, 8, 5, device=dev) for _ in "ab")
@@ -282,6 +296,7 @@ CHECKS = [
     ("attention_varlen", ("attention",), check_attention_varlen),
     ("decode contiguous", ("decode",), check_decode_contiguous),
     ("decode paged", ("decode",), check_decode_paged),
+    ("attention_varlen paged prefill", ("attention",), check_paged_prefill),
     ("merge_attention_states", ("merge_attention_states",), check_merge),
     ("PagedKVCache.append", ("paged_cache_append", "decode"), check_paged_cache),
     ("page_scores", ("paged_cache_append", "page_scores"), check_page_scores),

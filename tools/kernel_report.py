@@ -89,23 +89,38 @@ class KnownException:
 # own. An entry no kernel needs any more fails the report: remove it.
 KNOWN_EXCEPTIONS = (
     KnownException(
-        r"^fwd_kernel<FwdConfigFor<\w+, 128>, PrefillMask<64, 64>>$", "local",
-        "prefill fwd hdim128 (64 x 64 tiles, 4 warps): 255 registers, 48 B stack, 12 LDL / 10 STL, "
+        r"^fwd_kernel<FwdConfigFor<\w+, 128>, PrefillMask<64, 64>, false>$", "local",
+        "prefill fwd hdim128 (64 x 64 tiles, 4 warps): 255 registers, 16 B stack, 4 LDL / 4 STL, "
         "none inside the mainloop: ptxas parks values only the epilogue needs (output pointers, "
-        "row counts) before the loop and reloads them once per CTA after it.", 48, arch="sm_90a"),
+        "row counts) before the loop and reloads them once per CTA after it.", 16, arch="sm_90a"),
     KnownException(
-        r"^fwd_kernel<FwdConfigFor<\w+, 64>, PrefillMask<128, 64>>$", "local",
-        "prefill fwd hdim64 (128 x 64 tiles, 4 warps, 32 query rows per warp): 254 registers, 40 B "
-        "stack, 11 LDL / 5 STL of which 5 inside the mainloop (L1 hits, per 64-key tile). Spill-free "
-        "alternatives compiled here: 128 x 64 with 8 warps (178 registers) and 64 x 64 with 4 (229, "
-        "the neighbourhood kernel's); both give each warp 16 query rows instead of 32, so every "
-        "ldmatrix of K / V feeds half the MMAs and shared-memory reads per FLOP double. Which is "
-        "faster needs a GPU.",
-        40, 5, arch="sm_90a"),
+        r"^fwd_kernel<FwdConfigFor<\w+, 128>, PrefillMask<64, 64>, true>$", "local",
+        "prefill fwd hdim128 over paged K / V: 255 registers, 64 B stack, 21 LDL / 15 STL, 2 inside "
+        "the mainloop (the per-row page offsets of the next K tile, resolved while S and O are live; "
+        "L1 hits, per 64-key tile).", 64, 2, arch="sm_90a"),
     KnownException(
-        r"^fwd_kernel<FwdConfig<\w+, 128, 64, 64, 4>, NeighborhoodMask<64, 64>>$", "local",
-        "neighborhood fwd hdim128 (64 x 64 tiles): 254 registers, a 16 B stack frame with 0 bytes of "
-        "spill stores per ptxas -v (2 LDL / 2 STL, none inside the mainloop).", 16, arch="sm_90a"),
+        r"^fwd_kernel<FwdConfigFor<\w+, 256>, PrefillMask<64, 32>, false>$", "local",
+        "prefill fwd hdim256 (64 x 32 tiles): 255 registers, 8 B stack, 1 LDL / 1 STL, none inside "
+        "the mainloop (an epilogue value).", 8, arch="sm_90a"),
+    KnownException(
+        r"^fwd_kernel<FwdConfigFor<\w+, 64>, PrefillMask<128, 64>, false>$", "local",
+        "prefill fwd hdim64 (128 x 64 tiles, 4 warps, 32 query rows per warp): 255 registers, 56 B "
+        "stack, 14 LDL / 8 STL of which 7 inside the mainloop (L1 hits, per 64-key tile; 5 before "
+        "the window clamp of attnkit/mask.h). Spill-free alternatives compiled here: 128 x 64 with "
+        "8 warps (178 registers) and 64 x 64 with 4 (229, the neighbourhood kernel's); both give "
+        "each warp 16 query rows instead of 32, so every ldmatrix of K / V feeds half the MMAs and "
+        "shared-memory reads per FLOP double. Which is faster needs a GPU.",
+        56, 7, arch="sm_90a"),
+    KnownException(
+        r"^fwd_kernel<FwdConfigFor<\w+, 64>, PrefillMask<128, 64>, true>$", "local",
+        "prefill fwd hdim64 over paged K / V: 255 registers, 56 B stack, 20 LDL / 11 STL, 16 inside "
+        "the mainloop (the dense kernel's 7 plus the per-row page offsets of the K and V tiles). "
+        "Compile-time variants with 64-row tiles for the paged loader (issue 17) are the fix to "
+        "try; which is faster needs a GPU.", 56, 16, arch="sm_90a"),
+    KnownException(
+        r"^fwd_kernel<FwdConfig<\w+, 128, 64, 64, 4>, NeighborhoodMask<64, 64>, false>$", "local",
+        "neighborhood fwd hdim128 (64 x 64 tiles): 255 registers, 16 B stack, 4 LDL / 4 STL, none "
+        "inside the mainloop.", 16, arch="sm_90a"),
     KnownException(
         r"^bwd_main_kernel<BwdConfigFor<\w+, 256>, PrefillBwdMask<64, 64>>$", "local",
         "prefill bwd hdim256 (64 x 64 tiles, 8 warps): 255 registers, 16 B stack, 3 LDL / 3 STL, 2 "
@@ -114,17 +129,17 @@ KNOWN_EXCEPTIONS = (
     # sm_80 (ptxas for Ampere, same sources; compiled with `make test ATTNKIT_CUDA_ARCHS=80` or
     # the default build where a GPU is present; counts from the build of 2026-12-03):
     KnownException(
-        r"^fwd_kernel<FwdConfigFor<\w+, 128>, PrefillMask<64, 64>>$", "local",
+        r"^fwd_kernel<FwdConfigFor<\w+, 128>, PrefillMask<64, 64>, (false|true)>$", "local",
         "prefill fwd hdim128 on sm_80: 255 registers, 32 B stack, 5 LDL / 5 STL, none inside the "
         "mainloop (epilogue values, as on sm_90a).", 32, arch="sm_80"),
     KnownException(
-        r"^fwd_kernel<FwdConfigFor<\w+, 64>, PrefillMask<128, 64>>$", "local",
+        r"^fwd_kernel<FwdConfigFor<\w+, 64>, PrefillMask<128, 64>, (false|true)>$", "local",
         "prefill fwd hdim64 on sm_80: 255 registers, 56 B stack, 16 LDL / 8 STL of which 7 inside "
         "the mainloop (sm_90a: 5). Same choice as on sm_90a: the spill-free 64-row tiles halve the "
         "query rows per warp; compile-time mask variants (issue 17) are the planned fix, and which "
         "is faster needs a GPU.", 56, 7, arch="sm_80"),
     KnownException(
-        r"^fwd_kernel<FwdConfig<\w+, 128, 64, 64, 4>, NeighborhoodMask<64, 64>>$", "local",
+        r"^fwd_kernel<FwdConfig<\w+, 128, 64, 64, 4>, NeighborhoodMask<64, 64>, false>$", "local",
         "neighborhood fwd hdim128 on sm_80: 255 registers, 16 B stack, 3 LDL / 3 STL, none inside "
         "the mainloop.", 16, arch="sm_80"),
     KnownException(

@@ -62,12 +62,14 @@ struct TileMask {
 };
 
 // An fp32 view of rows first .. first + n of one head of a tensor: the tensor itself when it
-// is fp32 (and, if padded, D is a multiple of 16 so rows can be read to Dp), else a copy
-// converted into buf (ld Dp, columns D .. Dp zero). Returns the pointer and sets ld.
+// is fp32, its rows are equally spaced (`strided`: not so across the pages of a paged K / V)
+// and, if padded, D is a multiple of 16 so rows can be read to Dp; else a copy converted into
+// buf (ld Dp, columns D .. Dp zero). Returns the pointer and sets ld.
 template <typename T, typename RowFn>
-const float* fp32_rows(RowFn row, int first, int n, int D, int Dp, bool padded, float* buf, int64_t& ld) {
+const float* fp32_rows(RowFn row, int first, int n, int D, int Dp, bool padded, float* buf, int64_t& ld,
+                       bool strided = true) {
   if constexpr (std::is_same_v<T, float>) {
-    if (!padded || D % (2 * kVec) == 0) {
+    if (strided && (!padded || D % (2 * kVec) == 0)) {
       ld = n > 1 ? row(first + 1) - row(first) : Dp;
       return row(first);
     }
@@ -124,8 +126,10 @@ void forward(const AttentionParams& p) {
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
       auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
-      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + j, hk); };
-      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + j, hk); };
+      auto k_row = [&](int j) { return static_cast<const T*>(p.k) + key_offset(p, p.k_strides, b, seq, j, hk); };
+      auto v_row = [&](int j) { return static_cast<const T*>(p.v) + key_offset(p, p.v_strides, b, seq, j, hk); };
+      // Paged keys are equally spaced within one page only.
+      auto strided = [&](int k0, int n) { return !p.is_paged() || k0 / p.page_size == (k0 + n - 1) / p.page_size; };
 
       load_transposed<T>(q_row, q0, rows, D, p.scale, row_buf.data(), qt.data());
       tile_mask.set(mask, q0, rows);
@@ -137,13 +141,13 @@ void forward(const AttentionParams& p) {
       for (int k0 = span.begin; k0 < span.end; k0 += kBlockK) {
         const int n = std::min(kBlockK, span.end - k0);
         int64_t ldk, ldv;
-        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, false, k_buf.data(), ldk);
+        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, false, k_buf.data(), ldk, strided(k0, n));
         gemm<false, false>(n, cols, D, k, ldk, qt.data(), kBlockQ, st.data(), kBlockQ);
         tile_mask.apply(st.data(), n, cols, k0, p.softcap);
         softmax_update_cols(st.data(), n, kBlockQ, cols, max, sum, factor);
         for (int r = 0; r < rows; ++r)
           if (factor[r] != 1.f) scale_row(acc.data() + r * Dp, Dp, factor[r]);
-        const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, true, v_buf.data(), ldv);
+        const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, true, v_buf.data(), ldv, strided(k0, n));
         if (tile_mask.all_visible(k0, n) || all_finite(v, n, ldv, D))
           gemm<true, true>(rows, Dp, n, st.data(), kBlockQ, v, ldv, acc.data(), Dp);
         else  // a NaN / inf value of a key some rows do not see must not meet their 0 probability

@@ -3,9 +3,11 @@
 // TORCH_CHECK RuntimeError; both run before any kernel.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 
 #include "attnkit/params.h"
@@ -53,6 +55,33 @@ inline void check_options(int64_t window_left, int64_t window_right, double soft
                     "window must be (left, right) with each >= -1 (-1 = unbounded), got (", window_left, ", ",
                     window_right, ")");
   TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
+}
+
+// A window as the kernels' int: any window past INT32_MAX keys hides nothing that
+// INT32_MAX does not (sequence lengths are int32), so it saturates instead of wrapping.
+inline int window_as_int(int64_t window) {
+  return window > std::numeric_limits<int32_t>::max() ? std::numeric_limits<int32_t>::max() : int(window);
+}
+
+// The CUDA prefill / neighbourhood softmax folds a positive scale into exp2 after the row
+// max. A scale <= 0 (legal: 0 averages the visible values, a negative one favours the least
+// similar keys) is folded into q instead, exactly (negation and zeros are exact in every
+// dtype): scale * q.k = |scale| * (-q).k and 0 * q.k = 1 * (0 q).k. The folded call's out,
+// lse, dk and dv are the caller's; its dq times q_grad_sign is. The CPU kernels scale q
+// themselves and take any scale as it is.
+struct FoldedScale {
+  at::Tensor q;
+  double scale;
+  int q_grad_sign;  // 1, -1 or 0
+};
+inline FoldedScale fold_scale_for_cuda(const at::Tensor& q, double scale) {
+  if (!q.is_cuda() || scale > 0.0) return {q, scale, 1};
+  if (scale < 0.0) return {q.neg(), -scale, -1};
+  return {at::zeros_like(q), 1.0, 0};
+}
+inline void unfold_dq(at::Tensor& dq, const FoldedScale& folded) {
+  if (folded.q_grad_sign == -1) dq.neg_();
+  if (folded.q_grad_sign == 0) dq.zero_();
 }
 
 // A kv_format name of docs/quantization.md.

@@ -220,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Ten
   p.cache_seqlens = seqlens.data_ptr<int32_t>();
   p.scale = float(scale);
   p.softcap = float(softcap);
-  p.window_left = int(window_left);
+  p.window_left = window_as_int(window_left);
   if (batch == 0) return {out, lse};
 #ifdef ATTNKIT_WITH_CUDA
   if (q.is_cuda()) {

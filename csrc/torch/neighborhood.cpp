@@ -127,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_fwd(const at::Tensor& q, const a
                                                     at::IntArrayRef stride, at::IntArrayRef is_causal, double scale) {
   const c10::DeviceGuard guard(q.device());
   NeighborhoodParams p{};
-  const auto views = make_params(p, q, k, v, kernel_size, dilation, stride, is_causal, scale);
+  const FoldedScale folded = fold_scale_for_cuda(q, scale);
+  const auto views = make_params(p, folded.q, k, v, kernel_size, dilation, stride, is_causal, folded.scale);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty(lse_shape(q), q.options().dtype(at::kFloat));
   const at::Tensor out_view = tokens_view(out);
@@ -152,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighborhood_bwd(
     at::IntArrayRef is_causal, double scale) {
   const c10::DeviceGuard guard(q.device());
   NeighborhoodBwdParams bp{};
-  const auto views = make_params(bp.fwd, q, k, v, kernel_size, dilation, stride, is_causal, scale);
+  const FoldedScale folded = fold_scale_for_cuda(q, scale);
+  const auto views = make_params(bp.fwd, folded.q, k, v, kernel_size, dilation, stride, is_causal, folded.scale);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
   TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   check_like(dout, "dout", q, "q");
@@ -189,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighborhood_bwd(
     bp.dq_accum_strides = strides_of(dq_accum);
     bp.delta = delta.data_ptr<float>();
     if (q.numel() > 0) cuda::neighborhood_bwd(bp, c10::cuda::getCurrentCUDAStream().stream());
+    unfold_dq(dq, folded);
     return {dq, dk, dv};
   }
 #endif

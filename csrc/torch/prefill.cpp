@@ -4,6 +4,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "checks.h"
@@ -39,20 +40,64 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch, int
     TORCH_CHECK_VALUE(v[b + 1] - v[b] <= max_seqlen, max_name, " = ", max_seqlen, " is smaller than sequence ", b,
                       " of ", name, " (length ", v[b + 1] - v[b], ")");
   }
-  TORCH_CHECK_VALUE(v[batch] == total, name, "[-1] must equal the number of tokens (", total, "), got ", v[batch]);
+  TORCH_CHECK_VALUE(total < 0 || v[batch] == total, name, "[-1] must equal the number of tokens (", total,
+                    "), got ", v[batch]);
+}
+
+// Paged keys (block_table) and the optional per-sequence key cap (seqused_k) of the inference
+// op attention_varlen_kv; on the CPU also their values against the pages and the table.
+void set_paged_keys(AttentionParams& p, const at::Tensor& k, const OptTensor& block_table,
+                    const OptTensor& seqused_k, const at::Tensor& q, at::Tensor& table, at::Tensor& used) {
+  if (block_table) {
+    check_index_tensor(*block_table, 2, "block_table", q);
+    TORCH_CHECK_VALUE(block_table->size(0) == p.batch, "block_table must have batch = ", p.batch, " rows, got ",
+                      block_table->size(0));
+    table = block_table->contiguous();
+    p.block_table = table.data_ptr<int32_t>();
+    p.block_table_stride = table.size(1);
+    p.page_size = int(k.size(1));
+    TORCH_CHECK_VALUE(p.page_size > 0, "k must have page_size > 0 (dim 1 of (num_pages, page_size, kv_heads, ",
+                      "head_dim))");
+  }
+  if (seqused_k) {
+    check_index_tensor(*seqused_k, 1, "seqused_k", q);
+    TORCH_CHECK_VALUE(seqused_k->size(0) == p.batch, "seqused_k must have batch = ", p.batch, " entries, got ",
+                      seqused_k->size(0));
+    used = seqused_k->contiguous();
+    p.seqused_k = used.data_ptr<int32_t>();
+  }
+  if (!q.is_cpu()) return;  // values are checked where reading them costs no device sync
+  const int64_t capacity = p.block_table ? p.block_table_stride * p.page_size : -1;
+  for (int b = 0; b < p.batch; ++b) {
+    int64_t len = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+    if (p.seqused_k) {
+      TORCH_CHECK_VALUE(p.seqused_k[b] >= 0, "seqused_k[", b, "] = ", p.seqused_k[b], " is negative");
+      len = std::min<int64_t>(len, p.seqused_k[b]);
+    }
+    if (!p.block_table) continue;
+    TORCH_CHECK_VALUE(len <= capacity, "sequence ", b, " has ", len, " keys, more than block_table holds (",
+                      p.block_table_stride, " pages x page_size ", p.page_size, ")");
+    const int32_t* row = p.block_table + b * p.block_table_stride;
+    for (int64_t i = 0; i < (len + p.page_size - 1) / p.page_size; ++i)
+      TORCH_CHECK_VALUE(row[i] >= 0 && row[i] < k.size(0), "block_table[", b, ", ", i, "] = ", row[i],
+                        " is not a page id in [0, ", k.size(0), ")");
+  }
 }
 
 // Validates q, k, v and the options; fills the params except the output pointers.
+// paged: k and v are pages (num_pages, page_size, kv_heads, head_dim) of varlen sequences.
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& cu_q,
                             const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                            double scale, int64_t window_left, int64_t window_right, double softcap) {
+                            double scale, int64_t window_left, int64_t window_right, double softcap,
+                            bool paged = false) {
   const bool varlen = cu_q.has_value();
   TORCH_CHECK_VALUE(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
   const int64_t rank = varlen ? 3 : 4;
   const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  const char* kv_layout = paged ? "(num_pages, page_size, kv_heads, head_dim)" : layout;
   check_rank(q, rank, "q", layout);
-  check_rank(k, rank, "k", layout);
-  check_rank(v, rank, "v", layout);
+  check_rank(k, paged ? 4 : rank, "k", kv_layout);
+  check_rank(v, paged ? 4 : rank, "v", kv_layout);
   AttentionParams p{};
   p.dtype = dtype_of(q, "q");
   check_like(k, "k", q, "q");
@@ -75,7 +120,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK_VALUE(cu_q->dim() == 1 && batch >= 1, "cu_seqlens_q must be 1-D with at least 2 entries, got shape ",
                       cu_q->sizes());
     check_cu_seqlens(*cu_q, "cu_seqlens_q", batch, q.size(0), max_seqlen_q, "max_seqlen_q", q);
-    check_cu_seqlens(*cu_k, "cu_seqlens_k", batch, k.size(0), max_seqlen_k, "max_seqlen_k", q);
+    check_cu_seqlens(*cu_k, "cu_seqlens_k", batch, paged ? -1 : k.size(0), max_seqlen_k, "max_seqlen_k", q);
     p.batch = int(batch);
     p.seqlen_q = int(max_seqlen_q);
     p.seqlen_k = int(max_seqlen_k);
@@ -101,8 +146,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.causal = causal;
-  p.window_left = int(window_left);
-  p.window_right = int(window_right);
+  p.window_left = window_as_int(window_left);
+  p.window_right = window_as_int(window_right);
   return p;
 }
 
@@ -140,14 +185,18 @@ at::Tensor for_device(const at::Tensor& t) {
   return t;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
-                                                 int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-                                                 int64_t window_right, double softcap) {
+std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const OptTensor& cu_q, const OptTensor& cu_k, const OptTensor& block_table,
+                                           const OptTensor& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                           bool causal, double scale, int64_t window_left, int64_t window_right,
+                                           double softcap) {
   const c10::DeviceGuard guard(q.device());
-  const at::Tensor qd = for_device(q), kd = for_device(k), vd = for_device(v);
-  AttentionParams p = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-                                  window_right, softcap);
+  const FoldedScale folded = fold_scale_for_cuda(q, scale);
+  const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
+  AttentionParams p = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale,
+                                  window_left, window_right, softcap, block_table.has_value());
+  at::Tensor table, used;
+  if (block_table || seqused_k) set_paged_keys(p, kd, block_table, seqused_k, q, table, used);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = p.is_varlen() ? at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))
                                  : at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -165,15 +214,36 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
+                                                 int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
+                                                 int64_t window_right, double softcap) {
+  return run_fwd(q, k, v, cu_q, cu_k, std::nullopt, std::nullopt, max_seqlen_q, max_seqlen_k, causal, scale,
+                 window_left, window_right, softcap);
+}
+
+// Inference-only varlen attention over paged keys (block_table) and / or capped key counts
+// (seqused_k): FlashAttention's flash_attn_varlen_func(..., block_table=...) / seqused_k.
+std::tuple<at::Tensor, at::Tensor> attention_varlen_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& cu_q, const at::Tensor& cu_k,
+                                                       const OptTensor& block_table, const OptTensor& seqused_k,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                       double scale, int64_t window_left, int64_t window_right,
+                                                       double softcap) {
+  return run_fwd(q, k, v, cu_q, cu_k, block_table, seqused_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+                 window_right, softcap);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     bool causal, double scale, int64_t window_left, int64_t window_right, double softcap, const OptTensor& grad_lse) {
   const c10::DeviceGuard guard(q.device());
-  const at::Tensor qd = for_device(q), kd = for_device(k), vd = for_device(v);
+  const FoldedScale folded = fold_scale_for_cuda(q, scale);
+  const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
   AttentionBwdParams bp{};
-  bp.fwd = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right,
-                       softcap);
+  bp.fwd = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale, window_left,
+                       window_right, softcap);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
   TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   check_like(dout, "dout", q, "q");
@@ -225,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     bp.dq_accum_strides = strides_of(dq_accum);
     bp.delta = delta.data_ptr<float>();
     cuda::attention_bwd(bp, c10::cuda::getCurrentCUDAStream().stream());
+    unfold_dq(dq, folded);
     return {dq, dk, dv};
   }
 #endif
@@ -237,12 +308,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_varlen_kv", &attention_varlen_kv);
 }
 
 #ifdef ATTNKIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
+  m.impl("attention_varlen_kv", &attention_varlen_kv);
 }
 #endif
 

@@ -11,6 +11,7 @@ attnkit.reference holds the float64 oracle of each op.
 """
 import torch
 
+from ._capability import cuda_capabilities
 from ._ops import CUDA_KERNELS
 from .decode import decode
 from .merge import merge_attention_states
@@ -37,10 +38,12 @@ def has_cuda_kernel(name):
 
 
 def cuda_available():
-    """True when the CUDA kernels were built and a CUDA GPU is present."""
-    return any(CUDA_KERNELS.values()) and torch.cuda.is_available()
+    """True when the CUDA kernels were built and a CUDA GPU they run on is present
+    (attnkit.cuda_capabilities() says which GPUs and why not)."""
+    return any(CUDA_KERNELS.values()) and torch.cuda.is_available() and any(
+        d["served"] for d in cuda_capabilities()["devices"])
 
 
 __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
-           "cuda_available", "PagedKVCache", "page_scores", "select_pages", "sparse_decode", "sparse_decode_tokens",
+           "cuda_available", "cuda_capabilities", "PagedKVCache", "page_scores", "select_pages", "sparse_decode", "sparse_decode_tokens",
            "streaming_page_indices", "quantize_kv", "dequantize_kv", "QuantizedKV", "neighborhood_attention"]

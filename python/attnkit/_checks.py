@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from ._capability import device_reason
 from ._ops import CUDA_KERNELS
 
 
@@ -15,14 +16,23 @@ def resolve_scale(scale, q):
     return float(scale)
 
 
+# Sequence lengths are int32: a window of 2**31 - 1 keys already hides nothing, so larger
+# ones saturate there (the kernels' int) instead of overflowing.
+_WINDOW_MAX = 2**31 - 1
+
+
+def saturate_window(w):
+    return min(int(w), _WINDOW_MAX)
+
+
 def resolve_window(window):
     if isinstance(window, int):
-        return window, -1
+        return saturate_window(window), -1
     if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
         raise ValueError(f"window must be an int or a (left, right) pair of ints, -1 = unbounded; got {window!r}")
     if window[0] < -1 or window[1] < -1:
         raise ValueError(f"window must be (left, right) with each >= -1 (-1 = unbounded), got {tuple(window)}")
-    return int(window[0]), int(window[1])
+    return saturate_window(window[0]), saturate_window(window[1])
 
 
 def resolve_softcap(softcap):
@@ -36,6 +46,9 @@ def require_kernel(op, t):
     if t.device.type == "cpu":
         return
     if t.device.type == "cuda" and CUDA_KERNELS.get(op, False):
+        reason = device_reason(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        if reason is not None:
+            raise NotImplementedError(f"attnkit.{op}: {reason}")
         return
     raise NotImplementedError(
         f"attnkit.{op} has no kernel for {t.device.type} tensors in this build "

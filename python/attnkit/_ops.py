@@ -2,6 +2,9 @@
 torch.compile and meta tensors) and autograd formulas. Schemas live in csrc/torch/ops.cpp."""
 import torch
 
+from ._capability import check_torch_version
+
+check_torch_version()  # before loading _C: a torch mismatch is named, not an undefined symbol
 try:
     from . import _C  # noqa: F401  (registers torch.ops.attnkit.*)
 except ImportError as err:  # pragma: no cover - only without a build
@@ -46,6 +49,13 @@ def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 @torch.library.register_fake("attnkit::attention_bwd")
 def _attention_bwd_fake(dout, q, k, v, out, lse, *args):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+@torch.library.register_fake("attnkit::attention_varlen_kv")
+def _attention_varlen_kv_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused_k, max_seqlen_q, max_seqlen_k,
+                              causal, scale, window_left, window_right, softcap):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(lse_shape(q, True), dtype=torch.float32)
 
 
 @torch.library.register_fake("attnkit::decode")
@@ -96,11 +106,13 @@ def _decode_setup_context(ctx, inputs, output):
 
 
 def _decode_backward(ctx, grad_out, grad_lse):
-    raise RuntimeError("attnkit.decode and attnkit.sparse_decode are inference-only: they have no backward; "
-                       "use attnkit.attention for training")
+    raise RuntimeError("attnkit.decode, attnkit.sparse_decode and attention_varlen over paged keys (block_table) "
+                       "or capped keys (seqused_k) are inference-only: they have no backward; use "
+                       "attnkit.attention / attention_varlen on contiguous K/V for training")
 
 
 torch.library.register_autograd("attnkit::decode", _decode_backward, setup_context=_decode_setup_context)
+torch.library.register_autograd("attnkit::attention_varlen_kv", _decode_backward, setup_context=_decode_setup_context)
 torch.library.register_autograd("attnkit::sparse_decode", _decode_backward, setup_context=_decode_setup_context)
 
 

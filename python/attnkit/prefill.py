@@ -26,17 +26,32 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                     scale=None, window=(-1, -1), softcap=0.0, return_lse=False):
+                     scale=None, window=(-1, -1), softcap=0.0, return_lse=False, block_table=None, seqused_k=None):
     """attention() over a batch of variable-length sequences packed along the token axis:
     q (total_q, heads, head_dim), k, v (total_k, kv_heads, head_dim), int32 cu_seqlens_*
     (batch + 1) with sequence b in rows cu_seqlens[b]:cu_seqlens[b + 1]; max_seqlen_* bound
     the lengths. Masks apply per sequence. lse is (heads, total_q). Differentiable.
+
+    Paged keys (chunked prefill, prefix caching, speculative verification over a paged KV
+    cache; FlashAttention's convention): with block_table (int32, (batch, max_pages)), k and v
+    are pages (num_pages, page_size, kv_heads, head_dim), any page_size >= 1; sequence b has
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys, key t in page block_table[b, t // page_size],
+    slot t % page_size, and its queries are its last positions (bottom-right causal).
+    seqused_k (int32, (batch,)): sequence b uses only its first seqused_k[b] keys. With either
+    the call is inference-only (no backward). docs/semantics.md, "Paged keys".
     """
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         _checks.check_tensor(t, name)
+    for t, name in ((block_table, "block_table"), (seqused_k, "seqused_k")):
+        if t is not None:
+            _checks.check_tensor(t, name)
     _checks.require_kernel("attention", q)
     left, right = _checks.resolve_window(window)
-    out, lse = ops.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                 bool(causal), _checks.resolve_scale(scale, q), left, right,
-                                 _checks.resolve_softcap(softcap))
+    options = (bool(causal), _checks.resolve_scale(scale, q), left, right, _checks.resolve_softcap(softcap))
+    if block_table is None and seqused_k is None:
+        out, lse = ops.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                     *options)
+    else:
+        out, lse = ops.attention_varlen_kv(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused_k,
+                                           int(max_seqlen_q), int(max_seqlen_k), *options)
     return (out, lse) if return_lse else out

@@ -51,10 +51,11 @@ def mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None):
     j = torch.arange(seqlen_k, device=device)[None, :]
     diag = i + seqlen_k - seqlen_q
     visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    # Written as distances from the diagonal (small), so any Python int window fits int64.
     if left != -1:
-        visible &= j >= diag - left
+        visible &= diag - j <= left
     if right != -1:
-        visible &= j <= diag + right
+        visible &= j - diag <= right
     return visible
 
 
@@ -117,13 +118,17 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, window=(-1, -1),
-                     softcap=0.0):
+                     softcap=0.0, block_table=None, seqused_k=None):
     """attention() per sequence of a packed batch -> (out, lse), float64.
 
     q (total_q, Hq, head_dim); k, v (total_k, Hkv, head_dim); cu_seqlens_q / cu_seqlens_k
     (batch + 1,) non-decreasing, starting at 0, last entry = total tokens. Sequence b is rows
     cu_seqlens[b]:cu_seqlens[b + 1] and the masks apply per sequence (bottom-right diagonal of
     that sequence's own lengths; a sequence may have 0 queries or 0 keys).
+    Paged keys (FlashAttention's convention): with block_table (batch, max_pages), k and v are
+    pages (num_pages, page_size, Hkv, head_dim), sequence b has cu_seqlens_k[b + 1] -
+    cu_seqlens_k[b] keys, key t in page block_table[b, t // page_size], slot t % page_size
+    (gather_cache). seqused_k (batch,): sequence b uses only its first seqused_k[b] keys.
     Returns out (total_q, Hq, head_dim) and lse (Hq, total_q).
     """
     cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
@@ -132,7 +137,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     outs, lses = [], []
     for b in range(len(cu_q) - 1):
         qb = q[cu_q[b]:cu_q[b + 1]].unsqueeze(0)
-        kb, vb = k[cu_k[b]:cu_k[b + 1]].unsqueeze(0), v[cu_k[b]:cu_k[b + 1]].unsqueeze(0)
+        len_k = cu_k[b + 1] - cu_k[b]
+        if seqused_k is not None:
+            len_k = min(len_k, int(seqused_k[b]))
+        if block_table is None:
+            kb, vb = k[cu_k[b]:cu_k[b] + len_k].unsqueeze(0), v[cu_k[b]:cu_k[b] + len_k].unsqueeze(0)
+        else:
+            kb = gather_cache(k, b, len_k, block_table).unsqueeze(0)
+            vb = gather_cache(v, b, len_k, block_table).unsqueeze(0)
         out, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap)
         outs.append(out[0])
         lses.append(lse[0])

@@ -511,6 +511,7 @@ void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspac
                                                    reinterpret_cast<int64_t*>(ws));
   check(cudaGetLastError(), "decode: offsets launch");
   auto kernel = lean_kernel<T, kHeadDim, Kv>;
+  require_shared_memory(C::kSmemBytes, "decode", kHeadDim);
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes),
         "decode: cudaFuncSetAttribute");
   kernel<<<workers, kThreads, C::kSmemBytes, stream>>>(p, shape, max_seqlen_k, workers, ws);

@@ -332,8 +332,10 @@ void launch_bwd_with(const AttentionBwdParams& bp,
   using Cfg = BwdConfigFor<Element, kHeadDim>;
   auto kernel = bwd_main_kernel<Cfg, Policy<Cfg::kBlockM, Cfg::kBlockN>>;
   constexpr int smem = Cfg::kSmemBytes;
-  if constexpr (smem > 48 * 1024)
+  if constexpr (smem > 48 * 1024) {
+    require_shared_memory(smem, op, kHeadDim);
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), op);
+  }
   const dim3 grid((p.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN, p.heads_kv, p.batch);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(bp, args);
   check(cudaGetLastError(), op);

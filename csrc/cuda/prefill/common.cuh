@@ -91,6 +91,38 @@ __device__ __forceinline__ void copy_tile(const TiledCopy& tiled_copy, const Src
   }
 }
 
+// One 16-byte global->shared copy by cp.async (L2 only, as SM80_CP_ASYNC_CACHEGLOBAL).
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+
+// copy_tile for key rows that live in pages: dst partitioned like copy_tile's (CPY, CPY_M,
+// CPY_K), coords its tile coordinates; each of the thread's rows (tile row r is key first + r)
+// is resolved through the block table once (key_offset), then its 16-byte vectors are copied
+// by cp.async. Rows >= rows_left and columns >= cols are zeroed, as copy_tile<true> does.
+template <typename Element, typename Dst, typename Coords>
+__device__ __forceinline__ void copy_paged_tile(const AttentionParams& p, const void* base, const Strides& strides,
+                                                int b, const Sequence& seq, int h_kv, int first, Dst&& dst,
+                                                const Coords& coords, int rows_left, int cols) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(dst); ++m) {
+    const int row = get<0>(coords(0, m, 0));
+    const bool row_ok = row < rows_left;
+    const Element* src =
+        static_cast<const Element*>(base) + (row_ok ? key_offset(p, strides, b, seq, first + row, h_kv) : 0);
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(dst); ++k) {
+      const int col = get<1>(coords(0, m, k));
+      if (row_ok && col < cols) {
+        cp_async_16(&dst(0, m, k), src + col);
+      } else {
+        clear(dst(_, m, k));
+      }
+    }
+  }
+}
+
 // acc += A B^T with both operands in shared memory, double-buffering the k-slices through
 // registers (load slice k + 1 while multiplying slice k).
 template <typename Acc, typename RegA, typename RegB, typename SmemA, typename SmemB, typename TiledMma,

@@ -106,7 +106,9 @@ struct PrefillMask {
   }
 };
 
-template <typename Cfg, typename Policy>
+// kPagedKV: K and V are pages (AttentionParams::block_table), each key row found through the
+// block table; otherwise rows of one (sequence, kv head) at a fixed stride.
+template <typename Cfg, typename Policy, bool kPagedKV>
 __global__ void __launch_bounds__(Cfg::kThreads)
     fwd_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ typename Policy::Args args) {
   using Element = typename Cfg::Element;
@@ -188,8 +190,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   Tensor tOsVt = thr_copy_v.partition_S(sVt);
 
   const auto keys_left = [&](int tile) { return seq.len_k - tile * kBlockN; };
+  const auto load_k = [&](int tile) {
+    if constexpr (kPagedKV)
+      copy_paged_tile<Element>(p, p.k, p.k_strides, b, seq, h_kv, tile * kBlockN, tKsK, tKVc, keys_left(tile),
+                               p.head_dim);
+    else
+      copy_tile<true>(gmem_load, tKgK(_, _, _, tile), tKsK, tKVc, keys_left(tile), p.head_dim);
+  };
+  const auto load_v = [&](int tile) {
+    if constexpr (kPagedKV)
+      copy_paged_tile<Element>(p, p.v, p.v_strides, b, seq, h_kv, tile * kBlockN, tVsV, tKVc, keys_left(tile),
+                               p.head_dim);
+    else
+      copy_tile<true>(gmem_load, tVgV(_, _, _, tile), tVsV, tKVc, keys_left(tile), p.head_dim);
+  };
   copy_tile<true>(gmem_load, tQgQ, tQsQ, tQcQ, rows_left, p.head_dim);
-  copy_tile<true>(gmem_load, tKgK(_, _, _, n), tKsK, tKVc, keys_left(n), p.head_dim);
+  load_k(n);
   cp_async_fence();
 
   constexpr int kRows = 2 * decltype(size<1>(acc_o))::value;
@@ -206,7 +222,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     clear(acc_s);
     cp_async_wait<0>();
     __syncthreads();  // K[n] landed; every warp is done with V[n + 1]
-    copy_tile<true>(gmem_load, tVgV(_, _, _, n), tVsV, tKVc, keys_left(n), p.head_dim);
+    load_v(n);
     cp_async_fence();
 
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
@@ -216,7 +232,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     cp_async_wait<0>();
     __syncthreads();  // V[n] landed; every warp is done with K[n]
     if (const int n_next = policy.next(n); policy.valid(n_next)) {
-      copy_tile<true>(gmem_load, tKgK(_, _, _, n_next), tKsK, tKVc, keys_left(n_next), p.head_dim);
+      load_k(n_next);
       cp_async_fence();
     }
 
@@ -263,14 +279,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 }
 
 // Launches the forward kernel of tile configuration Cfg with mask policy
-// Policy<kBlockM, kBlockN>.
-template <typename Cfg, template <int, int> class Policy>
+// Policy<kBlockM, kBlockN> (and K / V in pages when kPagedKV).
+template <typename Cfg, template <int, int> class Policy, bool kPagedKV = false>
 void launch_fwd_with(const AttentionParams& p, const typename Policy<Cfg::kBlockM, Cfg::kBlockN>::Args& args,
                      cudaStream_t stream, const char* op) {
-  auto kernel = fwd_kernel<Cfg, Policy<Cfg::kBlockM, Cfg::kBlockN>>;
+  auto kernel = fwd_kernel<Cfg, Policy<Cfg::kBlockM, Cfg::kBlockN>, kPagedKV>;
   constexpr int smem = Cfg::kSmemBytes;
-  if constexpr (smem > 48 * 1024)
+  if constexpr (smem > 48 * 1024) {
+    require_shared_memory(smem, op, Cfg::kHeadDim);
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), op);
+  }
   const dim3 grid((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, p.heads_q, p.batch);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(p, args);
   check(cudaGetLastError(), op);
@@ -278,7 +296,10 @@ void launch_fwd_with(const AttentionParams& p, const typename Policy<Cfg::kBlock
 
 template <typename Element, int kHeadDim>
 void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
-  launch_fwd_with<FwdConfigFor<Element, kHeadDim>, PrefillMask>(p, {}, stream, "attention_fwd launch");
+  if (p.is_paged())
+    launch_fwd_with<FwdConfigFor<Element, kHeadDim>, PrefillMask, true>(p, {}, stream, "attention_fwd launch (paged)");
+  else
+    launch_fwd_with<FwdConfigFor<Element, kHeadDim>, PrefillMask>(p, {}, stream, "attention_fwd launch");
 }
 
 }  // namespace attnkit::cuda::prefill

@@ -35,8 +35,15 @@ struct AttentionMask {
                            int window_right_)
       : seqlen_q(seqlen_q_),
         seqlen_k(seqlen_k_),
-        window_left(window_left_),
-        window_right(causal ? 0 : window_right_) {}
+        window_left(unbounded_if_past_all(window_left_, seqlen_q_, seqlen_k_)),
+        window_right(causal ? 0 : unbounded_if_past_all(window_right_, seqlen_q_, seqlen_k_)) {}
+
+  // A window of at least max(seqlen_q, seqlen_k) hides no key (a row's diagonal lies in
+  // [seqlen_k - seqlen_q, seqlen_k - 1]), so it is unbounded. Mapping it to -1 keeps every
+  // sum below (d - window_left, d + window_right + 1, ...) inside int32 for any int window.
+  ATTNKIT_HD static int unbounded_if_past_all(int window, int seqlen_q, int seqlen_k) {
+    return window >= seqlen_q && window >= seqlen_k ? -1 : window;
+  }
 
   // Bottom-right alignment: the last query sees up to the last key.
   ATTNKIT_HD int diagonal(int query) const { return query + seqlen_k - seqlen_q; }

@@ -54,7 +54,18 @@ struct AttentionParams {
   int window_left;  // -1 = unbounded
   int window_right;
 
+  // Paged keys (varlen only; nullptr: k and v are packed rows): k and v are pages
+  // (num_pages, page_size, kv_heads, head_dim), k_strides / v_strides with batch = the page
+  // stride; sequence b has cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys, key t in page
+  // block_table[b * block_table_stride + t / page_size], slot t % page_size.
+  const int32_t* block_table = nullptr;
+  int64_t block_table_stride = 0;
+  int page_size = 0;
+  // Optional per-sequence key cap (nullptr: none): sequence b uses its first seqused_k[b] keys.
+  const int32_t* seqused_k = nullptr;
+
   ATTNKIT_HD bool is_varlen() const { return cu_seqlens_q != nullptr; }
+  ATTNKIT_HD bool is_paged() const { return block_table != nullptr; }
 };
 
 // The gradient side of a backward pass (prefill and neighborhood): dout in; dq, dk, dv out.

@@ -28,7 +28,19 @@ ATTNKIT_HD Sequence sequence_of(const AttentionParams& p, int b) {
   };
   Sequence s{};
   s.row_q = clamp(p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1], p.total_q, p.seqlen_q, s.len_q);
-  s.row_k = clamp(p.cu_seqlens_k[b], p.cu_seqlens_k[b + 1], p.total_k, p.seqlen_k, s.len_k);
+  if (p.is_paged()) {  // keys live in the sequence's pages: at most its table row's capacity
+    const int64_t capacity = p.block_table_stride * p.page_size;
+    const int64_t len = int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b];
+    const int64_t bound = capacity < p.seqlen_k ? capacity : p.seqlen_k;
+    s.len_k = int(len < 0 ? 0 : len > bound ? bound : len);
+    s.row_k = 0;
+  } else {
+    s.row_k = clamp(p.cu_seqlens_k[b], p.cu_seqlens_k[b + 1], p.total_k, p.seqlen_k, s.len_k);
+  }
+  if (p.seqused_k) {
+    const int used = p.seqused_k[b] < 0 ? 0 : p.seqused_k[b];
+    if (used < s.len_k) s.len_k = used;
+  }
   return s;
 }
 
@@ -36,6 +48,14 @@ ATTNKIT_HD Sequence sequence_of(const AttentionParams& p, int b) {
 // (total, heads, dim) tensor.
 ATTNKIT_HD int64_t offset_of(const Strides& s, int b, int64_t row, int h) {
   return b * s.batch + row * s.row + int64_t(h) * s.head;
+}
+
+// Element offset of key j of sequence b, kv head h, in k or v (strides s): row seq.row_k + j
+// of packed or dense keys, or slot j % page_size of page block_table[b][j / page_size].
+ATTNKIT_HD int64_t key_offset(const AttentionParams& p, const Strides& s, int b, const Sequence& seq, int j, int h) {
+  if (!p.is_paged()) return offset_of(s, b, seq.row_k + j, h);
+  const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
+  return page * s.batch + int64_t(j % p.page_size) * s.row + int64_t(h) * s.head;
 }
 
 // Index of row 0 of (b, h) in an lse-shaped tensor: (batch, heads_q, seqlen_q) dense,

@@ -105,6 +105,17 @@ def _kernel_missing(r, op):
 # prefill
 
 
+def _not_run(r, case_id, op):
+    """True (after recording why, where it is a skip) when case_id is not selected, op has no
+    kernel on the device, or the time budget is spent."""
+    if not r.selected(case_id):
+        return True
+    missing = _kernel_missing(r, op) or ("time budget (--budget-s) spent" if r.over_budget() else None)
+    if missing:
+        r.skip(case_id, missing)
+    return bool(missing)
+
+
 def prefill_configs(device, quick):
     if device == "cpu":
         if quick:
@@ -671,14 +682,7 @@ def run_merge(r):
         dt = dtype_name(dtype)
         shape_str = f"B{B} S{S} H{H} D{D}"
         case_id = f"merge/merge/{dt}/{shape_str}"
-        if not r.selected(case_id):
-            continue
-        missing = _kernel_missing(r, "merge_attention_states")
-        if missing:
-            r.skip(case_id, missing)
-            continue
-        if r.over_budget():
-            r.skip(case_id, "time budget (--budget-s) spent")
+        if _not_run(r, case_id, "merge_attention_states"):
             continue
         elt = torch.empty(0, dtype=dtype).element_size()
         n_out, n_lse = B * S * H * D, B * H * S
@@ -824,7 +828,7 @@ def run_neighborhood(r):
                 continue
             stats = {}
             stats["dense_prefill"], _ = r.time_peer(case_id, "dense_prefill", lambda: fns_for(
-                lambda q, k, v: attnkit.attention(flat(q), flat(k), flat(v))))
+                lambda q, k, v: attnkit.attention(flat(q), flat(k), flat(v)).view(q.shape)))
             if r.device == "cuda":
                 def make_flex():
                     fa, create_block_mask = _flex()
@@ -837,7 +841,7 @@ def run_neighborhood(r):
                         return visible
                     bm = create_block_mask(mask_mod, None, None, tokens, tokens, device=r.device)
                     return fns_for(lambda q, k, v: fa(flat(q).transpose(1, 2), flat(k).transpose(1, 2),
-                                                      flat(v).transpose(1, 2), block_mask=bm).transpose(1, 2))
+                                                      flat(v).transpose(1, 2), block_mask=bm).transpose(1, 2).reshape(q.shape))
                 stats["flex"], _ = r.time_peer(case_id, "flex", make_flex)
 
                 def make_natten():
@@ -870,6 +874,85 @@ def run_neighborhood(r):
         r.free()
 
 
+# ------------------------------------------------------------------------------------
+# paged prefill (chunked prefill over a paged KV cache)
+
+
+def paged_prefill_configs(device, quick):
+    """(new tokens per sequence, cached tokens before them, page_size, batch, heads_q, heads_kv, head_dim)."""
+    if device == "cpu":
+        if quick:
+            return [(256, 2048, 16, 1, 8, 2, 64)]
+        return [(512, 4096, 16, 1, 8, 2, 64), (512, 4096, 256, 1, 8, 2, 64), (1024, 8192, 64, 1, 8, 2, 128)]
+    if quick:
+        return [(2048, 16384, 64, 2, 32, 8, 128)]
+    return [(c, n, p, 2, 32, 8, 128) for c, n in ((512, 4096), (2048, 32768), (8192, 131072)) for p in (16, 64, 256)]
+
+
+def run_paged_prefill(r):
+    """Rows: attention_varlen over a paged cache (a new chunk, causal, against its sequence's
+    cached tokens and itself), TFLOP/s of the causal work; peers: the same attention over keys
+    already contiguous (dense varlen, no gather: the target is within 1.1x), and a gather of
+    the pages into a contiguous copy followed by it (gather time included), SDPA on CUDA."""
+    for chunk, cached, page, B, H, Hkv, D in paged_prefill_configs(r.device, r.quick):
+        dtype = torch.float32 if r.device == "cpu" else torch.bfloat16
+        dt = dtype_name(dtype)
+        shape_str = f"B{B} new{chunk} cached{cached} page{page} Hq{H} Hkv{Hkv} D{D}"
+        case_id = f"paged_prefill/chunk_causal/{dt}/{shape_str}"
+        if _not_run(r, case_id, "attention"):
+            continue
+        dev, total = r.device, cached + chunk
+        pages_per_seq = (total + page - 1) // page
+        table = torch.randperm(B * pages_per_seq, device=dev).int().view(B, pages_per_seq)
+        k_pages, v_pages = (_randn((B * pages_per_seq, page, Hkv, D), dtype, dev) for _ in "kv")
+        q = _randn((B * chunk, H, D), dtype, dev)
+        cu_q = torch.arange(0, (B + 1) * chunk, chunk, dtype=torch.int32, device=dev)
+        cu_k = torch.arange(0, (B + 1) * total, total, dtype=torch.int32, device=dev)
+        opts = dict(causal=True)
+
+        def contiguous(pages):
+            return pages[table.long()].view(B, pages_per_seq * page, Hkv, D)[:, :total].reshape(B * total, Hkv, D)
+        k_dense, v_dense = contiguous(k_pages), contiguous(v_pages)
+        print(case_id, flush=True)
+        ak = r.time_attnkit(case_id, [lambda: attnkit.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, chunk, total,
+                                                                       block_table=table, **opts)])
+        if ak is None:
+            continue
+        stats = {}
+        stats["dense_varlen"], _ = r.time_peer(case_id, "dense_varlen", lambda: [
+            lambda: attnkit.attention_varlen(q, k_dense, v_dense, cu_q, cu_k, chunk, total, **opts)])
+        stats["gather_varlen"], _ = r.time_peer(case_id, "gather_varlen", lambda: [
+            lambda: attnkit.attention_varlen(q, contiguous(k_pages), contiguous(v_pages), cu_q, cu_k, chunk, total,
+                                             **opts)])
+        if dev == "cuda":
+            for name, ctx in _sdpa_backends(dev).items():
+                def make(ctx=ctx):
+                    qd, kd, vd = q.view(B, chunk, H, D), k_dense.view(B, total, Hkv, D), v_dense.view(B, total, Hkv, D)
+                    group = H // Hkv
+                    kd, vd = kd.repeat_interleave(group, 2), vd.repeat_interleave(group, 2)
+                    mask = reference.mask(chunk, total, causal=True, device=dev)
+                    return [lambda: _sdpa_masked(qd, kd, vd, mask, ctx)]
+                stats[name], _ = r.time_peer(case_id, name, make)
+        out = attnkit.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, chunk, total, block_table=table, **opts)
+        want = attnkit.attention_varlen(q, k_dense, v_dense, cu_q, cu_k, chunk, total, **opts)
+        err = rel_err(out, want.double())  # the paged read against the same kernel on contiguous keys
+        flops = 4.0 * B * H * D * (chunk * cached + chunk * (chunk + 1) / 2)
+        tflops = flops / (ak.median * 1e-3) / 1e12
+        shape = {"batch": B, "new_tokens": chunk, "cached_tokens": cached, "page_size": page, "heads_q": H,
+                 "heads_kv": Hkv, "head_dim": D,
+                 "err_on": "all rows, against attnkit's dense varlen on the gathered keys (tests check the reference)"}
+        r.add_row(Row("paged_prefill", "chunk_causal", dt, shape, ak, tflops=tflops,
+                      pct_of_ceiling=100.0 * tflops / r.ceilings.matmul_tflops, max_rel_err=err,
+                      shape_str=shape_str, id=case_id), stats)
+        r.free()
+
+
+def _sdpa_masked(q, k, v, mask, ctx):
+    with ctx():
+        return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+
+
 FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "quant": run_quant,
-            "merge": run_merge, "neighborhood": run_neighborhood,
+            "merge": run_merge, "neighborhood": run_neighborhood, "paged_prefill": run_paged_prefill,
             "context_parallel": run_context_parallel}  # not in --family's default: it spawns processes
