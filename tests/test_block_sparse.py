@@ -238,6 +238,38 @@ def test_strided_shard_indices_cover_every_key():
         attnkit.strided_shard_indices(seqlen, 2, stride=4, local_window=0, block_size=block)
 
 
+@pytest.mark.parametrize("seqlen, vertical, slash", [(300, 20, 30), (256, 7, 200)])
+def test_vertical_slash_indices(seqlen, vertical, slash, gen):
+    """The lines of a naive float64 estimate (loops over queries and keys), then the blocks
+    each kept column lies in and each kept diagonal crosses, row by row."""
+    q, k = randn(gen, 1, seqlen, 4, 16), randn(gen, 1, seqlen, 2, 16)
+    last_q, block = 48, 64
+    indices, counts = attnkit.vertical_slash_indices(q, k, last_q=last_q, vertical=vertical, slash=slash,
+                                                     block_size=block)
+    blocks = -(-seqlen // block)
+    want = torch.zeros(1, 4, blocks, blocks, dtype=torch.bool)
+    for h in range(4):
+        qs, ks = q[0, -last_q:, h].double(), k[0, :, h // 2].double()
+        vertical_scores, slash_scores = torch.zeros(seqlen, dtype=torch.float64), torch.zeros(seqlen, dtype=torch.float64)
+        for row in range(last_q):
+            i = seqlen - last_q + row
+            p = torch.softmax((ks[:i + 1] @ qs[row]) / 4.0, dim=0)
+            for j in range(i + 1):
+                vertical_scores[j] += p[j]
+                slash_scores[i - j] += p[j]
+        columns = vertical_scores.topk(vertical).indices.tolist()
+        offsets = slash_scores.topk(slash).indices.tolist()
+        for m in range(blocks):
+            for i in range(m * block, (m + 1) * block):
+                for j in [c for c in columns if c // block <= m] + [i - o for o in offsets if i - o >= 0]:
+                    want[0, h, m, j // block] = True
+    got = torch.zeros_like(want)
+    for b, h, m, i in (indices >= 0).nonzero().tolist():
+        got[b, h, m, indices[b, h, m, i]] = True
+    assert torch.equal(got, want)
+    assert torch.equal(counts, want.sum(-1).int())
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_attention_map(causal, gen):
     q, k = randn(gen, 1, 200, 4, 16), randn(gen, 1, 150, 2, 16)

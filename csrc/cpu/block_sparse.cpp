@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "attnkit/block_sparse.h"
 #include "attnkit/mask.h"
@@ -55,6 +56,16 @@ void block_sparse_fwd(const AttentionParams& params, const BlockSparseLayout& la
 
 void block_sparse_bwd(const AttentionBwdParams& params, const BlockSparseLayout& layout) {
   dispatch_dtype(params.fwd.dtype, [&](auto tag) { backward<decltype(tag)>(params, BlockSparseWalk{layout}); });
+}
+
+void block_lists_canonical(const BlockLists& in, int batch, int32_t* out_indices, int32_t* out_counts) {
+  const int64_t rows = int64_t(batch) * in.heads * in.row_blocks;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> bitmap(bitmap_words(in.col_blocks));
+    for (int64_t r = begin; r < end; ++r)
+      out_counts[r] = canonical_row(in.indices + r * in.list_len, in.counts[r], in.list_len, in.col_blocks,
+                                    bitmap.data(), out_indices + r * in.list_len);
+  });
 }
 
 void block_lists_transpose(const BlockLists& in, int batch, int32_t* out_indices, int32_t* out_counts) {

@@ -1,4 +1,5 @@
-// Bindings of block_sparse_fwd / block_sparse_bwd / block_lists_transpose: checks of the
+// Bindings of block_sparse_fwd / block_sparse_bwd / block_lists_canonical /
+// block_lists_transpose: checks of the
 // block lists, params (q, k, v as prefill's), dispatch to csrc/cpu/block_sparse.cpp or the
 // CUDA kernels. Lists must be canonical (attnkit/block_sparse.h); python/attnkit/
 // block_sparse.py brings them to that form.
@@ -85,6 +86,23 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(const at::Tensor& q, const a
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> block_lists_canonical(const at::Tensor& indices, const at::Tensor& counts,
+                                                         int64_t col_blocks) {
+  const c10::DeviceGuard guard(indices.device());
+  check_index_tensor(indices, 4, "indices", indices);
+  TORCH_CHECK_VALUE(col_blocks >= 0 && col_blocks <= INT32_MAX / 2, "col_blocks must be in [0, 2^30), got ",
+                    col_blocks);
+  std::vector<at::Tensor> keep;
+  const BlockLists in = block_lists(indices, "indices", counts, "counts", indices.size(0), indices.size(1),
+                                    indices.size(2), col_blocks, indices, keep);
+  at::Tensor out_indices = at::empty(indices.sizes(), indices.options());
+  at::Tensor out_counts = at::empty(counts.sizes(), counts.options());
+  if (out_counts.numel() == 0) return {out_indices, out_counts};
+  cpu::block_lists_canonical(in, int(indices.size(0)), out_indices.data_ptr<int32_t>(),
+                             out_counts.data_ptr<int32_t>());
+  return {out_indices, out_counts};
+}
+
 std::tuple<at::Tensor, at::Tensor> block_lists_transpose(const at::Tensor& indices, const at::Tensor& counts,
                                                          int64_t col_blocks) {
   const c10::DeviceGuard guard(indices.device());
@@ -126,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("block_sparse_fwd", &block_sparse_fwd);
   m.impl("block_sparse_bwd", &block_sparse_bwd);
+  m.impl("block_lists_canonical", &block_lists_canonical);
   m.impl("block_lists_transpose", &block_lists_transpose);
 }
 

@@ -6,7 +6,7 @@ cache), merge_attention_states, neighborhood_attention (1-3 D, with autograd); P
 select_pages, sparse_decode, sparse_decode_tokens, streaming_page_indices (query-aware
 sparse decode); quantize_kv, dequantize_kv (int8 / int4 / fp8 e4m3 KV formats); block_sparse_attention (with
 autograd) and its list builders block_topk_indices, pooled_block_scores, strided_shard_indices,
-block_attention_map;
+block_attention_map, vertical_slash_indices;
 attnkit.distributed: context parallelism over torch.distributed (ring and all-gather
 attention, sharded decode).
 attnkit.reference holds the float64 oracle of each op.
@@ -15,7 +15,7 @@ import torch
 
 from ._ops import CUDA_KERNELS
 from .block_sparse import (block_attention_map, block_sparse_attention, block_topk_indices, canonical_block_lists,
-                           lists_from_block_mask, pooled_block_scores, strided_shard_indices)
+                           lists_from_block_mask, pooled_block_scores, strided_shard_indices, vertical_slash_indices)
 from .decode import decode
 from .merge import merge_attention_states
 from .neighborhood import neighborhood_attention
@@ -49,4 +49,4 @@ __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", 
            "cuda_available", "PagedKVCache", "page_scores", "select_pages", "sparse_decode", "sparse_decode_tokens",
            "streaming_page_indices", "quantize_kv", "dequantize_kv", "QuantizedKV", "neighborhood_attention",
            "block_sparse_attention", "block_topk_indices", "pooled_block_scores", "strided_shard_indices",
-           "block_attention_map", "canonical_block_lists", "lists_from_block_mask"]
+           "block_attention_map", "canonical_block_lists", "lists_from_block_mask", "vertical_slash_indices"]

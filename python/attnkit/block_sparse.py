@@ -28,6 +28,12 @@ def _block_sparse_bwd_fake(dout, q, k, v, out, lse, *args):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
+@torch.library.register_fake("attnkit::block_lists_canonical")
+def _block_lists_canonical_fake(indices, counts, col_blocks):
+    return torch.empty_like(indices, memory_format=torch.contiguous_format), \
+        torch.empty_like(counts, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("attnkit::block_lists_transpose")
 def _block_lists_transpose_fake(indices, counts, col_blocks):
     batch, heads, row_blocks, _ = indices.shape
@@ -64,16 +70,11 @@ torch.library.register_autograd("attnkit::block_sparse_fwd", _backward, setup_co
 
 def canonical_block_lists(indices, counts, num_blocks):
     """Any block lists -> their canonical form, which the kernels take: per row the distinct
-    entries of indices[..., :counts] that lie in [0, num_blocks), ascending, then -1 padding;
-    counts the number of them (int32). Tensor ops only (two sorts), no host sync."""
-    positions = torch.arange(indices.shape[-1], device=indices.device)
-    valid = (positions < counts[..., None]) & (indices >= 0) & (indices < num_blocks)
-    entries = torch.where(valid, indices, num_blocks).sort(dim=-1).values
-    repeated = torch.zeros_like(valid)
-    repeated[..., 1:] = entries[..., 1:] == entries[..., :-1]
-    entries = torch.where(repeated, num_blocks, entries).sort(dim=-1).values
-    kept = entries < num_blocks
-    return torch.where(kept, entries, -1).int(), kept.sum(dim=-1, dtype=torch.int32)
+    entries of indices[..., :counts] (counts clamped to [0, list_len]) that lie in
+    [0, num_blocks), ascending, then -1 padding; counts the number of them. indices int32
+    (batch, heads, row_blocks, list_len), counts int32 (batch, heads, row_blocks). One op on the
+    device (a bitmap per list, no sort), no host sync."""
+    return ops.block_lists_canonical(indices.contiguous(), counts.contiguous(), int(num_blocks))
 
 
 def lists_from_block_mask(block_mask, list_len=None):
@@ -235,6 +236,59 @@ def strided_shard_indices(seqlen, heads, *, stride, local_window, block_size, de
     local = (n <= m) & (n > m - local_window // block_size)
     keep = (shard | local) & (n <= m)
     return lists_from_block_mask(keep[None])
+
+
+def vertical_slash_indices(q_last, k, *, last_q=64, vertical=1000, slash=6096, block_size=64, scale=None):
+    """MInference's vertical-slash pattern as block lists, for causal self-attention of
+    seqlen = k.shape[1] tokens whose last queries are q_last (batch, >= last_q, heads,
+    head_dim; its last last_q rows are used).
+
+    Estimation: the softmax attention p of those last_q queries over all keys (bottom-right
+    causal); the vertical score of key j is sum_i p_ij, the slash score of offset o >= 0 (key
+    = the query's diagonal - o) is sum_i p_i,diag(i)-o. The `vertical` best keys and the
+    `slash` best offsets are kept (fewer if the sequence is shorter). As blocks of block_size:
+    query block m keeps the key blocks n <= m holding a kept key, and for each kept offset
+    o = a * block_size + r the blocks m - a and, if r > 0, m - a - 1 (the blocks its diagonal
+    crosses): a superset of the lines (exact columns and diagonals are a later issue).
+    Returns canonical (indices int32 (batch, heads, blocks, blocks), counts); use with
+    causal=True and block_size_q = block_size_k = block_size."""
+    for t, name in ((q_last, "q_last"), (k, "k")):
+        _checks.check_tensor(t, name)
+    for value, name in ((last_q, "last_q"), (vertical, "vertical"), (slash, "slash"), (block_size, "block_size")):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("vertical", "slash")
+                                                                               else 1):
+            raise ValueError(f"{name} must be a{' positive' if name in ('last_q', 'block_size') else 'n'} int"
+                             f"{'' if name in ('last_q', 'block_size') else ' >= 0'}, got {value!r}")
+    if q_last.shape[1] < last_q or k.shape[1] < last_q:
+        raise ValueError(f"q_last and k must hold at least last_q = {last_q} rows, got {q_last.shape[1]} and "
+                         f"{k.shape[1]}")
+    scale = _checks.resolve_scale(scale, q_last)
+    seqlen, heads = k.shape[1], q_last.shape[2]
+    q = q_last[:, -last_q:].float().transpose(1, 2)                                        # (b, h, last_q, d)
+    keys = k.float().repeat_interleave(heads // k.shape[2], dim=2).transpose(1, 2)        # (b, h, seqlen, d)
+    cols = torch.arange(seqlen, device=k.device)
+    diagonal = torch.arange(seqlen - last_q, seqlen, device=k.device)[:, None]            # each query's own key
+    p = torch.softmax(torch.matmul(q, keys.transpose(-1, -2) * scale).masked_fill(cols > diagonal, float("-inf")),
+                      dim=-1)
+    vertical_scores = p.sum(dim=-2)                                                        # (b, h, seqlen)
+    offsets = (diagonal - cols).clamp(min=0)  # offset of each (query, key); masked keys have p = 0
+    slash_scores = torch.zeros_like(vertical_scores).scatter_add_(-1, offsets.expand_as(p).flatten(-2),
+                                                                  p.flatten(-2))
+    columns = vertical_scores.topk(min(vertical, seqlen), dim=-1).indices
+    chosen_offsets = slash_scores.topk(min(slash, seqlen), dim=-1).indices
+    blocks = _blocks(seqlen, block_size)
+    column_blocks = torch.zeros(*columns.shape[:2], blocks + 1, dtype=torch.bool, device=k.device)
+    column_blocks.scatter_(-1, columns // block_size, True)
+    block_offsets = torch.zeros_like(column_blocks)                                        # crossed block diagonals
+    block_offsets.scatter_(-1, chosen_offsets // block_size, True)
+    block_offsets.scatter_(-1, torch.where(chosen_offsets % block_size > 0, chosen_offsets // block_size + 1, blocks),
+                           True)
+    m = torch.arange(blocks, device=k.device)[:, None]
+    n = torch.arange(blocks, device=k.device)[None, :]
+    causal = n <= m
+    keep = column_blocks[:, :, None, :blocks] & causal
+    keep |= block_offsets[:, :, (m - n).clamp(0, blocks)] & causal
+    return lists_from_block_mask(keep)
 
 
 def block_attention_map(q, k, *, block_size, causal=False, scale=None, chunk_rows=1024):

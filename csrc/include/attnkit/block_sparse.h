@@ -5,7 +5,7 @@
 // A block list gives, per (batch, head, row block), the column blocks that row block sees:
 // the forward's lists are key blocks per query block, the backward's transposed lists query
 // blocks per key block. The kernels take lists in canonical form (entries ascending and
-// distinct, all in [0, col_blocks), `count` of them, padding after); the Python API brings
+// distinct, all in [0, col_blocks), `count` of them, padding after); canonical_row brings
 // any list (unsorted, repeated, out-of-range entries: a set) to that form first. A
 // non-canonical list gives wrong numbers, never an out-of-bounds access: every read is
 // clamped or checked here.
@@ -86,6 +86,36 @@ struct BlockListWalk {
     return -1;
   }
 };
+
+// 32-bit words of the bitmap canonical_row needs for col_blocks blocks.
+ATTNKIT_HD int bitmap_words(int col_blocks) { return (col_blocks + 31) / 32; }
+
+// The canonical form of one list, the rule every list is read by: its first `count`
+// entries (count clamped to [0, list_len]) that lie in [0, col_blocks), each once, ascending,
+// then -1 up to list_len. bitmap: scratch of bitmap_words(col_blocks) words. Returns the
+// number of blocks. O(list_len + col_blocks / 32), no sort.
+ATTNKIT_HD int canonical_row(const int32_t* entries, int count, int list_len, int col_blocks, uint32_t* bitmap,
+                             int32_t* out) {
+  const int words = bitmap_words(col_blocks);
+  for (int w = 0; w < words; ++w) bitmap[w] = 0u;
+  count = count < 0 ? 0 : count > list_len ? list_len : count;
+  for (int i = 0; i < count; ++i) {
+    const int block = entries[i];
+    if (block >= 0 && block < col_blocks) bitmap[block / 32] |= 1u << (block % 32);
+  }
+  int n = 0;
+  for (int w = 0; w < words; ++w)
+    for (uint32_t bits = bitmap[w]; bits != 0u; bits &= bits - 1u) {
+#if defined(__CUDA_ARCH__)
+      const int bit = __ffs(int(bits)) - 1;
+#else
+      const int bit = __builtin_ctz(bits);
+#endif
+      out[n++] = w * 32 + bit;
+    }
+  for (int i = n; i < list_len; ++i) out[i] = -1;
+  return n;
+}
 
 // Whether a canonical list of `count` entries holds `block` (binary search).
 ATTNKIT_HD bool list_contains(const int32_t* entries, int count, int block) {
