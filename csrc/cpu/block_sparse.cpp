@@ -27,23 +27,13 @@ struct BlockSparseWalk {
 
   template <typename F>
   void key_tiles(int b, int h, int q0, int rows, const AttentionMask& mask, F&& f) const {
-    const BlockLists& lists = layout.kv_blocks;
-    const int q_block = q0 / layout.block_size_q;
-    const KeyRange tiles = tiles_of(mask.keys_of_rows(q0, q0 + rows), kBlockK);
-    BlockListWalk walk(lists.entries(b, h, q_block), lists.count(b, h, q_block), lists.col_blocks,
-                       layout.block_size_k / kBlockK, tiles.begin, tiles.end);
-    for (int t = walk.from(0); t >= 0; t = walk.from(t + 1)) {
-      const int k0 = t * kBlockK;
-      f(k0, std::min(kBlockK, mask.seqlen_k - k0));
-    }
+    BlockListWalk walk = key_tile_walk(layout, mask, b, h, q0, q0 + rows);
+    for (int t = walk.from(0); t >= 0; t = walk.from(t + 1))
+      f(t * kBlockK, std::min(kBlockK, mask.seqlen_k - t * kBlockK));
   }
   template <typename F>
   void query_tiles(int b, int h, int k0, int n, const AttentionMask& mask, F&& f) const {
-    const BlockLists& lists = layout.q_blocks;
-    const int k_block = k0 / layout.block_size_k;
-    const KeyRange tiles = tiles_of(mask.rows_of_keys(k0, k0 + n), kBlockQ);
-    BlockListWalk walk(lists.entries(b, h, k_block), lists.count(b, h, k_block), lists.col_blocks,
-                       layout.block_size_q / kBlockQ, tiles.begin, tiles.end);
+    BlockListWalk walk = query_tile_walk(layout, mask, b, h, k0, k0 + n);
     for (int t = walk.from(0); t >= 0; t = walk.from(t + 1)) f(t * kBlockQ);
   }
 };

@@ -12,6 +12,13 @@
 #include "cpu/block_sparse.h"
 #include "prefill.h"
 
+#ifdef ATTNKIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/kernels.h"
+#endif
+
 namespace attnkit::binding {
 namespace {
 
@@ -67,6 +74,18 @@ BlockSparseLayout make_layout(const AttentionParams& p, const at::Tensor& kv_ind
   return layout;
 }
 
+#ifdef ATTNKIT_WITH_CUDA
+void check_cuda(const AttentionParams& p, const char* op) {
+  TORCH_CHECK_VALUE(p.dtype != DType::kFloat32, "attnkit.", op,
+                    " on CUDA takes float16 or bfloat16 q, k, v (dtype float32 runs on the CPU only)");
+  TORCH_CHECK_VALUE(cuda::block_sparse_supports(p.dtype, p.head_dim), "attnkit.", op,
+                    " on CUDA needs head_dim a multiple of 8 and at most 128, got head_dim ", p.head_dim);
+  TORCH_CHECK_VALUE(p.batch <= 65535 && p.heads_q <= 65535, "attnkit.", op,
+                    " on CUDA takes at most 65535 sequences and heads, got batch ", p.batch, " and ", p.heads_q,
+                    " heads");
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& kv_indices, const at::Tensor& kv_counts,
                                                     int64_t block_size_q, int64_t block_size_k, bool causal,
@@ -82,6 +101,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(const at::Tensor& q, const a
   p.out = out.data_ptr();
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) {
+    check_cuda(p, "block_sparse_attention");
+    if (q.numel() > 0) cuda::block_sparse_fwd(p, layout, c10::cuda::getCurrentCUDAStream().stream());
+    return {out, lse};
+  }
+#endif
   if (q.numel() > 0) cpu::block_sparse_fwd(p, layout);
   return {out, lse};
 }
@@ -98,6 +124,15 @@ std::tuple<at::Tensor, at::Tensor> block_lists_canonical(const at::Tensor& indic
   at::Tensor out_indices = at::empty(indices.sizes(), indices.options());
   at::Tensor out_counts = at::empty(counts.sizes(), counts.options());
   if (out_counts.numel() == 0) return {out_indices, out_counts};
+#ifdef ATTNKIT_WITH_CUDA
+  if (indices.is_cuda()) {
+    at::Tensor bitmaps = at::empty({out_counts.numel(), bitmap_words(int(col_blocks))}, indices.options());
+    cuda::block_lists_canonical(in, int(indices.size(0)), reinterpret_cast<uint32_t*>(bitmaps.data_ptr<int32_t>()),
+                                out_indices.data_ptr<int32_t>(), out_counts.data_ptr<int32_t>(),
+                                c10::cuda::getCurrentCUDAStream().stream());
+    return {out_indices, out_counts};
+  }
+#endif
   cpu::block_lists_canonical(in, int(indices.size(0)), out_indices.data_ptr<int32_t>(),
                              out_counts.data_ptr<int32_t>());
   return {out_indices, out_counts};
@@ -115,6 +150,13 @@ std::tuple<at::Tensor, at::Tensor> block_lists_transpose(const at::Tensor& indic
                                      indices.options());
   at::Tensor out_counts = at::empty({indices.size(0), indices.size(1), col_blocks}, indices.options());
   if (out_counts.numel() == 0) return {out_indices, out_counts};
+#ifdef ATTNKIT_WITH_CUDA
+  if (indices.is_cuda()) {
+    cuda::block_lists_transpose(in, int(indices.size(0)), out_indices.data_ptr<int32_t>(),
+                                out_counts.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
+    return {out_indices, out_counts};
+  }
+#endif
   cpu::block_lists_transpose(in, int(indices.size(0)), out_indices.data_ptr<int32_t>(),
                              out_counts.data_ptr<int32_t>());
   return {out_indices, out_counts};
@@ -135,6 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
                                 layout.kv_blocks.col_blocks, layout.kv_blocks.row_blocks, q, keep);
   AttentionBwdBuffers bw = prepare_attention_bwd(dout, q, k, v, out, lse, grad_lse, p);
   if (bw.nothing_to_do) return {bw.dq, bw.dk, bw.dv};
+#ifdef ATTNKIT_WITH_CUDA
+  if (q.is_cuda()) {
+    check_cuda(p, "block_sparse_attention backward");
+    cuda::block_sparse_bwd(bw.params, layout, c10::cuda::getCurrentCUDAStream().stream());
+    return {bw.dq, bw.dk, bw.dv};
+  }
+#endif
   cpu::block_sparse_bwd(bw.params, layout);
   return {bw.dq, bw.dk, bw.dv};
 }
@@ -147,5 +196,14 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("block_lists_canonical", &block_lists_canonical);
   m.impl("block_lists_transpose", &block_lists_transpose);
 }
+
+#ifdef ATTNKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
+  m.impl("block_sparse_fwd", &block_sparse_fwd);
+  m.impl("block_sparse_bwd", &block_sparse_bwd);
+  m.impl("block_lists_canonical", &block_lists_canonical);
+  m.impl("block_lists_transpose", &block_lists_transpose);
+}
+#endif
 
 }  // namespace attnkit::binding

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "attnkit/macros.h"
+#include "attnkit/mask.h"
 
 namespace attnkit {
 
@@ -115,6 +116,29 @@ ATTNKIT_HD int canonical_row(const int32_t* entries, int count, int list_len, in
     }
   for (int i = n; i < list_len; ++i) out[i] = -1;
   return n;
+}
+
+// The key tiles (kBlockSparseTile keys each) that query rows [q_begin, q_end) of (b, h) visit,
+// rows inside one query block: the tiles of their block's list that their mask span reaches.
+ATTNKIT_HD BlockListWalk key_tile_walk(const BlockSparseLayout& layout, const AttentionMask& mask, int b, int h,
+                                       int q_begin, int q_end) {
+  const BlockLists& lists = layout.kv_blocks;
+  const int q_block = q_begin / layout.block_size_q;
+  const KeyRange tiles = tiles_of(mask.keys_of_rows(q_begin, q_end), kBlockSparseTile);
+  return BlockListWalk(lists.entries(b, h, q_block), lists.count(b, h, q_block), lists.col_blocks,
+                       layout.block_size_k / kBlockSparseTile, tiles.begin, tiles.end);
+}
+
+// The query tiles (kBlockSparseTile rows each) of q head h that visit keys [k_begin, k_end)
+// of b, keys inside one key block: the tiles of its block's transposed list whose rows the
+// mask lets see those keys.
+ATTNKIT_HD BlockListWalk query_tile_walk(const BlockSparseLayout& layout, const AttentionMask& mask, int b, int h,
+                                         int k_begin, int k_end) {
+  const BlockLists& lists = layout.q_blocks;
+  const int k_block = k_begin / layout.block_size_k;
+  const KeyRange tiles = tiles_of(mask.rows_of_keys(k_begin, k_end), kBlockSparseTile);
+  return BlockListWalk(lists.entries(b, h, k_block), lists.count(b, h, k_block), lists.col_blocks,
+                       layout.block_size_q / kBlockSparseTile, tiles.begin, tiles.end);
 }
 
 // Whether a canonical list of `count` entries holds `block` (binary search).
