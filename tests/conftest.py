@@ -8,9 +8,10 @@ import attnkit
 from attnkit.testing import realistic_kv  # noqa: F401  (shared with tools/demo.py)
 
 # Where each op's CUDA kernel arrives, for the skip reason while it has none.
-CUDA_ISSUE = {"attention": "#4", "decode": "#5", "sparse_decode": "#6", "neighborhood_attention": "#7"}
+CUDA_ISSUE = {"attention": "#4", "decode": "#5", "sparse_decode": "#6", "neighborhood_attention": "#7",
+              "block_sparse_attention": "#19"}
 # Ops whose CUDA kernels take fp16 / bf16 only (docs/semantics.md); fp32 runs on the CPU.
-CUDA_HALF_ONLY = {"attention", "decode", "sparse_decode", "neighborhood_attention"}
+CUDA_HALF_ONLY = {"attention", "decode", "sparse_decode", "neighborhood_attention", "block_sparse_attention"}
 
 
 def pytest_configure(config):

@@ -173,6 +173,21 @@ def test_family_table_classifies_the_two_merge_kernels():
     assert kr.family_of(kernel("void mystery_kernel()")) is kr.OTHER
 
 
+def test_family_table_classifies_the_block_sparse_kernels():
+    """The block-sparse policies on the prefill kernels are hot families of their own (not
+    "other", not dense prefill's)."""
+    fwd = kernel("void attnkit::cuda::prefill::fwd_kernel<attnkit::cuda::prefill::FwdConfig<cutlass::bfloat16_t, 64, "
+                 "64, 64, 4>, attnkit::cuda::block_sparse::BlockSparseMask<64, 64> >(attnkit::AttentionParams, "
+                 "attnkit::BlockSparseLayout)")
+    bwd = kernel("void attnkit::cuda::prefill::bwd_main_kernel<attnkit::cuda::prefill::BwdConfigFor<cutlass::half_t, "
+                 "128>, attnkit::cuda::block_sparse::BlockSparseBwdMask<64, 64> >(attnkit::AttentionBwdParams, "
+                 "attnkit::BlockSparseLayout)")
+    lists = kernel("void attnkit::cuda::(anonymous namespace)::transpose_kernel(attnkit::BlockLists, long, int*, int*)")
+    assert kr.family_of(fwd).name == "block-sparse fwd" and kr.family_of(fwd).hot
+    assert kr.family_of(bwd).name == "block-sparse bwd main" and kr.family_of(bwd).hot
+    assert kr.family_of(lists).name == "block lists"
+
+
 def test_rules(monkeypatch):
     monkeypatch.setattr(kr, "KNOWN_EXCEPTIONS", ())
     good_fwd = kernel(FWD, hmma=8, ldgsts={128: 4})

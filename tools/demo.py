@@ -260,6 +260,61 @@ def check_neighborhood(dev, dtype, gen):
     return "2-D 12x14, 4:2 heads, kernel (5, 3), dilation (1, 2), stride (2, 1), causal (no, yes)", measures
 
 
+def block_sparse_inputs(gen, dev, dtype, seqlen=300):
+    q = randn(gen, 1, seqlen, 4, 32, dtype=dtype, device=dev).requires_grad_()
+    k, v = (randn(gen, 1, seqlen, 2, 32, dtype=dtype, device=dev).requires_grad_() for _ in "kv")
+    return q, k, v
+
+
+def block_sparse_fwd_bwd(inputs, indices, counts, dtype, gen, given=None):
+    """fwd_bwd of block_sparse_attention (causal) on the lists `given` (default: indices,
+    counts) against the reference on (indices, counts)."""
+    given = given or (indices, counts)
+    return fwd_bwd(lambda *x: attnkit.block_sparse_attention(*x, *given, causal=True, return_lse=True),
+                   lambda *x: reference.block_sparse_attention(*x, indices.cpu(), counts.cpu(), causal=True),
+                   inputs, dtype, gen)
+
+
+def check_block_sparse(dev, dtype, gen):
+    q, k, v = block_sparse_inputs(gen, dev, dtype)
+    indices, counts = attnkit.block_topk_indices(attnkit.pooled_block_scores(q, k, 64), 2, causal=True,
+                                                 local_blocks=1, sink_blocks=1)
+    # The same sets given messily: each list twice, the second time reversed with its padding.
+    messy, messy_counts = torch.cat([indices, indices.flip(-1)], dim=-1), 2 * counts + 1
+    canonical, canonical_counts = attnkit.canonical_block_lists(messy, messy_counts, 5)
+    width = indices.shape[-1]
+    lists = mismatches(canonical[..., :width], indices) + mismatches(canonical_counts, counts) \
+        + int((canonical[..., width:] != -1).sum())
+    return "300 tokens causal, 4:2 heads, top-2 of pooled 64 x 64 block scores + sink + local; lists given " \
+           "unsorted with repeats", [("lists", lists, 0)] + block_sparse_fwd_bwd(
+               (q, k, v), indices, counts, dtype, gen, given=(messy, messy_counts))
+
+
+def check_block_sparse_shards(dev, dtype, gen):
+    q, k, v = block_sparse_inputs(gen, dev, dtype, seqlen=320)
+    indices, counts = attnkit.strided_shard_indices(320, 4, stride=4, local_window=64, block_size=64, device=dev)
+    block_mask = torch.zeros(1, 4, 5, 6, dtype=torch.bool, device=dev)
+    block_mask.scatter_(-1, torch.where(indices >= 0, indices, 5).long(), True)
+    again, again_counts = attnkit.lists_from_block_mask(block_mask[..., :5])
+    lists = mismatches(again, indices) + mismatches(again_counts, counts)
+    return "320 tokens causal, S2 shards (stride 4, local 64) over 4:2 heads, batch-1 lists", \
+        [("lists", lists, 0)] + block_sparse_fwd_bwd((q, k, v), indices, counts, dtype, gen)
+
+
+def check_vertical_slash(dev, dtype, gen):
+    q, k, v = block_sparse_inputs(gen, dev, dtype)
+    indices, counts = attnkit.vertical_slash_indices(q, k, last_q=32, vertical=10, slash=20, block_size=64)
+    return "300 tokens causal, MInference lines (last 32 queries, 10 vertical, 20 slash) as 64-blocks", \
+        block_sparse_fwd_bwd((q, k, v), indices, counts, dtype, gen)
+
+
+def check_block_attention_map(dev, dtype, gen):
+    q, k, _ = block_sparse_inputs(gen, dev, dtype, seqlen=200)
+    got = attnkit.block_attention_map(q.detach(), k.detach(), block_size=64, causal=True)
+    want = reference.block_attention_map(ref_input(q), ref_input(k), block_size=64, causal=True)
+    return "200 tokens causal, 4:2 heads, 64 x 64 max-pooled softmax map", [("map", rel_err(got, want), FWD[dtype])]
+
+
 def check_quantize(kv_format, group_size, dev, dtype, gen):
     x = (randn(gen, 300, 2, 64) * 3 + randn(gen, 300, 2, 1)).to(dtype=dtype, device=dev)  # off-centre rows
     got = attnkit.dequantize_kv(attnkit.quantize_kv(x, kv_format, group_size=group_size))
@@ -305,6 +360,12 @@ CHECKS = [
     ("sparse_decode_tokens", ("paged_cache_append", "sparse_decode"), check_sparse_decode_tokens),
     ("streaming_page_indices", ("paged_cache_append", "sparse_decode"), check_streaming_page_indices),
     ("neighborhood_attention", ("neighborhood_attention",), check_neighborhood),
+    ("block_sparse_attention pooled_block_scores block_topk_indices canonical_block_lists",
+     ("block_sparse_attention",), check_block_sparse),
+    ("block_sparse_attention strided_shard_indices lists_from_block_mask", ("block_sparse_attention",),
+     check_block_sparse_shards),
+    ("vertical_slash_indices", ("block_sparse_attention",), check_vertical_slash),
+    ("block_attention_map", ("attention",), check_block_attention_map),
     *[(f"quantize_kv {f}", ("quantize_kv", "dequantize_kv"), partial(check_quantize, f, g))
       for f, g in (("int8", None), ("int4", None), ("int4", 32), ("fp8_e4m3", None))],
     # int4 with groups of 32: one scale per row meets its bound on the docs' larger data but

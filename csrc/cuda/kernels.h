@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "attnkit/block_sparse.h"
 #include "attnkit/params.h"
 
 namespace attnkit::cuda {
@@ -56,5 +57,21 @@ void select_pages(const SelectPagesParams& params, cudaStream_t stream);
 bool neighborhood_supports(DType dtype, int head_dim);
 void neighborhood_fwd(const NeighborhoodParams& params, cudaStream_t stream);
 void neighborhood_bwd(const NeighborhoodBwdParams& params, cudaStream_t stream);
+// Block-sparse attention forward and backward (the prefill kernels with a block-list mask
+// policy on 64 x 64 tiles, docs/block_sparse.md), fp16/bf16, head_dim a multiple of 8 up to
+// 128, layouts as neighborhood's; lists canonical (attnkit/block_sparse.h), read on the device
+// only (a wrong list gives wrong numbers, never an out-of-bounds read). The backward needs
+// layout.q_blocks (block_lists_transpose) and the fp32 scratch dq_accum and delta.
+bool block_sparse_supports(DType dtype, int head_dim);
+void block_sparse_fwd(const AttentionParams& params, const BlockSparseLayout& layout, cudaStream_t stream);
+void block_sparse_bwd(const AttentionBwdParams& params, const BlockSparseLayout& layout, cudaStream_t stream);
+// canonical_row of attnkit/block_sparse.h for every list, one thread per list; bitmaps:
+// scratch of bitmap_words(in.col_blocks) words per list (any contents).
+void block_lists_canonical(const BlockLists& in, int batch, uint32_t* bitmaps, int32_t* out_indices,
+                           int32_t* out_counts, cudaStream_t stream);
+// The transpose rule of attnkit/block_sparse.h: out_indices (batch, heads, in.col_blocks,
+// in.row_blocks) and out_counts (batch, heads, in.col_blocks), contiguous.
+void block_lists_transpose(const BlockLists& in, int batch, int32_t* out_indices, int32_t* out_counts,
+                           cudaStream_t stream);
 
 }  // namespace attnkit::cuda

@@ -5,10 +5,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <optional>
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "prefill.h"
 
 #ifdef ATTNKIT_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -19,8 +19,6 @@
 
 namespace attnkit::binding {
 namespace {
-
-using OptTensor = std::optional<at::Tensor>;
 
 // Checks one cu_seqlens tensor; on the CPU also its values (on a GPU that would need a
 // host sync, so the CUDA kernels must treat lengths as untrusted and clamp).
@@ -84,12 +82,40 @@ void set_paged_keys(AttentionParams& p, const at::Tensor& k, const OptTensor& bl
   }
 }
 
+#ifdef ATTNKIT_WITH_CUDA
+// The CUDA kernels move 16-byte vectors: every stride but head_dim's and the start must be
+// multiples of 8 fp16 / bf16 elements. Other layouts are copied once.
+at::Tensor cuda_ready(const at::Tensor& t) {
+  const auto aligned = [](const at::Tensor& x) {
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d)
+      if (x.stride(d) % 8 != 0 && x.size(d) > 1) return false;
+    return true;
+  };
+  if (aligned(t)) return t;
+  at::Tensor c = t.contiguous();
+  return aligned(c) ? c : c.clone();
+}
+
+void check_cuda(const AttentionParams& p, const char* op) {
+  TORCH_CHECK_VALUE(p.dtype != DType::kFloat32, "attnkit.", op,
+                    " on CUDA takes float16 or bfloat16 q, k, v (dtype float32 runs on the CPU only)");
+  TORCH_CHECK_VALUE(cuda::attention_supports(p.dtype, p.head_dim), "attnkit.", op,
+                    " on CUDA needs head_dim a multiple of 8 and at most 256, got head_dim ", p.head_dim);
+  TORCH_CHECK_VALUE(p.batch <= 65535 && p.heads_q <= 65535, "attnkit.", op,
+                    " on CUDA takes at most 65535 sequences and heads, got batch ", p.batch, " and ", p.heads_q,
+                    " heads");
+}
+#endif
+
+}  // namespace
+
 // Validates q, k, v and the options; fills the params except the output pointers.
 // paged: k and v are pages (num_pages, page_size, kv_heads, head_dim) of varlen sequences.
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& cu_q,
-                            const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                            double scale, int64_t window_left, int64_t window_right, double softcap,
-                            bool paged = false) {
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
+                                      int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
+                                      int64_t window_right, double softcap, bool paged) {
   const bool varlen = cu_q.has_value();
   TORCH_CHECK_VALUE(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
   const int64_t rank = varlen ? 3 : 4;
@@ -151,32 +177,6 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
-#ifdef ATTNKIT_WITH_CUDA
-// The CUDA kernels move 16-byte vectors: every stride but head_dim's and the start must be
-// multiples of 8 fp16 / bf16 elements. Other layouts are copied once.
-at::Tensor cuda_ready(const at::Tensor& t) {
-  const auto aligned = [](const at::Tensor& x) {
-    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
-    for (int64_t d = 0; d + 1 < x.dim(); ++d)
-      if (x.stride(d) % 8 != 0 && x.size(d) > 1) return false;
-    return true;
-  };
-  if (aligned(t)) return t;
-  at::Tensor c = t.contiguous();
-  return aligned(c) ? c : c.clone();
-}
-
-void check_cuda(const AttentionParams& p, const char* op) {
-  TORCH_CHECK_VALUE(p.dtype != DType::kFloat32, "attnkit.", op,
-                    " on CUDA takes float16 or bfloat16 q, k, v (dtype float32 runs on the CPU only)");
-  TORCH_CHECK_VALUE(cuda::attention_supports(p.dtype, p.head_dim), "attnkit.", op,
-                    " on CUDA needs head_dim a multiple of 8 and at most 256, got head_dim ", p.head_dim);
-  TORCH_CHECK_VALUE(p.batch <= 65535 && p.heads_q <= 65535, "attnkit.", op,
-                    " on CUDA takes at most 65535 sequences and heads, got batch ", p.batch, " and ", p.heads_q,
-                    " heads");
-}
-#endif
-
 // A tensor as the kernels of its device take it (CUDA: 16-byte aligned rows).
 at::Tensor for_device(const at::Tensor& t) {
 #ifdef ATTNKIT_WITH_CUDA
@@ -184,6 +184,66 @@ at::Tensor for_device(const at::Tensor& t) {
 #endif
   return t;
 }
+
+AttentionBwdBuffers prepare_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                          const OptTensor& grad_lse, const AttentionParams& fwd) {
+  AttentionBwdBuffers bw;
+  AttentionBwdParams& bp = bw.params;
+  bp.fwd = fwd;
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  check_like(dout, "dout", q, "q");
+  check_like(out, "out", q, "q");
+  check_head_dim_contiguous(dout, "dout");
+  check_head_dim_contiguous(out, "out");
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.device() == q.device(),
+                    "lse must be float32 on the device of q");
+  const std::vector<int64_t> lse_shape = bp.fwd.is_varlen() ? std::vector<int64_t>{q.size(1), q.size(0)}
+                                                            : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "lse must have shape ", at::IntArrayRef(lse_shape),
+                    ", got ", lse.sizes());
+  if (grad_lse.has_value()) {
+    TORCH_CHECK_VALUE(grad_lse->scalar_type() == at::kFloat && grad_lse->device() == q.device(),
+                      "grad_lse must be float32 on the device of q");
+    TORCH_CHECK_VALUE(grad_lse->sizes() == at::IntArrayRef(lse_shape), "grad_lse must have the shape of lse ",
+                      at::IntArrayRef(lse_shape), ", got ", grad_lse->sizes());
+    bw.grad_lse = grad_lse->contiguous();
+    bp.grad_lse = bw.grad_lse.data_ptr<float>();
+  }
+  bw.lse = lse.contiguous();
+  bw.out = for_device(out);
+  bw.dout = for_device(dout);
+  bw.dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  bw.dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  bw.dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  bp.fwd.out = const_cast<void*>(bw.out.data_ptr());
+  bp.fwd.out_strides = strides_of(bw.out);
+  bp.fwd.lse = const_cast<float*>(bw.lse.data_ptr<float>());
+  bp.dout = bw.dout.data_ptr();
+  bp.dout_strides = strides_of(bw.dout);
+  bp.dq = bw.dq.data_ptr();
+  bp.dk = bw.dk.data_ptr();
+  bp.dv = bw.dv.data_ptr();
+  bp.dq_strides = strides_of(bw.dq);
+  bp.dk_strides = strides_of(bw.dk);
+  bp.dv_strides = strides_of(bw.dv);
+  if (q.numel() == 0 || k.numel() == 0) {  // nothing to recompute: gradients are zero
+    bw.dq.zero_();
+    bw.dk.zero_();
+    bw.dv.zero_();
+    bw.nothing_to_do = true;
+  } else if (q.is_cuda()) {
+    bw.dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed by the kernel
+    bw.delta = at::empty(lse_shape, q.options().dtype(at::kFloat));
+    bp.dq_accum = bw.dq_accum.data_ptr<float>();
+    bp.dq_accum_strides = strides_of(bw.dq_accum);
+    bp.delta = bw.delta.data_ptr<float>();
+  }
+  return bw;
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const OptTensor& cu_q, const OptTensor& cu_k, const OptTensor& block_table,
@@ -193,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& q, const at::Tensor
   const c10::DeviceGuard guard(q.device());
   const FoldedScale folded = fold_scale_for_cuda(q, scale);
   const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
-  AttentionParams p = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale,
+  AttentionParams p = make_attention_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale,
                                   window_left, window_right, softcap, block_table.has_value());
   at::Tensor table, used;
   if (block_table || seqused_k) set_paged_keys(p, kd, block_table, seqused_k, q, table, used);
@@ -241,66 +301,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const c10::DeviceGuard guard(q.device());
   const FoldedScale folded = fold_scale_for_cuda(q, scale);
   const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
-  AttentionBwdParams bp{};
-  bp.fwd = make_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale, window_left,
-                       window_right, softcap);
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
-  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
-  check_like(dout, "dout", q, "q");
-  check_like(out, "out", q, "q");
-  check_head_dim_contiguous(dout, "dout");
-  check_head_dim_contiguous(out, "out");
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.device() == q.device(),
-                    "lse must be float32 on the device of q");
-  const std::vector<int64_t> lse_shape = bp.fwd.is_varlen() ? std::vector<int64_t>{q.size(1), q.size(0)}
-                                                            : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "lse must have shape ", at::IntArrayRef(lse_shape),
-                    ", got ", lse.sizes());
-  at::Tensor grad_lse_c;
-  if (grad_lse.has_value()) {
-    TORCH_CHECK_VALUE(grad_lse->scalar_type() == at::kFloat && grad_lse->device() == q.device(),
-                      "grad_lse must be float32 on the device of q");
-    TORCH_CHECK_VALUE(grad_lse->sizes() == at::IntArrayRef(lse_shape), "grad_lse must have the shape of lse ",
-                      at::IntArrayRef(lse_shape), ", got ", grad_lse->sizes());
-    grad_lse_c = grad_lse->contiguous();
-    bp.grad_lse = grad_lse_c.data_ptr<float>();
-  }
-  const at::Tensor lse_c = lse.contiguous(), out_d = for_device(out), dout_d = for_device(dout);
-  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  bp.fwd.out = const_cast<void*>(out_d.data_ptr());
-  bp.fwd.out_strides = strides_of(out_d);
-  bp.fwd.lse = const_cast<float*>(lse_c.data_ptr<float>());
-  bp.dout = dout_d.data_ptr();
-  bp.dout_strides = strides_of(dout_d);
-  bp.dq = dq.data_ptr();
-  bp.dk = dk.data_ptr();
-  bp.dv = dv.data_ptr();
-  bp.dq_strides = strides_of(dq);
-  bp.dk_strides = strides_of(dk);
-  bp.dv_strides = strides_of(dv);
-  if (q.numel() == 0 || k.numel() == 0) {  // nothing to recompute: gradients are zero
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  AttentionBwdBuffers bw = prepare_attention_bwd(
+      dout, q, k, v, out, lse, grad_lse,
+      make_attention_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale, window_left,
+                            window_right, softcap));
+  if (bw.nothing_to_do) return {bw.dq, bw.dk, bw.dv};
 #ifdef ATTNKIT_WITH_CUDA
   if (q.is_cuda()) {
-    check_cuda(bp.fwd, "attention backward");
-    at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed by the kernel
-    at::Tensor delta = at::empty(lse_shape, q.options().dtype(at::kFloat));
-    bp.dq_accum = dq_accum.data_ptr<float>();
-    bp.dq_accum_strides = strides_of(dq_accum);
-    bp.delta = delta.data_ptr<float>();
-    cuda::attention_bwd(bp, c10::cuda::getCurrentCUDAStream().stream());
-    unfold_dq(dq, folded);
-    return {dq, dk, dv};
+    check_cuda(bw.params.fwd, "attention backward");
+    cuda::attention_bwd(bw.params, c10::cuda::getCurrentCUDAStream().stream());
+    unfold_dq(bw.dq, folded);
+    return {bw.dq, bw.dk, bw.dv};
   }
 #endif
-  cpu::attention_bwd(bp);
-  return {dq, dk, dv};
+  cpu::attention_bwd(bw.params);
+  return {bw.dq, bw.dk, bw.dv};
 }
 
 }  // namespace

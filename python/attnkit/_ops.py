@@ -27,6 +27,7 @@ _OP_NAMES = {
     "quantize_kv": "attnkit::quantize_kv",
     "dequantize_kv": "attnkit::dequantize_kv",
     "neighborhood_attention": "attnkit::neighborhood_fwd",
+    "block_sparse_attention": "attnkit::block_sparse_fwd",
 }
 # Which ops have a CUDA kernel in this build (fixed at build time, so read once).
 CUDA_KERNELS = {

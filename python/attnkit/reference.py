@@ -82,6 +82,14 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     lse (batch, Hq, seqlen_q) = log(sum over visible keys of exp(s)), both float64.
     A row with no visible key gets out 0 and lse -inf; its gradients are 0, not NaN.
     """
+    visible = mask(q.shape[1], k.shape[1], causal, window, device=q.device)
+    return masked_attention(q, k, v, visible, scale=scale, softcap=softcap)
+
+
+def masked_attention(q, k, v, visible, *, scale=None, softcap=0.0):
+    """attention() with an explicit visibility matrix: bool, broadcastable to
+    (batch, Hq, seqlen_q, seqlen_k), True where query i may attend to key j. Same logits,
+    GQA, softcap, empty-row and NaN rules; returns (out, lse) in float64."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
@@ -98,7 +106,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale            # (batch, heads, seqlen_q, seqlen_k)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    visible = mask(seqlen_q, seqlen_k, causal, window, device=q.device)
+    visible = visible.expand(s.shape)
     s = s.masked_fill(~visible, float("-inf"))
 
     # Softmax that stays finite on rows with no visible key (forward and backward): shift by
@@ -455,3 +463,58 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, is_cau
     lse = torch.logsumexp(s, dim=-1)  # finite (for finite inputs): every query sees at least one key
     out = _visible_values(torch.exp(s - lse[..., None]), vf, visible)
     return out.reshape(q.shape[:-1] + (head_dim,)), lse.reshape(batch, heads, *spatial)
+
+
+def block_sparse_mask(kv_block_indices, kv_block_counts, seqlen_q, seqlen_k, *, block_size_q, block_size_k,
+                      causal=False):
+    """The visibility matrix of block-sparse attention: bool (batch, heads, seqlen_q, seqlen_k).
+
+    Query i of (batch b, head h) sees key j iff key block j // block_size_k is among the first
+    kv_block_counts[b, h, i // block_size_q] entries of kv_block_indices[b, h, i // block_size_q]
+    (a set: order and repeats do not matter; entries outside [0, ceil(seqlen_k / block_size_k))
+    select nothing; counts are clamped to [0, list length]) and, with causal, j <= i + seqlen_k -
+    seqlen_q (bottom-right, as attention()). Built entry by entry from the lists, in Python."""
+    batch, heads, q_blocks, list_len = kv_block_indices.shape
+    k_blocks = -(-seqlen_k // block_size_k)
+    block_visible = torch.zeros(batch, heads, q_blocks, k_blocks, dtype=torch.bool)
+    indices, counts = kv_block_indices.cpu().tolist(), kv_block_counts.cpu().tolist()
+    for b in range(batch):
+        for h in range(heads):
+            for m in range(q_blocks):
+                for entry in indices[b][h][m][:max(0, min(list_len, counts[b][h][m]))]:
+                    if 0 <= entry < k_blocks:
+                        block_visible[b, h, m, entry] = True
+    rows = torch.arange(seqlen_q) // block_size_q
+    cols = torch.arange(seqlen_k) // block_size_k
+    visible = block_visible[:, :, rows][:, :, :, cols]
+    if causal:
+        visible = visible & mask(seqlen_q, seqlen_k, causal=True)
+    return visible.to(kv_block_indices.device)
+
+
+def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size_q=64, block_size_k=64,
+                           causal=False, scale=None, softcap=0.0):
+    """Block-sparse attention in float64 -> (out, lse): attention() restricted to
+    block_sparse_mask(...) (see there); GQA, scale, softcap and the empty-row rule as in
+    attention(). q (batch, seqlen_q, Hq, head_dim), lists (batch, Hq, ceil(seqlen_q /
+    block_size_q), list_len), counts (batch, Hq, ceil(seqlen_q / block_size_q))."""
+    visible = block_sparse_mask(kv_block_indices, kv_block_counts, q.shape[1], k.shape[1],
+                                block_size_q=block_size_q, block_size_k=block_size_k, causal=causal)
+    return masked_attention(q, k, v, visible, scale=scale, softcap=softcap)
+
+
+def block_attention_map(q, k, *, block_size, causal=False, scale=None):
+    """SeerAttention's gate target in float64: the softmax probabilities of full attention
+    (causal: bottom-right), max-pooled over blocks of block_size queries x block_size keys ->
+    (batch, Hq, ceil(seqlen_q / block_size), ceil(seqlen_k / block_size)); a block no query
+    sees holds 0."""
+    visible = mask(q.shape[1], k.shape[1], causal=causal, device=q.device)
+    _, lse = masked_attention(q, k, k, visible, scale=scale)
+    q64, k64 = q.double(), k.double().repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.einsum("bihd,bjhd->bhij", q64, k64) * scale
+    p = torch.where(visible, torch.exp(s - lse[..., None]), torch.zeros_like(s))
+    pad_q, pad_k = (-q.shape[1]) % block_size, (-k.shape[1]) % block_size
+    p = torch.nn.functional.pad(p, (0, pad_k, 0, pad_q))
+    b, h, sq, sk = p.shape
+    return p.reshape(b, h, sq // block_size, block_size, sk // block_size, block_size).amax(dim=(3, 5))

@@ -53,7 +53,7 @@ struct NeighborhoodMask {
   int m0, m_end, tokens;
   int current = -1, after = -1;  // the tile being visited and the one after it
 
-  __device__ NeighborhoodMask(const AttentionParams&, const Args& nb_, const Sequence& seq, int m0_)
+  __device__ NeighborhoodMask(const AttentionParams&, const Args& nb_, const Sequence& seq, int, int, int m0_)
       : nb(nb_),
         walk(nb_, m0_, min(seq.len_q, m0_ + kBlockM), kBlockN, TileSide::kKeys),
         m0(m0_),
@@ -82,14 +82,14 @@ struct NeighborhoodBwdMask {
   TileWalk walk;
   int n0, tokens;
 
-  __device__ NeighborhoodBwdMask(const AttentionParams&, const Args& nb_, const Sequence& seq, int n0_)
+  __device__ NeighborhoodBwdMask(const AttentionParams&, const Args& nb_, const Sequence& seq, int, int n0_)
       : nb(nb_), walk(walk_of(nb_, n0_, seq.len_k)), n0(n0_), tokens(seq.len_k) {}
   static __device__ TileWalk walk_of(const Neighborhood& nb, int n0, int tokens) {
     return TileWalk(nb, n0, min(tokens, n0 + kBlockN), kBlockM, TileSide::kQueries);
   }
 
   // Restarting rebuilds the walk (once per q head of the group) rather than keep a copy.
-  __device__ int first() { return walk = walk_of(nb, n0, tokens), int(walk.next()); }
+  __device__ int first(int) { return walk = walk_of(nb, n0, tokens), int(walk.next()); }
   __device__ int next(int) { return int(walk.next()); }
   __device__ bool valid(int m) const { return m >= 0; }
   __device__ bool needs_mask(int m) const {

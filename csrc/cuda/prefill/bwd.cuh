@@ -94,10 +94,11 @@ __device__ __forceinline__ void store_acc(const Acc& acc, const Coords& coords, 
 }
 
 // The mask policy of the backward, the forward's (fwd.cuh) seen from a key block: built per
-// key block from the params, its Args, the sequence and the block's first key, it offers
-// first() the first query block to visit (asked again to restart for the next q head of the
-// GQA group), next(m) the block after block m (asked once per visited block, in order),
-// valid(m), needs_mask(m) and apply(acc, coords, m) as in the forward.
+// key block from the params, its Args, the sequence, the block's sequence and its first key,
+// it offers first(h) the first query block q head h visits (asked again to restart for each
+// q head of the GQA group; invalid when that head visits none), next(m) the block after
+// block m (asked once per visited block, in order), valid(m), needs_mask(m) and
+// apply(acc, coords, m) as in the forward.
 template <int kBlockM, int kBlockN>
 struct PrefillBwdMask {
   struct Args {};
@@ -105,11 +106,11 @@ struct PrefillBwdMask {
   KeyRange tiles;
   int n0;
 
-  __device__ PrefillBwdMask(const AttentionParams& p, const Args&, const Sequence& seq, int n0_)
+  __device__ PrefillBwdMask(const AttentionParams& p, const Args&, const Sequence& seq, int, int n0_)
       : mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right),
         tiles(tiles_of(mask.rows_of_keys(n0_, n0_ + kBlockN), kBlockM)),
         n0(n0_) {}
-  __device__ int first() const { return tiles.begin; }
+  __device__ int first(int) const { return tiles.begin; }
   __device__ int next(int m) const { return m + 1; }
   __device__ bool valid(int m) const { return m < tiles.end; }
   __device__ bool needs_mask(int m) const {
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   if (n0 >= seq.len_k) return;
   const int keys_left = seq.len_k - n0;
   const int group = p.heads_q / p.heads_kv;
-  Policy policy(p, args, seq, n0);
+  Policy policy(p, args, seq, b, n0);
 
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
@@ -231,8 +232,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                     seq.len_q - m * kBlockM, p.head_dim);
     cp_async_fence();
   };
-  int g = 0, m = policy.first();
-  bool more = policy.valid(m);
+  // The first step of q head g or of a later one of the group that visits a query block
+  // (g == group: none does).
+  const auto first_step = [&](int& g, int& m) {
+    for (; g < group; ++g)
+      if (policy.valid(m = policy.first(h_kv * group + g))) return;
+  };
+  int g = 0, m;
+  first_step(g, m);
+  bool more = g < group;
   if (more) {
     load_q(g, m);
     load_do(g, m);
@@ -240,7 +248,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   while (more) {
     int g_next = g, m_next = policy.next(m);
-    if (!policy.valid(m_next) && ++g_next < group) m_next = policy.first();
+    if (!policy.valid(m_next)) first_step(++g_next, m_next);
     more = g_next < group;
     const int h = h_kv * group + g;
     const int m0 = m * kBlockM;

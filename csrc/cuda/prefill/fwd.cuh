@@ -77,7 +77,8 @@ __device__ __forceinline__ void online_softmax(AccS& acc_s, AccO& acc_o, float (
 }
 
 // The mask policy of prefill attention. A policy is built per query block from the params,
-// its own Args (kernel parameter), the sequence and the block's first row, and offers:
+// its own Args (kernel parameter), the sequence, the block's sequence and q head, and its
+// first row, and offers:
 // first() the first key tile to visit, next(n) the one after tile n (the same value however
 // often it is asked), valid(n) whether a tile index is one to visit (false past the last);
 // needs_mask(n) whether tile n holds a hidden logit; apply(acc, coords, n) which sets those
@@ -90,7 +91,7 @@ struct PrefillMask {
   KeyRange tiles;
   int m0;
 
-  __device__ PrefillMask(const AttentionParams& p, const Args&, const Sequence& seq, int m0_)
+  __device__ PrefillMask(const AttentionParams& p, const Args&, const Sequence& seq, int, int, int m0_)
       : mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right),
         tiles(tiles_of(mask.keys_of_rows(m0_, min(seq.len_q, m0_ + kBlockM)), kBlockN)),
         m0(m0_) {}
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   if (m0 >= seq.len_q) return;
   const int rows_left = seq.len_q - m0;
   const int h_kv = h / (p.heads_q / p.heads_kv);
-  Policy policy(p, args, seq, m0);
+  Policy policy(p, args, seq, b, h, m0);
   int n = policy.first();
 
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;

@@ -25,7 +25,8 @@ def _parser():
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--family", default="prefill,decode,sparse,quant,merge,neighborhood,paged_prefill",
                    help="comma-separated families among prefill, decode, sparse, quant, merge, neighborhood "
-                        "(default: these), context_parallel (spawns 2 gloo processes; only when named)")
+                        "(default: these), block_sparse (8k tokens, 18 patterns x densities; only when named), "
+                        "context_parallel (spawns 2 gloo processes; only when named)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (make demo)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON (DESIGN.md format)")
     p.add_argument("--md", metavar="FILE", help="write the report as markdown")

@@ -953,6 +953,128 @@ def _sdpa_masked(q, k, v, mask, ctx):
                                                                 v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
 
 
+# ------------------------------------------------------------------------------------
+# block-sparse prefill
+
+
+def block_sparse_configs(device, quick):
+    """(batch, seqlen, heads, kv_heads, head_dim, block_size, densities): the issue's 8k tokens
+    on the CPU (densities 1/2 .. 1/64 of the causal pairs), 8k-128k on CUDA."""
+    densities = (2, 4, 8, 16, 32, 64)
+    if device == "cpu":
+        return [(1, 8192, 4, 4, 64, 64, (16,) if quick else densities)]
+    cfgs = [(1, 8192, 32, 8, 128, 64, densities), (1, 32768, 32, 8, 128, 64, densities)]
+    if not quick:
+        cfgs.append((1, 131072, 32, 8, 128, 64, (16, 64)))
+    return cfgs[:1] if quick else cfgs
+
+
+def block_sparse_pattern(pattern, inv_density, q, k, heads, blocks, block_size):
+    """Block lists of one of the three benchmarked patterns at about 1 / inv_density of the
+    causal pairs: "topk" (MInference's block-sparse heads / SeerAttention: top-k of mean-pooled
+    block scores, one sink and one local block), "s2" (S2-Attention: strided shards, head h
+    offset by h, plus the diagonal block), "streaming" (sink block + local window: the slash
+    lines of a dense diagonal band, as block lists)."""
+    seqlen = q.shape[1]
+    if pattern == "topk":
+        scores = attnkit.pooled_block_scores(q, k, block_size)
+        top_k = max(0, round(blocks / (2 * inv_density)) - 2)
+        return attnkit.block_topk_indices(scores, top_k, causal=True, local_blocks=1, sink_blocks=1)
+    if pattern == "s2":
+        stride = inv_density
+        indices, counts = attnkit.strided_shard_indices(seqlen, max(heads, stride), stride=stride,
+                                                        local_window=block_size, block_size=block_size,
+                                                        device=q.device)
+        return indices[:, :heads].contiguous(), counts[:, :heads].contiguous()
+    local = max(1, round(blocks / (2 * inv_density)) - 1)
+    scores = torch.zeros(1, heads, blocks, blocks, device=q.device)
+    return attnkit.block_topk_indices(scores, 0, causal=True, local_blocks=local, sink_blocks=1)
+
+
+def _block_sparse_fraction(indices, counts, seqlen, block_size):
+    """Kept fraction of the causal (query, key) pairs, exact, from the lists."""
+    visible = reference.block_sparse_mask(indices[:1], counts[:1], seqlen, seqlen, block_size_q=block_size,
+                                          block_size_k=block_size, causal=True)
+    return visible.sum().item() / (visible.shape[1] * seqlen * (seqlen + 1) / 2)
+
+
+def _block_sparse_err(q, k, v, indices, counts, out, block_size, rows=128):
+    """Relative error of out (batch 0, every head) on `rows` query rows spread over the
+    sequence against float64 attention under the reference's element mask."""
+    seqlen = q.shape[1]
+    picked = torch.linspace(0, seqlen - 1, rows).long().unique()
+    visible = reference.block_sparse_mask(indices[:1], counts[:1], seqlen, seqlen, block_size_q=block_size,
+                                          block_size_k=block_size, causal=True)[0][:, picked]
+    group = q.shape[2] // k.shape[2]
+    qs = q[0, picked].cpu().double().transpose(0, 1)
+    ks, vs = (t[0].cpu().double().repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
+    s = (qs @ ks.transpose(1, 2)) / q.shape[-1] ** 0.5
+    ref = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ vs
+    return rel_err(out[0, picked].transpose(0, 1), ref)
+
+
+def run_block_sparse(r):
+    """Rows "<pattern>_1/<n>" (forward, causal) per pattern and density; peers: dense
+    attnkit.attention (causal) and SDPA; % of speed of light = dense attnkit time x kept
+    fraction of the causal pairs / attnkit time."""
+    dtype = torch.float32 if r.device == "cpu" else torch.bfloat16
+    dt = dtype_name(dtype)
+    for B, S, H, Hkv, D, bs, densities in block_sparse_configs(r.device, r.quick):
+        shape_str = f"B{B} S{S} Hq{H} Hkv{Hkv} D{D} block{bs}"
+        cases = [(p, n, f"block_sparse/{p}_1/{n}/{dt}/{shape_str}") for p in ("topk", "s2", "streaming")
+                 for n in densities]
+        cases = [c for c in cases if r.selected(c[2])]
+        if not cases:
+            continue
+        missing = _kernel_missing(r, "block_sparse_attention")
+        if missing:
+            for c in cases:
+                r.skip(c[2], missing)
+            continue
+        set_bytes = 2 * B * S * (H + 2 * Hkv) * D * torch.empty(0, dtype=dtype).element_size()
+        nbuf = rotation(r.device, set_bytes, max_sets=4)
+        bufs = [tuple(_randn((B, S, h, D), dtype, r.device) for h in (H, Hkv, Hkv)) for _ in range(nbuf)]
+        dense_id = f"block_sparse/dense/{dt}/{shape_str}"
+        print(f"{dense_id} ({nbuf} buffer sets)", flush=True)
+        dense, _ = r.time_peer(dense_id, "dense_attnkit", lambda: [
+            _no_grad_fn(lambda q, k, v: attnkit.attention(q, k, v, causal=True), q, k, v) for q, k, v in bufs])
+        sdpa = {name: r.time_peer(dense_id, name, lambda ctx=ctx: [
+            _no_grad_fn(lambda q, k, v: _sdpa(q, k, v, True, ctx), q, k, v) for q, k, v in bufs])[0]
+                for name, ctx in _sdpa_backends(r.device).items()}
+        blocks = -(-S // bs)
+        for pattern, inv_density, case_id in cases:
+            if r.over_budget():
+                r.skip(case_id, "time budget (--budget-s) spent")
+                continue
+            print(f"{case_id} ({nbuf} buffer sets)", flush=True)
+            q0, k0, _ = bufs[0]
+            indices, counts = block_sparse_pattern(pattern, inv_density, q0, k0, H, blocks, bs)
+            fraction = _block_sparse_fraction(indices, counts, S, bs)
+            ak = r.time_attnkit(case_id, [_no_grad_fn(lambda q, k, v: attnkit.block_sparse_attention(
+                q, k, v, indices, counts, block_size_q=bs, block_size_k=bs, causal=True), q, k, v) for q, k, v in bufs])
+            if ak is None:
+                continue
+            with torch.no_grad():
+                out = attnkit.block_sparse_attention(*bufs[0], indices, counts, block_size_q=bs, block_size_k=bs,
+                                                     causal=True)
+            err = _block_sparse_err(*bufs[0], indices, counts, out, bs)
+            pairs = fraction * H * S * (S + 1) / 2
+            tflops = 4.0 * B * pairs * D / (ak.median * 1e-3) / 1e12
+            sol_ms = dense.median * fraction if dense is not None else None
+            pct = 100.0 * sol_ms / ak.median if sol_ms is not None else float("nan")
+            shape = {"batch": B, "seqlen": S, "heads": H, "kv_heads": Hkv, "head_dim": D, "block_size": bs,
+                     "pattern": pattern, "target_density": f"1/{inv_density}", "kept_fraction": fraction,
+                     "ceiling": "speed of light = dense attnkit.attention (causal) time x kept fraction of the "
+                                "causal pairs",
+                     "err_on": "batch 0, every head, 128 query rows spread over the sequence"}
+            r.add_row(Row("block_sparse", f"{pattern}_1/{inv_density}", dt, shape, ak, tflops=tflops,
+                          pct_of_ceiling=pct, max_rel_err=err, shape_str=shape_str, id=case_id),
+                      {"dense_attnkit": dense, **sdpa})
+        del bufs
+        r.free()
+
+
 FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "quant": run_quant,
             "merge": run_merge, "neighborhood": run_neighborhood, "paged_prefill": run_paged_prefill,
+            "block_sparse": run_block_sparse,
             "context_parallel": run_context_parallel}  # not in --family's default: it spawns processes

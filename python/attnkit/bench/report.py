@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-FAMILY_ORDER = ("prefill", "paged_prefill", "decode", "merge", "neighborhood")
+FAMILY_ORDER = ("prefill", "paged_prefill", "decode", "merge", "neighborhood", "block_sparse")
 
 
 def git_commit():
@@ -60,7 +60,7 @@ def table_lines(rows):
         peers = []
         for r in frows:
             peers += [p for p in r.vs if p not in peers]
-        rate = "TFLOP/s" if fam in ("prefill", "paged_prefill", "neighborhood") else "GB/s"
+        rate = "TFLOP/s" if fam in ("prefill", "paged_prefill", "neighborhood", "block_sparse") else "GB/s"
         floors = any(r.floor_ms is not None for r in frows)
         head = ["#", "case", "dtype", "shape", "ms (median)", "min-max ms", rate, "% of ceiling", "max_rel_err"]
         head += ["floor ms", "% of floor"] if floors else []
@@ -71,7 +71,7 @@ def table_lines(rows):
         lines.append("|" + "|".join("---" for _ in head) + "|")
         for r in frows:
             idx = rows.index(r) + 1
-            val = r.tflops if fam in ("prefill", "paged_prefill", "neighborhood") else r.gbps
+            val = r.tflops if fam in ("prefill", "paged_prefill", "neighborhood", "block_sparse") else r.gbps
             cells = [str(idx), r.case, r.dtype, r.shape_str, f"{r.stat.median:.4g}", r.stat.spread(),
                      _fmt(val, ".4g"), _fmt(r.pct_of_ceiling, ".1f"), _fmt(r.max_rel_err, ".2e")]
             cells += [_fmt(r.floor_ms, ".4g"), _fmt(r.pct_of_floor, ".1f")] if floors else []
@@ -110,6 +110,8 @@ def header_lines(runner, devname, commit, dirty, date, argv):
              "(> 1: attnkit faster); % of ceiling: TFLOP/s over the matmul ceiling (prefill) or GB/s "
              "over the copy ceiling (decode: KV bytes read; merge: bytes read + written); neighborhood: % of "
              "the speed of light (dense attnkit.attention time x fraction of tile pairs holding a neighbour); "
+             "block_sparse: % of the speed of light (dense causal attnkit.attention time x kept fraction of the "
+             "causal pairs); "
              "max_rel_err: largest relative L2 error vs attnkit.reference (float64) over the outputs "
              "(and gradients), on what the JSON shape's err_on says."]
     if runner.device == "cpu":

@@ -189,7 +189,12 @@ def work_of(family, case, dtype, shape):
     if family == "neighborhood":
         pairs = neighborhood_pairs(s["spatial"], s["kernel_size"], s["dilation"], s["stride"], s["is_causal"])
         return neighborhood_work(s["batch"], s["spatial"], s["heads"], s["head_dim"], pairs, elt)
-    raise ValueError(f"family must be one of prefill, decode, sparse, quant, merge, neighborhood, got {family!r}")
+    if family == "block_sparse":  # causal: kept fraction of the seqlen * (seqlen + 1) / 2 pairs per head
+        pairs = s["kept_fraction"] * s["seqlen"] * (s["seqlen"] + 1) / 2
+        return Work(4.0 * s["batch"] * s["heads"] * s["head_dim"] * pairs,
+                    2 * s["batch"] * s["seqlen"] * (s["heads"] + s["kv_heads"]) * s["head_dim"] * elt)
+    raise ValueError(f"family must be one of prefill, decode, sparse, quant, merge, neighborhood, block_sparse, "
+                     f"got {family!r}")
 
 
 # -- H100 ceilings ----------------------------------------------------------------------------

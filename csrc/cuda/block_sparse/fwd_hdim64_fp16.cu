@@ -1,0 +1,6 @@
+// One instantiation per file keeps builds parallel and incremental.
+#include "cuda/block_sparse/fwd.cuh"
+
+namespace attnkit::cuda::block_sparse {
+template void launch_fwd<cutlass::half_t, 64>(const AttentionParams&, const BlockSparseLayout&, cudaStream_t);
+}

@@ -1,0 +1,166 @@
+// Index math of block-sparse attention (docs/block_sparse.md), shared by the CPU kernels
+// (csrc/cpu/block_sparse.cpp), the CUDA mask policies (csrc/cuda/block_sparse/) and the
+// transpose op. Torch-free.
+//
+// A block list gives, per (batch, head, row block), the column blocks that row block sees:
+// the forward's lists are key blocks per query block, the backward's transposed lists query
+// blocks per key block. The kernels take lists in canonical form (entries ascending and
+// distinct, all in [0, col_blocks), `count` of them, padding after); canonical_row brings
+// any list (unsorted, repeated, out-of-range entries: a set) to that form first. A
+// non-canonical list gives wrong numbers, never an out-of-bounds access: every read is
+// clamped or checked here.
+#pragma once
+
+#include <cstdint>
+
+#include "attnkit/macros.h"
+#include "attnkit/mask.h"
+
+namespace attnkit {
+
+// Kernels tile both sequences in 64 rows; block sizes are multiples of it, so a kernel tile
+// lies inside one block.
+constexpr int kBlockSparseTile = 64;
+
+struct BlockLists {
+  const int32_t* indices = nullptr;  // (batch, heads, row_blocks, list_len), contiguous
+  const int32_t* counts = nullptr;   // (batch, heads, row_blocks), contiguous
+  int heads = 0;
+  int row_blocks = 0;
+  int col_blocks = 0;  // entries index blocks [0, col_blocks)
+  int list_len = 0;
+
+  ATTNKIT_HD int64_t row_of(int b, int h, int row_block) const {
+    return (int64_t(b) * heads + h) * row_blocks + row_block;
+  }
+  // The list of one row block: its first entry and its count, clamped to [0, list_len].
+  ATTNKIT_HD const int32_t* entries(int b, int h, int row_block) const {
+    return indices + row_of(b, h, row_block) * list_len;
+  }
+  ATTNKIT_HD int count(int b, int h, int row_block) const {
+    const int c = counts[row_of(b, h, row_block)];
+    return c < 0 ? 0 : c > list_len ? list_len : c;
+  }
+};
+
+// Both directions of one block-sparse attention: kv_blocks (key blocks per query block,
+// the forward and dQ) and q_blocks (its transpose, query blocks per key block: dK and dV).
+struct BlockSparseLayout {
+  BlockLists kv_blocks;
+  BlockLists q_blocks;  // unused by the forward
+  int block_size_q = 0;  // multiples of kBlockSparseTile
+  int block_size_k = 0;
+};
+
+// The tiles of `tiles_per_block` tiles of each block of a canonical list, ascending,
+// restricted to the tile range [first, end) (the tiles a mask lets the row block see).
+// from(t) is the first listed tile >= t, or -1; the walk remembers its entry, so calls must
+// come with non-decreasing t (asking the same t again gives the same tile).
+struct BlockListWalk {
+  const int32_t* entries;
+  int count;
+  int col_blocks;
+  int tiles_per_block;
+  int first, end;
+  int entry = 0;
+
+  ATTNKIT_HD BlockListWalk(const int32_t* entries_, int count_, int col_blocks_, int tiles_per_block_, int first_,
+                           int end_)
+      : entries(entries_),
+        count(count_),
+        col_blocks(col_blocks_),
+        tiles_per_block(tiles_per_block_),
+        first(first_),
+        end(end_) {}
+
+  ATTNKIT_HD int from(int t) {
+    if (t < first) t = first;
+    for (; entry < count; ++entry) {
+      const int block = entries[entry];
+      if (block < 0 || block >= col_blocks) continue;  // only in a non-canonical list
+      const int block_first = block * tiles_per_block;
+      if (block_first >= end) break;  // ascending: no later block meets [first, end)
+      const int lo = t > block_first ? t : block_first;
+      const int block_end = block_first + tiles_per_block;
+      if (lo < (block_end < end ? block_end : end)) return lo;
+    }
+    return -1;
+  }
+};
+
+// 32-bit words of the bitmap canonical_row needs for col_blocks blocks.
+ATTNKIT_HD int bitmap_words(int col_blocks) { return (col_blocks + 31) / 32; }
+
+// The canonical form of one list, the rule every list is read by: its first `count`
+// entries (count clamped to [0, list_len]) that lie in [0, col_blocks), each once, ascending,
+// then -1 up to list_len. bitmap: scratch of bitmap_words(col_blocks) words. Returns the
+// number of blocks. O(list_len + col_blocks / 32), no sort.
+ATTNKIT_HD int canonical_row(const int32_t* entries, int count, int list_len, int col_blocks, uint32_t* bitmap,
+                             int32_t* out) {
+  const int words = bitmap_words(col_blocks);
+  for (int w = 0; w < words; ++w) bitmap[w] = 0u;
+  count = count < 0 ? 0 : count > list_len ? list_len : count;
+  for (int i = 0; i < count; ++i) {
+    const int block = entries[i];
+    if (block >= 0 && block < col_blocks) bitmap[block / 32] |= 1u << (block % 32);
+  }
+  int n = 0;
+  for (int w = 0; w < words; ++w)
+    for (uint32_t bits = bitmap[w]; bits != 0u; bits &= bits - 1u) {
+#if defined(__CUDA_ARCH__)
+      const int bit = __ffs(int(bits)) - 1;
+#else
+      const int bit = __builtin_ctz(bits);
+#endif
+      out[n++] = w * 32 + bit;
+    }
+  for (int i = n; i < list_len; ++i) out[i] = -1;
+  return n;
+}
+
+// The key tiles (kBlockSparseTile keys each) that query rows [q_begin, q_end) of (b, h) visit,
+// rows inside one query block: the tiles of their block's list that their mask span reaches.
+ATTNKIT_HD BlockListWalk key_tile_walk(const BlockSparseLayout& layout, const AttentionMask& mask, int b, int h,
+                                       int q_begin, int q_end) {
+  const BlockLists& lists = layout.kv_blocks;
+  const int q_block = q_begin / layout.block_size_q;
+  const KeyRange tiles = tiles_of(mask.keys_of_rows(q_begin, q_end), kBlockSparseTile);
+  return BlockListWalk(lists.entries(b, h, q_block), lists.count(b, h, q_block), lists.col_blocks,
+                       layout.block_size_k / kBlockSparseTile, tiles.begin, tiles.end);
+}
+
+// The query tiles (kBlockSparseTile rows each) of q head h that visit keys [k_begin, k_end)
+// of b, keys inside one key block: the tiles of its block's transposed list whose rows the
+// mask lets see those keys.
+ATTNKIT_HD BlockListWalk query_tile_walk(const BlockSparseLayout& layout, const AttentionMask& mask, int b, int h,
+                                         int k_begin, int k_end) {
+  const BlockLists& lists = layout.q_blocks;
+  const int k_block = k_begin / layout.block_size_k;
+  const KeyRange tiles = tiles_of(mask.rows_of_keys(k_begin, k_end), kBlockSparseTile);
+  return BlockListWalk(lists.entries(b, h, k_block), lists.count(b, h, k_block), lists.col_blocks,
+                       layout.block_size_q / kBlockSparseTile, tiles.begin, tiles.end);
+}
+
+// Whether a canonical list of `count` entries holds `block` (binary search).
+ATTNKIT_HD bool list_contains(const int32_t* entries, int count, int block) {
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (entries[mid] < block) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < count && entries[lo] == block;
+}
+
+// The transpose rule: row `col` of the transposed lists of (b, h) holds, ascending, every
+// row block whose list contains `col` (so it is canonical too). Writes them into out
+// (room for in.row_blocks entries, padded with -1) and returns their number.
+ATTNKIT_HD int transpose_row(const BlockLists& in, int b, int h, int col, int32_t* out) {
+  int n = 0;
+  for (int r = 0; r < in.row_blocks; ++r)
+    if (list_contains(in.entries(b, h, r), in.count(b, h, r), col)) out[n++] = r;
+  for (int i = n; i < in.row_blocks; ++i) out[i] = -1;
+  return n;
+}
+
+}  // namespace attnkit
