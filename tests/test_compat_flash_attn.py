@@ -445,10 +445,11 @@ def test_unsupported_arguments_raise_not_implemented(gen):
         fa.flash_attn_func(q, q, q, dropout_p=0.1)
     with pytest.raises(NotImplementedError, match="dropout_p"):
         fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, 0.5)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        fa.flash_attn_qkvpacked_func(torch.stack([q, q, q], 2), alibi_slopes=torch.ones(2))
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        fa.flash_attn_with_kvcache(q, q, q, alibi_slopes=torch.ones(2))
+    # alibi_slopes is supported (tests/test_sinks_alibi.py); a wrong shape is a ValueError.
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        fa.flash_attn_qkvpacked_func(torch.stack([q, q, q], 2), alibi_slopes=torch.ones(3))
+    with pytest.raises(ValueError, match="alibi_slopes must be float32"):
+        fa.flash_attn_with_kvcache(q, q, q, alibi_slopes=torch.ones(2, dtype=torch.float64))
 
 
 BAD = {

@@ -164,9 +164,101 @@ def test_bad_input(name, gen):
                                  seqused_k=torch.tensor([-1, 3], dtype=torch.int32))
 
 
-def test_decode_many_queries_on_quantized_pages_raises(gen):
-    cache = attnkit.PagedKVCache(16, 16, 2, 64, kv_format="int8")
-    cache.append(0, randn(gen, 100, 2, 64), randn(gen, 100, 2, 64))
-    q = randn(gen, 1, 17, 4, 64)
-    with pytest.raises(NotImplementedError, match="17.*quantized"):
-        attnkit.decode(q, cache.k_cache, cache.v_cache, cache.cache_seqlens[:1], block_table=cache.block_table[:1])
+# ---------------------------------------------------------------- quantized pages
+
+QUANT_FORMATS = [("int8", None), ("int8", 32), ("int4", None), ("int4", 64), ("fp8_e4m3", None)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_format,group_size", QUANT_FORMATS, ids=[f"{f}-g{g}" for f, g in QUANT_FORMATS])
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
+def test_quantized_pages(kv_format, group_size, rotate, device, gen):
+    """attention_varlen over quantized pages (QuantizedKV, as PagedKVCache(kv_format=...)
+    holds them) equals the reference over its own dequantized pages (exact up to q's dtype):
+    page sizes 1 / 16, partial last pages, shuffled tables, GQA, rotated keys, windows,
+    sinks and ALiBi; unused pages poisoned with NaN scales."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = 1e-5 if dtype == torch.float32 else FWD_TOL[dtype]
+    slopes = torch.rand(4, generator=gen).to(device)
+    for page_size, len_q, len_k, opts in [(16, [40, 1, 130], [300, 17, 129], dict(causal=True)),
+                                          (1, [20, 33], [20, 90], dict(causal=True, window=(24, 0), sink_tokens=3,
+                                                                       alibi_slopes=slopes))]:
+        k, v, table, lens = paged(gen, len_k, page_size, 2, 128, torch.float32, device)
+        qk = attnkit.quantize_kv(k * 3 + 1, kv_format, group_size=group_size, rotate=rotate)
+        qv = attnkit.quantize_kv(v, kv_format, group_size=group_size)
+        used = torch.zeros(k.shape[:2], dtype=torch.bool)
+        for b, n in enumerate(len_k):
+            for t in range(n):
+                used[int(table[b, t // page_size]), t % page_size] = True
+        for cache in (qk, qv):  # a NaN scale on every unused slot: reading one poisons the output
+            cache.scale[~used.to(device)] = float("nan")
+        q = randn(gen, sum(len_q), 4, 128, dtype=dtype, device=device)
+        cu_q, cu_k = cu_seqlens(len_q, device), cu_seqlens(len_k, device)
+        out, lse = attnkit.attention_varlen(q, qk, qv, cu_q, cu_k, max(len_q), max(len_k), block_table=table,
+                                            return_lse=True, **opts)
+        ref_opts = dict(opts, alibi_slopes=slopes.cpu()) if "alibi_slopes" in opts else opts
+        ref, ref_lse = reference.attention_varlen(q.cpu().double(), attnkit.dequantize_kv(qk).cpu().double(),
+                                                  attnkit.dequantize_kv(qv).cpu().double(), cu_q.cpu(), cu_k.cpu(),
+                                                  block_table=table.cpu(), **ref_opts)
+        assert_close(out, ref, tol, f"out page {page_size}")
+        assert_lse_close(lse, ref_lse, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_packed_keys_and_decode(device, gen):
+    """Quantized packed (not paged) varlen keys, and decode() with 40 queries on a quantized
+    PagedKVCache (routed to the paged prefill), against the dequantized reference."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = 1e-5 if dtype == torch.float32 else FWD_TOL[dtype]
+    len_q, len_k = [30, 7], [100, 7]
+    k, v = (randn(gen, sum(len_k), 2, 64, device=device) for _ in range(2))
+    qk, qv = (attnkit.quantize_kv(t, "int8", group_size=32) for t in (k, v))
+    q = randn(gen, sum(len_q), 4, 64, dtype=dtype, device=device)
+    cu_q, cu_k = cu_seqlens(len_q, device), cu_seqlens(len_k, device)
+    out = attnkit.attention_varlen(q, qk, qv, cu_q, cu_k, 30, 100, causal=True)
+    ref, _ = reference.attention_varlen(q.cpu().double(), attnkit.dequantize_kv(qk).cpu().double(),
+                                        attnkit.dequantize_kv(qv).cpu().double(), cu_q.cpu(), cu_k.cpu(), causal=True)
+    assert_close(out, ref, tol, "packed")
+
+    cache = attnkit.PagedKVCache(64, 16, 2, 64, dtype=dtype, device=device, max_seqs=2, kv_format="int4")
+    for s, n in enumerate((300, 41)):
+        cache.append(s, randn(gen, n, 2, 64, dtype=dtype, device=device), randn(gen, n, 2, 64, dtype=dtype,
+                                                                               device=device))
+    q = randn(gen, 2, 40, 8, 64, dtype=dtype, device=device)
+    out = attnkit.decode(q, cache.k_cache, cache.v_cache, cache.cache_seqlens, block_table=cache.block_table)
+    ref, _ = reference.decode(q.cpu().double(), attnkit.dequantize_kv(cache.k_cache).cpu().double(),
+                              attnkit.dequantize_kv(cache.v_cache).cpu().double(), cache.cache_seqlens.cpu(),
+                              block_table=cache.block_table.cpu())
+    assert_close(out, ref, tol, "decode 40 queries int4")
+
+
+def test_quantized_bad_input(gen):
+    k = attnkit.quantize_kv(torch.randn(4, 16, 2, 64, generator=gen), "int8")
+    v = attnkit.quantize_kv(torch.randn(4, 16, 2, 64, generator=gen), "int4")
+    q = torch.randn(10, 2, 64, generator=gen)
+    cu_q, cu_k = cu_seqlens([10]), cu_seqlens([30])
+    table = torch.arange(4, dtype=torch.int32).view(1, 4)
+    with pytest.raises(ValueError, match="kv_format and group_size of k_cache"):
+        attnkit.attention_varlen(q, k, v, cu_q, cu_k, 10, 30, block_table=table)
+    with pytest.raises(ValueError, match="both be attnkit.QuantizedKV"):
+        attnkit.attention_varlen(q, k, torch.randn(4, 16, 2, 64), cu_q, cu_k, 10, 30, block_table=table)
+    q48 = torch.randn(10, 2, 48, generator=gen)
+    k48 = attnkit.quantize_kv(torch.randn(4, 16, 2, 48, generator=gen), "fp8_e4m3")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        attnkit.attention_varlen(q48, k48, k48, cu_q, cu_k, 10, 30, block_table=table)
+    out = attnkit.attention_varlen(q.requires_grad_(), k, k, cu_q, cu_k, 10, 30, block_table=table)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
+def test_quantized_opcheck_and_compile(gen):
+    k, v, table, lens = paged(gen, [40, 70], 16, 2, 64, torch.float32, "cpu")
+    qk, qv = attnkit.quantize_kv(k, "int4", rotate=True), attnkit.quantize_kv(v, "int4")
+    q = randn(gen, 50, 4, 64)
+    cu_q, cu_k = cu_seqlens([20, 30]), cu_seqlens([40, 70])
+    args = (q, qk.data, qv.data, cu_q, cu_k, table, None, 30, 70, True, 0.125, -1, -1, 0.0, 0, None, "int4", 0,
+            qk.scale, qk.zero, qv.scale, qv.zero, True)
+    torch.library.opcheck(torch.ops.attnkit.attention_varlen_kv.default, args)
+    fn = lambda q: attnkit.attention_varlen(q, qk, qv, cu_q, cu_k, 30, 70, causal=True, block_table=table)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q), fn(q))

@@ -12,20 +12,24 @@ namespace {
 
 using namespace prefill_tiles;
 
-// The tiles the causal / window mask leaves: for a query tile, the span of its rows' keys;
-// for a key tile, the query tiles whose span meets it.
+// The tiles the causal / window / sink mask leaves: for a query tile, the sink keys below
+// the span of its rows' windows, then that span; for a key tile, the query tiles that hold a
+// row seeing one of its keys (AttentionMask::rows_of_keys).
 struct DenseWalk {
   template <typename F>
   void key_tiles(int, int, int q0, int rows, const AttentionMask& mask, F&& f) const {
-    const KeyRange span = mask.keys_of_rows(q0, q0 + rows);
+    KeyRange span = mask.keys_of_rows(q0, q0 + rows);
+    const int sinks_end = mask.sink_keys_of_rows(q0, q0 + rows).end;
+    if (sinks_end > 0 && sinks_end >= span.begin)
+      span.begin = 0;  // the sinks reach the window: one span from key 0
+    else
+      for (int k0 = 0; k0 < sinks_end; k0 += kBlockK) f(k0, std::min(kBlockK, sinks_end - k0));
     for (int k0 = span.begin; k0 < span.end; k0 += kBlockK) f(k0, std::min(kBlockK, span.end - k0));
   }
   template <typename F>
   void query_tiles(int, int, int k0, int n, const AttentionMask& mask, F&& f) const {
-    for (int q0 = 0; q0 < mask.seqlen_q; q0 += kBlockQ) {
-      const KeyRange span = mask.keys_of_rows(q0, std::min(mask.seqlen_q, q0 + kBlockQ));
-      if (!span.empty() && span.end > k0 && span.begin < k0 + n) f(q0);
-    }
+    const RowRange rows = mask.rows_of_keys(k0, k0 + n);
+    for (int q0 = rows.begin / kBlockQ * kBlockQ; q0 < rows.end; q0 += kBlockQ) f(q0);
   }
 };
 

@@ -25,8 +25,10 @@
 #include <vector>
 
 #include "attnkit/mask.h"
+#include "attnkit/quant.h"
 #include "attnkit/sequence.h"
 #include "attnkit/softmax.h"
+#include "cpu/dispatch.h"
 #include "cpu/tile_math.h"
 
 namespace attnkit::cpu::prefill_tiles {
@@ -43,13 +45,15 @@ T* row_ptr(void* base, const Strides& s, int b, int64_t row, int h) {
   return static_cast<T*>(base) + offset_of(s, b, row, h);
 }
 
-// Query q of a tile sees keys [lo[q], hi[q]); padding columns see nothing.
+// Query q of a tile sees keys [lo[q], hi[q]) and the sinks [0, min(mods.sink, hi[q]));
+// padding columns see nothing. mods also carries the tile's ALiBi slope.
 struct TileMask {
   alignas(32) int32_t lo[kBlockQ];
   alignas(32) int32_t hi[kBlockQ];
   int max_lo = 0, min_hi = 0;  // every query of the tile sees [max_lo, min_hi)
+  ScoreMods mods;
 
-  void set(const AttentionMask& mask, int q0, int rows) {
+  void set(const AttentionMask& mask, int q0, int rows, float alibi_slope) {
     max_lo = 0;
     min_hi = mask.seqlen_k;
     for (int r = 0; r < kBlockQ; ++r) {
@@ -61,12 +65,16 @@ struct TileMask {
         min_hi = std::min(min_hi, keys.end);
       }
     }
+    mods = {mask.sink_tokens, alibi_slope, mask.diagonal(q0)};
   }
-  bool all_visible(int k0, int n) const { return k0 >= max_lo && k0 + n <= min_hi; }
-  // Masks and softcaps the logits of keys k0 .. k0 + n (a no-op when all are visible).
+  // Whether every query sees every key of [k0, k0 + n).
+  bool all_visible(int k0, int n) const {
+    return (std::max(k0, mods.sink) >= max_lo || k0 + n <= mods.sink) && k0 + n <= min_hi;
+  }
+  // Softcaps, biases and masks the logits of keys k0 .. k0 + n (a no-op when none applies).
   void apply(float* st, int n, int cols, int k0, float softcap) const {
-    if (softcap == 0.f && all_visible(k0, n)) return;
-    transform_and_mask_cols(st, n, kBlockQ, cols, k0, lo, hi, softcap);
+    if (softcap == 0.f && mods.alibi_slope == 0.f && all_visible(k0, n)) return;
+    transform_and_mask_cols(st, n, kBlockQ, cols, k0, lo, hi, softcap, mods);
   }
 };
 
@@ -89,6 +97,27 @@ const float* fp32_rows(RowFn row, int first, int n, int D, int Dp, bool padded, 
   }
   ld = Dp;
   return buf;
+}
+
+// Rows first .. first + n of a quantized K or V (row(j): the QuantizedRows index of key j)
+// dequantized into buf (ld Dp, columns D .. Dp zero) 16 code bytes at a time through
+// attnkit/quant.h, so the values equal dequantize_kv's.
+template <typename RowFn>
+void dequantized_rows(const QuantizedRows& rows, RowFn row, int first, int n, int D, int Dp, float* buf) {
+  dispatch_kv_format(rows.format, [&](auto format) {
+    constexpr KVFormat F = decltype(format)::value;
+    for (int r = 0; r < n; ++r) {
+      const int64_t index = row(first + r);
+      float* out = buf + int64_t(r) * Dp;
+      for (int byte = 0; byte < rows.row_bytes(); byte += 16) {
+        const int channel = byte * channels_per_byte(F);
+        uint32_t words[4];
+        std::memcpy(words, rows.codes(index, channel), sizeof(words));
+        dequantize_16_bytes<F>(words, rows.scale_at(index, channel), rows.zero_at(index, channel), out + channel);
+      }
+      std::fill(out + D, out + Dp, 0.f);
+    }
+  });
 }
 
 // dst (D x kBlockQ) = (mul * rows first .. first + n)^T, columns n .. kBlockQ zero.
@@ -132,34 +161,44 @@ void forward(const AttentionParams& p, const Walk& walk) {
       const auto [b, h, q0] = items[it];
       const int hk = h / group;
       const Sequence seq = sequence_of(p, b);
-      const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
+      const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right, p.sink_tokens);
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
       auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
-      auto k_row = [&](int j) { return static_cast<const T*>(p.k) + key_offset(p, p.k_strides, b, seq, j, hk); };
-      auto v_row = [&](int j) { return static_cast<const T*>(p.v) + key_offset(p, p.v_strides, b, seq, j, hk); };
-      // Paged keys are equally spaced within one page only.
-      auto strided = [&](int k0, int n) { return !p.is_paged() || k0 / p.page_size == (k0 + n - 1) / p.page_size; };
+      // Keys k0 .. k0 + n of K or V as fp32 rows (ld set): in place where they are fp32 and
+      // equally spaced (paged keys are within one page only), else converted or dequantized.
+      auto key_rows = [&](const void* base, const Strides& s, const QuantizedRows& quant, int k0, int n, bool padded,
+                          float* buf, int64_t& ld) {
+        auto index = [&](int j) { return key_offset(p, s, b, seq, j, hk); };
+        if (p.is_quantized()) {
+          dequantized_rows(quant, index, k0, n, D, Dp, buf);
+          ld = Dp;
+          return static_cast<const float*>(buf);
+        }
+        auto row = [&](int j) { return static_cast<const T*>(base) + index(j); };
+        const bool strided = !p.is_paged() || k0 / p.page_size == (k0 + n - 1) / p.page_size;
+        return fp32_rows<T>(row, k0, n, D, Dp, padded, buf, ld, strided);
+      };
 
       load_transposed<T>(q_row, q0, rows, D, p.scale, row_buf.data(), qt.data());
-      tile_mask.set(mask, q0, rows);
+      tile_mask.set(mask, q0, rows, p.alibi_slope(b, h));
       std::fill(acc.begin(), acc.begin() + rows * Dp, 0.f);
       std::fill(max, max + kBlockQ, kNegInf);
       std::fill(sum, sum + kBlockQ, 0.f);
 
       walk.key_tiles(b, h, q0, rows, mask, [&](int k0, int n) {
         int64_t ldk, ldv;
-        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, false, k_buf.data(), ldk, strided(k0, n));
+        const float* k = key_rows(p.k, p.k_strides, p.k_quant, k0, n, false, k_buf.data(), ldk);
         gemm<false, false>(n, cols, D, k, ldk, qt.data(), kBlockQ, st.data(), kBlockQ);
         tile_mask.apply(st.data(), n, cols, k0, p.softcap);
         softmax_update_cols(st.data(), n, kBlockQ, cols, max, sum, factor);
         for (int r = 0; r < rows; ++r)
           if (factor[r] != 1.f) scale_row(acc.data() + r * Dp, Dp, factor[r]);
-        const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, true, v_buf.data(), ldv, strided(k0, n));
+        const float* v = key_rows(p.v, p.v_strides, p.v_quant, k0, n, true, v_buf.data(), ldv);
         if (tile_mask.all_visible(k0, n) || all_finite(v, n, ldv, D))
           gemm<true, true>(rows, Dp, n, st.data(), kBlockQ, v, ldv, acc.data(), Dp);
         else  // a NaN / inf value of a key some rows do not see must not meet their 0 probability
           accumulate_visible_cols(rows, n, st.data(), kBlockQ, v, ldv, Dp, k0, tile_mask.lo, tile_mask.hi,
-                                  acc.data());
+                                  tile_mask.mods.sink, acc.data());
       });
 
       for (int r = 0; r < rows; ++r) {
@@ -234,7 +273,7 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
     gemm<false, false>(n, cols, D, v, ldv, dot_all.data() + tile * tile_elems, kBlockQ, s.dpt.data(), kBlockQ);
     s.mask.apply(s.st.data(), n, cols, k0, p.softcap);
     probs_and_dscores_cols(s.st.data(), s.dpt.data(), n, kBlockQ, cols, s.lse, delta.data() + tile * kBlockQ,
-                           p.softcap);
+                           p.softcap, k0, s.mask.mods);
   };
 
   // Pass 1: dK and dV, one key tile of one kv head per item, over every query that sees it.
@@ -244,7 +283,7 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
     for (int64_t it = begin; it < end; ++it) {
       const auto [b, hk, k0] = k_items[it];
       const Sequence seq = sequence_of(p, b);
-      const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
+      const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right, p.sink_tokens);
       const int n = std::min(kBlockK, seq.len_k - k0);
       auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + j, hk); };
       auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + j, hk); };
@@ -258,7 +297,7 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
       for (int h = hk * group; h < (hk + 1) * group; ++h) {
         walk.query_tiles(b, h, k0, n, mask, [&](int q0) {
           const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
-          s.mask.set(mask, q0, rows);
+          s.mask.set(mask, q0, rows, p.alibi_slope(b, h));
           load_lse(s, b, h, seq, q0, rows);
           recompute(s, tile_of(b, h, q0), k, ldk, v, ldv, n, cols, k0);
           auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
@@ -284,11 +323,11 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
       const auto [b, h, q0] = q_items[it];
       const int hk = h / group;
       const Sequence seq = sequence_of(p, b);
-      const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right);
+      const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right, p.sink_tokens);
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
       auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + j, hk); };
       auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + j, hk); };
-      s.mask.set(mask, q0, rows);
+      s.mask.set(mask, q0, rows, p.alibi_slope(b, h));
       load_lse(s, b, h, seq, q0, rows);
       float* dq = s.acc_a.data();
       std::fill(dq, dq + rows * Dp, 0.f);
@@ -300,7 +339,8 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
         if (s.mask.all_visible(k0, n) || all_finite(k, n, ldk, D))
           gemm<true, true>(rows, Dp, n, s.dpt.data(), kBlockQ, k, ldk, dq, Dp);  // dQ += dS K
         else  // as in the forward: a masked key's NaN must not meet its dS of 0
-          accumulate_visible_cols(rows, n, s.dpt.data(), kBlockQ, k, ldk, Dp, k0, s.mask.lo, s.mask.hi, dq);
+          accumulate_visible_cols(rows, n, s.dpt.data(), kBlockQ, k, ldk, Dp, k0, s.mask.lo, s.mask.hi, s.mask.mods.sink,
+                                  dq);
       });
       for (int r = 0; r < rows; ++r)
         store_row(dq + r * Dp, D, p.scale, row_ptr<T>(bp.dq, bp.dq_strides, b, seq.row_q + q0 + r, h));

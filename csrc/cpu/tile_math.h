@@ -209,12 +209,31 @@ inline void scale_row(float* row, int n, float factor) {
 // The prefill kernels compute St = K * Q^T (keys x queries, ld = queries): Q is transposed
 // once per query tile, K and V are used as stored, and per-query statistics vectorise.
 
-// Query q sees keys [lo[q], hi[q]). In place on St (n keys from key0, cols query columns, a
-// multiple of 8): softcap, then -inf outside the visible keys.
+// The score modifiers of a tile, beyond softcap: query column q also sees the sink keys
+// [0, min(sink, hi[q])) (AttentionMask::sees), and with alibi_slope != 0 its logit of key j
+// gains alibi_bias(alibi_slope, diag0 + q, j) (diag0: the diagonal of column 0).
+struct ScoreMods {
+  int sink = 0;
+  float alibi_slope = 0.f;
+  int diag0 = 0;
+};
+
+// ALiBi biases of query columns q .. q + 7 against key j.
+inline vec8 alibi8(const ScoreMods& mods, int q, int j) {
+  ivec8 lane;
+  for (int c = 0; c < kVec; ++c) lane[c] = c;
+  const vec8 distance = __builtin_convertvector(lane + (mods.diag0 + q - j), vec8);
+  return splat8(-mods.alibi_slope) * (distance < 0.f ? -distance : distance);
+}
+
+// Query q sees keys [lo[q], hi[q]) and the sinks of mods. In place on St (n keys from key0,
+// cols query columns, a multiple of 8): softcap, then the ALiBi bias, then -inf outside the
+// visible keys.
 inline void transform_and_mask_cols(float* st, int n, int ld, int cols, int key0, const int32_t* lo,
-                                    const int32_t* hi, float softcap) {
+                                    const int32_t* hi, float softcap, const ScoreMods& mods) {
   for (int c = 0; c < n; ++c) {
     const int32_t j = key0 + c;
+    const int32_t sink_key = j < mods.sink ? -1 : 0;  // all ones: j is a sink
     float* row = st + int64_t(c) * ld;
     for (int q = 0; q < cols; q += kVec) {
       ivec8 l, h;
@@ -222,7 +241,8 @@ inline void transform_and_mask_cols(float* st, int n, int ld, int cols, int key0
       std::memcpy(&h, hi + q, sizeof(h));
       vec8 v = load8(row + q);
       if (softcap > 0.f) v = softcap8(v, softcap);
-      store8(row + q, (l <= j) & (j < h) ? v : splat8(kNegInf));
+      if (mods.alibi_slope != 0.f) v += alibi8(mods, q, j);
+      store8(row + q, ((l <= j) | sink_key) & (j < h) ? v : splat8(kNegInf));
     }
   }
 }
@@ -264,24 +284,35 @@ inline bool all_finite(const float* rows, int n, int64_t ld, int D) {
 }
 
 // acc[r] += sum of Pt(c, r) v_c over the keys c of the tile (keys key0 .. key0 + n) that
-// query r sees, [lo[r], hi[r]): P^T V without reading a value its row does not see, so a
-// masked key's NaN never meets its zero probability. Rows of v and acc: Dp wide.
+// query r sees, its sinks [0, min(sink, hi[r])) and [lo[r], hi[r]): P^T V without reading a
+// value its row does not see, so a masked key's NaN never meets its zero probability. Rows
+// of v and acc: Dp wide.
 inline void accumulate_visible_cols(int rows, int n, const float* pt, int ld, const float* v, int64_t ldv, int Dp,
-                                    int key0, const int32_t* lo, const int32_t* hi, float* acc) {
-  for (int r = 0; r < rows; ++r) {
-    const int c_begin = lo[r] - key0 > 0 ? lo[r] - key0 : 0, c_end = hi[r] - key0 < n ? hi[r] - key0 : n;
+                                    int key0, const int32_t* lo, const int32_t* hi, int sink, float* acc) {
+  const auto add = [&](int r, int k_begin, int k_end) {  // keys [k_begin, k_end), clipped to the tile
+    const int c_begin = k_begin - key0 > 0 ? k_begin - key0 : 0, c_end = k_end - key0 < n ? k_end - key0 : n;
     float* o = acc + int64_t(r) * Dp;
     for (int c = c_begin; c < c_end; ++c) {
       const vec8 prob = splat8(pt[int64_t(c) * ld + r]);
       for (int d = 0; d < Dp; d += kVec) store8(o + d, load8(o + d) + prob * load8(v + c * ldv + d));
     }
+  };
+  for (int r = 0; r < rows; ++r) {
+    const int sink_end = sink < hi[r] ? sink : hi[r];
+    if (sink_end >= lo[r]) {  // the sinks reach the window: one range
+      add(r, 0, hi[r]);
+    } else {
+      add(r, 0, sink_end);
+      add(r, lo[r], hi[r]);
+    }
   }
 }
 
-// Backward: from masked logits St and dPt = V * dO^T (both n x ld) to probabilities
-// Pt = exp(s - lse) (into st) and dSt = Pt * (dPt - delta) * dsoftcap (into dpt).
+// Backward: from masked logits St (keys key0 .. key0 + n, after transform_and_mask_cols with
+// mods) and dPt = V * dO^T (both n x ld) to probabilities Pt = exp(s - lse) (into st) and
+// dSt = Pt * (dPt - delta) * dsoftcap (into dpt).
 inline void probs_and_dscores_cols(float* st, float* dpt, int n, int ld, int cols, const float* lse,
-                                   const float* delta, float softcap) {
+                                   const float* delta, float softcap, int key0, const ScoreMods& mods) {
   for (int c = 0; c < n; ++c) {
     float* s_row = st + int64_t(c) * ld;
     float* dp_row = dpt + int64_t(c) * ld;
@@ -290,8 +321,9 @@ inline void probs_and_dscores_cols(float* st, float* dpt, int n, int ld, int col
       const ivec8 masked = t == splat8(kNegInf);
       const vec8 p = masked ? vec8{} : exp8(t - load8(lse + q));
       vec8 ds = p * (load8(dp_row + q) - load8(delta + q));
-      if (softcap > 0.f) {
-        const vec8 u = t / softcap;
+      if (softcap > 0.f) {  // the derivative of the capped logit, before its ALiBi bias
+        const vec8 capped = mods.alibi_slope != 0.f ? t - alibi8(mods, q, key0 + c) : t;
+        const vec8 u = capped / softcap;
         ds = ds * (1.f - u * u);
       }
       ds = masked ? vec8{} : ds;  // a masked key's value may be NaN: 0 * NaN must not reach dQ, dK

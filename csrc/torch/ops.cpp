@@ -8,15 +8,18 @@ TORCH_LIBRARY(attnkit, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, int window_right, "
-      "float softcap) -> (Tensor out, Tensor lse)");
+      "float softcap, int sink_tokens=0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, "
-      "int window_right, float softcap, Tensor? grad_lse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "int window_right, float softcap, Tensor? grad_lse=None, int sink_tokens=0, Tensor? alibi_slopes=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "attention_varlen_kv(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "Tensor? block_table, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
-      "int window_left, int window_right, float softcap) -> (Tensor out, Tensor lse)");
+      "int window_left, int window_right, float softcap, int sink_tokens=0, Tensor? alibi_slopes=None, "
+      "str? kv_format=None, int group_size=0, Tensor? k_scale=None, Tensor? k_zero=None, Tensor? v_scale=None, "
+      "Tensor? v_zero=None, bool rotated_keys=False) -> (Tensor out, Tensor lse)");
   m.def(
       "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, float scale, "
       "float softcap, int window_left, str? kv_format=None, int group_size=0, Tensor? k_scale=None, "

@@ -9,6 +9,7 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "prefill.h"
+#include "quant_cache.h"
 
 #ifdef ATTNKIT_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -82,6 +83,26 @@ void set_paged_keys(AttentionParams& p, const at::Tensor& k, const OptTensor& bl
   }
 }
 
+// Sink tokens and ALiBi slopes (float32, (heads_q,) or (batch, heads_q), on q's device);
+// slopes keeps the contiguous copy the params point into.
+void set_score_mods(AttentionParams& p, int64_t sink_tokens, const OptTensor& alibi_slopes, const at::Tensor& q,
+                    at::Tensor& slopes) {
+  TORCH_CHECK_VALUE(sink_tokens >= 0, "sink_tokens must be >= 0, got ", sink_tokens);
+  p.sink_tokens = window_as_int(sink_tokens);
+  if (!alibi_slopes) return;
+  const at::Tensor& a = *alibi_slopes;
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes must be on the device of q (", q.device(), "), got ",
+                    a.device());
+  const bool per_head = a.dim() == 1 && a.size(0) == p.heads_q;
+  const bool per_sequence = a.dim() == 2 && a.size(0) == p.batch && a.size(1) == p.heads_q;
+  TORCH_CHECK_VALUE(per_head || per_sequence, "alibi_slopes must have shape (heads,) = (", p.heads_q,
+                    ",) or (batch, heads) = (", p.batch, ", ", p.heads_q, "), got ", a.sizes());
+  slopes = a.contiguous();
+  p.alibi_slopes = slopes.data_ptr<float>();
+  p.alibi_batch_stride = per_sequence ? p.heads_q : 0;
+}
+
 #ifdef ATTNKIT_WITH_CUDA
 // The CUDA kernels move 16-byte vectors: every stride but head_dim's and the start must be
 // multiples of 8 fp16 / bf16 elements. Other layouts are copied once.
@@ -115,7 +136,7 @@ void check_cuda(const AttentionParams& p, const char* op) {
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
                                       int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-                                      int64_t window_right, double softcap, bool paged) {
+                                      int64_t window_right, double softcap, bool paged, bool quantized) {
   const bool varlen = cu_q.has_value();
   TORCH_CHECK_VALUE(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
   const int64_t rank = varlen ? 3 : 4;
@@ -126,15 +147,19 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, 
   check_rank(v, paged ? 4 : rank, "v", kv_layout);
   AttentionParams p{};
   p.dtype = dtype_of(q, "q");
-  check_like(k, "k", q, "q");
-  check_like(v, "v", q, "q");
+  if (!quantized) {
+    check_like(k, "k", q, "q");
+    check_like(v, "v", q, "q");
+  }
   check_head_dim_contiguous(q, "q");
   check_head_dim_contiguous(k, "k");
   check_head_dim_contiguous(v, "v");
   const int64_t head_dim = q.size(-1);
   TORCH_CHECK_VALUE(head_dim > 0, "q must have head_dim > 0");
-  TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head_dim of q (", head_dim, "), got ", k.size(-1));
-  TORCH_CHECK_VALUE(v.size(-1) == head_dim, "v must have the head_dim of q (", head_dim, "), got ", v.size(-1));
+  if (!quantized) {
+    TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head_dim of q (", head_dim, "), got ", k.size(-1));
+    TORCH_CHECK_VALUE(v.size(-1) == head_dim, "v must have the head_dim of q (", head_dim, "), got ", v.size(-1));
+  }
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   const int64_t heads_q = q.size(-2), heads_kv = k.size(-2);
   TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, "q heads (", heads_q,
@@ -245,18 +270,43 @@ AttentionBwdBuffers prepare_attention_bwd(const at::Tensor& dout, const at::Tens
 
 namespace {
 
+// q times the Hadamard rotation of attnkit/quant.h along head_dim (keys stored as H k:
+// (H q) . (H k) = q . k), computed in float32 and returned in q's dtype. Row i of the matrix
+// is the rotation of unit vector i, so q @ matrix rotates each row as hadamard_rotate does.
+at::Tensor hadamard_rotated(const at::Tensor& q) {
+  const int64_t n = q.size(-1);
+  at::Tensor matrix = at::zeros({n, n}, at::kFloat);
+  float* m = matrix.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    m[i * n + i] = 1.f;
+    hadamard_rotate(m + i * n, int(n));
+  }
+  return at::matmul(q.to(at::kFloat), matrix.to(q.device())).to(q.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const OptTensor& cu_q, const OptTensor& cu_k, const OptTensor& block_table,
                                            const OptTensor& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                            bool causal, double scale, int64_t window_left, int64_t window_right,
-                                           double softcap) {
+                                           double softcap, int64_t sink_tokens, const OptTensor& alibi_slopes,
+                                           const CacheQuant& quant) {
   const c10::DeviceGuard guard(q.device());
-  const FoldedScale folded = fold_scale_for_cuda(q, scale);
+  FoldedScale folded = fold_scale_for_cuda(q, scale);
+  if (quant.kv_format && quant.rotated_keys) {
+    check_rotation(true, q.size(-1), "rotated_keys");
+    folded.q = hadamard_rotated(folded.q);
+  }
   const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
   AttentionParams p = make_attention_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale,
-                                  window_left, window_right, softcap, block_table.has_value());
-  at::Tensor table, used;
+                                            window_left, window_right, softcap, block_table.has_value(),
+                                            quant.kv_format.has_value());
+  if (set_quantized_cache(quant, qd, kd, vd, "k", "v", p.k_quant, p.v_quant)) {
+    p.k_strides = row_strides(kd);
+    p.v_strides = row_strides(vd);
+  }
+  at::Tensor table, used, slopes;
   if (block_table || seqused_k) set_paged_keys(p, kd, block_table, seqused_k, q, table, used);
+  set_score_mods(p, sink_tokens, alibi_slopes, q, slopes);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = p.is_varlen() ? at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))
                                  : at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -277,34 +327,43 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& q, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
                                                  int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-                                                 int64_t window_right, double softcap) {
+                                                 int64_t window_right, double softcap, int64_t sink_tokens,
+                                                 const OptTensor& alibi_slopes) {
+  const std::optional<std::string> no_format;
   return run_fwd(q, k, v, cu_q, cu_k, std::nullopt, std::nullopt, max_seqlen_q, max_seqlen_k, causal, scale,
-                 window_left, window_right, softcap);
+                 window_left, window_right, softcap, sink_tokens, alibi_slopes,
+                 CacheQuant{no_format, 0, std::nullopt, std::nullopt, std::nullopt, std::nullopt, false});
 }
 
-// Inference-only varlen attention over paged keys (block_table) and / or capped key counts
-// (seqused_k): FlashAttention's flash_attn_varlen_func(..., block_table=...) / seqused_k.
-std::tuple<at::Tensor, at::Tensor> attention_varlen_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                       const at::Tensor& cu_q, const at::Tensor& cu_k,
-                                                       const OptTensor& block_table, const OptTensor& seqused_k,
-                                                       int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                                       double scale, int64_t window_left, int64_t window_right,
-                                                       double softcap) {
+// Inference-only varlen attention over paged keys (block_table), capped key counts
+// (seqused_k) and / or quantized keys and values (kv_format ...: the codes and scales of a
+// quantized cache, as decode takes them): FlashAttention's flash_attn_varlen_func(...,
+// block_table=...) / seqused_k.
+std::tuple<at::Tensor, at::Tensor> attention_varlen_kv(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    const OptTensor& block_table, const OptTensor& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale, int64_t window_left, int64_t window_right, double softcap, int64_t sink_tokens,
+    const OptTensor& alibi_slopes, const std::optional<std::string>& kv_format, int64_t group_size,
+    const OptTensor& k_scale, const OptTensor& k_zero, const OptTensor& v_scale, const OptTensor& v_zero,
+    bool rotated_keys) {
   return run_fwd(q, k, v, cu_q, cu_k, block_table, seqused_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-                 window_right, softcap);
+                 window_right, softcap, sink_tokens, alibi_slopes,
+                 CacheQuant{kv_format, group_size, k_scale, k_zero, v_scale, v_zero, rotated_keys});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    bool causal, double scale, int64_t window_left, int64_t window_right, double softcap, const OptTensor& grad_lse) {
+    bool causal, double scale, int64_t window_left, int64_t window_right, double softcap, const OptTensor& grad_lse,
+    int64_t sink_tokens, const OptTensor& alibi_slopes) {
   const c10::DeviceGuard guard(q.device());
   const FoldedScale folded = fold_scale_for_cuda(q, scale);
   const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
-  AttentionBwdBuffers bw = prepare_attention_bwd(
-      dout, q, k, v, out, lse, grad_lse,
-      make_attention_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, folded.scale, window_left,
-                            window_right, softcap));
+  AttentionParams fwd = make_attention_params(qd, kd, vd, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal,
+                                              folded.scale, window_left, window_right, softcap);
+  at::Tensor slopes;
+  set_score_mods(fwd, sink_tokens, alibi_slopes, q, slopes);
+  AttentionBwdBuffers bw = prepare_attention_bwd(dout, q, k, v, out, lse, grad_lse, fwd);
   if (bw.nothing_to_do) return {bw.dq, bw.dk, bw.dv};
 #ifdef ATTNKIT_WITH_CUDA
   if (q.is_cuda()) {

@@ -14,11 +14,13 @@ namespace attnkit::binding {
 using OptTensor = std::optional<at::Tensor>;
 
 // Validates q, k, v and the options; fills the params except the output pointers. paged: k
-// and v are pages (num_pages, page_size, kv_heads, head_dim) of varlen sequences.
+// and v are pages (num_pages, page_size, kv_heads, head_dim) of varlen sequences. quantized:
+// k and v hold the codes of a quantized cache (uint8, checked by the caller), not q's dtype.
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q,
                                       int64_t max_seqlen_k, bool causal, double scale, int64_t window_left,
-                                      int64_t window_right, double softcap, bool paged = false);
+                                      int64_t window_right, double softcap, bool paged = false,
+                                      bool quantized = false);
 
 // A tensor as the kernels of its device take it (CUDA: 16-byte aligned rows).
 at::Tensor for_device(const at::Tensor& t);

@@ -35,6 +35,29 @@ def resolve_window(window):
     return saturate_window(window[0]), saturate_window(window[1])
 
 
+def resolve_sink_tokens(sink_tokens):
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    return saturate_window(sink_tokens)
+
+
+def check_alibi_slopes(alibi_slopes, q, batch):
+    """alibi_slopes: None, or float32 (heads,) / (batch, heads) on q's device."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise ValueError(f"alibi_slopes must be a float32 tensor or None, got {type(alibi_slopes).__name__}")
+    heads = q.shape[-2]
+    if alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on the device of q ({q.device}), got {alibi_slopes.device}")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape (heads,) = ({heads},) or (batch, heads) = ({batch}, {heads}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    return alibi_slopes
+
+
 def resolve_softcap(softcap):
     if not isinstance(softcap, (int, float)) or not softcap >= 0:
         raise ValueError(f"softcap must be a number >= 0 (0 = off), got {softcap!r}")

@@ -42,7 +42,7 @@ def lse_shape(q, varlen):
 
 @torch.library.register_fake("attnkit::attention_fwd")
 def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                        window_left, window_right, softcap):
+                        window_left, window_right, softcap, sink_tokens=0, alibi_slopes=None):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
@@ -54,7 +54,9 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, *args):
 
 @torch.library.register_fake("attnkit::attention_varlen_kv")
 def _attention_varlen_kv_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused_k, max_seqlen_q, max_seqlen_k,
-                              causal, scale, window_left, window_right, softcap):
+                              causal, scale, window_left, window_right, softcap, sink_tokens=0, alibi_slopes=None,
+                              kv_format=None, group_size=0, k_scale=None, k_zero=None, v_scale=None, v_zero=None,
+                              rotated_keys=False):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty(lse_shape(q, True), dtype=torch.float32)
 
@@ -79,23 +81,27 @@ def _merge_fake(out_a, lse_a, out_b, lse_b):
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left, window_right, softcap = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left, window_right, softcap, *mods = inputs
+    sink_tokens, alibi_slopes = tuple(mods) + (0, None)[len(mods):]  # schema defaults when not passed
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
     ctx.options = (max_q, max_k, causal, scale, window_left, window_right, softcap)
+    ctx.sink_tokens = sink_tokens
+    ctx.num_inputs = len(inputs)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     """Both outputs are differentiable: lse's gradient enters the kernel's delta
     (AttentionGrads::grad_lse), so partial attentions merged by merge_attention_states (split
-    KV, ring attention) get exact gradients."""
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    KV, ring attention) get exact gradients. ALiBi slopes get no gradient."""
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = ops.attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.options, grad_lse)
-    return (dq, dk, dv) + (None,) * 9
+    dq, dk, dv = ops.attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.options, grad_lse,
+                                   ctx.sink_tokens, alibi_slopes)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 torch.library.register_autograd("attnkit::attention_fwd", _attention_backward,
@@ -107,8 +113,8 @@ def _decode_setup_context(ctx, inputs, output):
 
 
 def _decode_backward(ctx, grad_out, grad_lse):
-    raise RuntimeError("attnkit.decode, attnkit.sparse_decode and attention_varlen over paged keys (block_table) "
-                       "or capped keys (seqused_k) are inference-only: they have no backward; use "
+    raise RuntimeError("attnkit.decode, attnkit.sparse_decode and attention_varlen over paged keys (block_table), "
+                       "capped keys (seqused_k) or a quantized cache are inference-only: they have no backward; use "
                        "attnkit.attention / attention_varlen on contiguous K/V for training")
 
 

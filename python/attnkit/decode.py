@@ -10,7 +10,7 @@ MAX_DECODE_QUERIES = 16  # the decode kernels' limit; more queries run on the pa
 
 
 def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, softcap=0.0, window=-1,
-           return_lse=False):
+           sink_tokens=0, alibi_slopes=None, return_lse=False):
     """Attention of q (batch, seqlen_q, heads, head_dim) against a KV cache.
 
     cache_seqlens (int32, batch): valid tokens per sequence, counting the seqlen_q new ones
@@ -23,9 +23,12 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, 
     quantize_kv of a (num_pages, page_size, kv_heads, head_dim) tensor; the kernel reads the
     codes and scales and dequantizes in registers (head_dim a multiple of 32).
     window: keys more than `window` positions before a query are masked (-1 = none).
+    sink_tokens, alibi_slopes: as in attention() (StreamingLLM sinks with a window; ALiBi
+    slopes float32 (heads,) or (batch, heads)).
     Up to 16 queries run on the decode kernels (lean split-KV schedule); more (chunked
-    prefill, long speculative drafts) on the paged prefill kernels (attention_varlen with
-    block_table; a contiguous cache is one page per sequence), with the same result.
+    prefill, long speculative drafts), and calls with sinks or ALiBi, on the paged prefill
+    kernels (attention_varlen with block_table; a contiguous cache is one page per
+    sequence), with the same result.
     Inference only: no backward. Returns out, or (out, lse) with lse (batch, heads, seqlen_q).
     """
     _checks.check_tensor(q, "q")
@@ -35,11 +38,12 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, 
         _checks.check_tensor(block_table, "block_table")
     if not isinstance(window, int) or window < -1:
         raise ValueError(f"window must be an int >= -1 (-1 = unbounded), got {window!r}")
-    if q.dim() == 4 and q.shape[1] > MAX_DECODE_QUERIES:
-        if quant:
-            raise NotImplementedError(f"decode: more than {MAX_DECODE_QUERIES} queries per sequence (q has "
-                                      f"{q.shape[1]}) on a quantized cache (kv_format) is not supported yet")
-        out, lse = _decode_on_prefill(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window)
+    sink_tokens = _checks.resolve_sink_tokens(sink_tokens)
+    mods = (sink_tokens if window != -1 else 0) or alibi_slopes is not None  # only the prefill kernels have them
+    if q.dim() == 4 and (q.shape[1] > MAX_DECODE_QUERIES or mods):
+        slopes = _checks.check_alibi_slopes(alibi_slopes, q, q.shape[0])
+        out, lse = _decode_on_prefill(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window,
+                                      sink_tokens, slopes, quant)
         return (out, lse) if return_lse else out
     _checks.require_kernel("decode", q)
     out, lse = ops.decode(q, k_cache, v_cache, cache_seqlens, block_table, _checks.resolve_scale(scale, q),
@@ -47,7 +51,8 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, 
     return (out, lse) if return_lse else out
 
 
-def _decode_on_prefill(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window):
+def _decode_on_prefill(q, k_cache, v_cache, cache_seqlens, block_table, scale, softcap, window, sink_tokens=0,
+                       alibi_slopes=None, quant=None):
     """decode() of many queries as paged varlen prefill: query s of sequence b at position
     cache_seqlens[b] - seqlen_q + s, causal, over the sequence's cache_seqlens[b] keys. No host
     sync: cu_seqlens come from tensor ops, max_seqlen_k from the table's shape."""
@@ -65,5 +70,5 @@ def _decode_on_prefill(q, k_cache, v_cache, cache_seqlens, block_table, scale, s
     out, lse = ops.attention_varlen_kv(q.reshape(batch * seqlen_q, heads, head_dim), k_cache, v_cache, cu_q, cu_k,
                                        block_table, None, seqlen_q, block_table.shape[1] * k_cache.shape[1], True,
                                        _checks.resolve_scale(scale, q), _checks.saturate_window(window), -1,
-                                       _checks.resolve_softcap(softcap))
+                                       _checks.resolve_softcap(softcap), sink_tokens, alibi_slopes, **(quant or {}))
     return out.view(q.shape), lse.view(heads, batch, seqlen_q).permute(1, 0, 2)

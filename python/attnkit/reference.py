@@ -20,7 +20,9 @@ Semantics (docs/semantics.md):
     window_right == -1 or j <= d + window_right, and
     0 <= j < seqlen_k.
   causal=True is the same as window_right = 0 (as in FlashAttention). Window values are
-  >= -1 (-1 = unbounded).
+  >= -1 (-1 = unbounded). Sink tokens n (with window_left != -1): keys j < n that pass the
+  right bound are visible too, whatever the left bound (StreamingLLM, FA3).
+- ALiBi: with slopes, s_ij += -slope * |d - j| after the softcap (FlashAttention's ALiBi).
 - out_i = sum_j softmax_j(s_ij) v_j over the visible keys j;
   lse_i = log(sum_j exp(s_ij)) over the visible keys (natural log), shape
   (batch, heads, seqlen_q) dense or (heads, total_q) varlen.
@@ -34,29 +36,41 @@ import math
 import torch
 
 
-def mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None):
+def mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), device=None, sink_tokens=0):
     """The visibility matrix: bool (seqlen_q, seqlen_k), True where query i may attend to key j.
 
     With the bottom-right diagonal d = i + seqlen_k - seqlen_q of query i, key j is visible iff
     (window_left == -1 or j >= d - window_left) and (window_right == -1 or j <= d + window_right)
     and 0 <= j < seqlen_k. causal=True sets window_right = 0. window = (window_left,
-    window_right), each >= -1 (-1 = unbounded).
+    window_right), each >= -1 (-1 = unbounded). sink_tokens = n: with window_left != -1, keys
+    j < n are visible whatever the left bound (the right bound still applies).
     """
     left, right = window
     if left < -1 or right < -1:
         raise ValueError(f"window must be (left, right) with each >= -1, got {tuple(window)}")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
     if causal:
         right = 0
     i = torch.arange(seqlen_q, device=device)[:, None]
     j = torch.arange(seqlen_k, device=device)[None, :]
     diag = i + seqlen_k - seqlen_q
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    right_ok = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
     # Written as distances from the diagonal (small), so any Python int window fits int64.
-    if left != -1:
-        visible &= diag - j <= left
     if right != -1:
-        visible &= j - diag <= right
-    return visible
+        right_ok &= j - diag <= right
+    if left == -1:
+        return right_ok
+    return right_ok & ((diag - j <= left) | (j < sink_tokens))
+
+
+def alibi_bias(seqlen_q, seqlen_k, slopes, device=None):
+    """FlashAttention's ALiBi bias, float64 (..., seqlen_q, seqlen_k) for slopes (...,):
+    -slope * |i + seqlen_k - seqlen_q - j|."""
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    distance = (i + seqlen_k - seqlen_q - j).abs().double()
+    return -slopes.double().to(device)[..., None, None] * distance
 
 
 def _visible_values(p, v, visible):
@@ -70,26 +84,32 @@ def _visible_values(p, v, visible):
     return torch.where(poisoned, torch.full_like(out, float("nan")), out)
 
 
-def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0):
+def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, sink_tokens=0, alibi_slopes=None):
     """Exact attention in float64 -> (out, lse).
 
     q (batch, seqlen_q, Hq, head_dim); k, v (batch, seqlen_k, Hkv, head_dim), Hq % Hkv == 0;
     q head h reads kv head h // (Hq // Hkv).
     s = scale * q.k (scale defaults to 1/sqrt(head_dim)); softcap > 0 maps s to
-    softcap * tanh(s / softcap). Visible keys as in mask(seqlen_q, seqlen_k, causal, window)
+    softcap * tanh(s / softcap); alibi_slopes ((Hq,) or (batch, Hq)) add alibi_bias.
+    Visible keys as in mask(seqlen_q, seqlen_k, causal, window, sink_tokens=sink_tokens)
     (bottom-right diagonal, causal == window_right 0).
     Returns out (batch, seqlen_q, Hq, head_dim) = softmax(s over visible keys) @ v and
     lse (batch, Hq, seqlen_q) = log(sum over visible keys of exp(s)), both float64.
     A row with no visible key gets out 0 and lse -inf; its gradients are 0, not NaN.
     """
-    visible = mask(q.shape[1], k.shape[1], causal, window, device=q.device)
-    return masked_attention(q, k, v, visible, scale=scale, softcap=softcap)
+    visible = mask(q.shape[1], k.shape[1], causal, window, device=q.device, sink_tokens=sink_tokens)
+    bias = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None].expand(q.shape[0], -1)
+        bias = alibi_bias(q.shape[1], k.shape[1], slopes, device=q.device)
+    return masked_attention(q, k, v, visible, scale=scale, softcap=softcap, bias=bias)
 
 
-def masked_attention(q, k, v, visible, *, scale=None, softcap=0.0):
+def masked_attention(q, k, v, visible, *, scale=None, softcap=0.0, bias=None):
     """attention() with an explicit visibility matrix: bool, broadcastable to
-    (batch, Hq, seqlen_q, seqlen_k), True where query i may attend to key j. Same logits,
-    GQA, softcap, empty-row and NaN rules; returns (out, lse) in float64."""
+    (batch, Hq, seqlen_q, seqlen_k), True where query i may attend to key j, and an optional
+    bias (broadcastable alike) added to the logits after the softcap. Same logits, GQA,
+    softcap, empty-row and NaN rules; returns (out, lse) in float64."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
@@ -106,6 +126,8 @@ def masked_attention(q, k, v, visible, *, scale=None, softcap=0.0):
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale            # (batch, heads, seqlen_q, seqlen_k)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias
     visible = visible.expand(s.shape)
     s = s.masked_fill(~visible, float("-inf"))
 
@@ -126,7 +148,7 @@ def masked_attention(q, k, v, visible, *, scale=None, softcap=0.0):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, window=(-1, -1),
-                     softcap=0.0, block_table=None, seqused_k=None):
+                     softcap=0.0, block_table=None, seqused_k=None, sink_tokens=0, alibi_slopes=None):
     """attention() per sequence of a packed batch -> (out, lse), float64.
 
     q (total_q, Hq, head_dim); k, v (total_k, Hkv, head_dim); cu_seqlens_q / cu_seqlens_k
@@ -137,6 +159,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
     pages (num_pages, page_size, Hkv, head_dim), sequence b has cu_seqlens_k[b + 1] -
     cu_seqlens_k[b] keys, key t in page block_table[b, t // page_size], slot t % page_size
     (gather_cache). seqused_k (batch,): sequence b uses only its first seqused_k[b] keys.
+    sink_tokens and alibi_slopes ((Hq,) or (batch, Hq)) as in attention(), per sequence.
     Returns out (total_q, Hq, head_dim) and lse (Hq, total_q).
     """
     cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
@@ -153,7 +176,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale
         else:
             kb = gather_cache(k, b, len_k, block_table).unsqueeze(0)
             vb = gather_cache(v, b, len_k, block_table).unsqueeze(0)
-        out, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap)
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
+        out, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap,
+                             sink_tokens=sink_tokens, alibi_slopes=slopes)
         outs.append(out[0])
         lses.append(lse[0])
     if not outs:
@@ -182,7 +207,8 @@ def gather_cache(cache, b, length, block_table=None):
     return cache[pages].reshape(used * page_size, *cache.shape[2:])[:length]
 
 
-def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, softcap=0.0, window=-1):
+def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, softcap=0.0, window=-1, sink_tokens=0,
+           alibi_slopes=None):
     """Decode of a few new queries against a KV cache -> (out, lse), float64.
 
     q (batch, seqlen_q, Hq, head_dim), 1 <= seqlen_q <= 16. cache_seqlens (batch,): the number
@@ -195,14 +221,16 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, 
     (num_pages, page_size, Hkv, head_dim) with block_table (batch, max_pages_per_seq): token t
     of sequence b lives in page block_table[b, t // page_size], slot t % page_size (see
     gather_cache). window: keys more than `window` positions before a query are masked
-    (-1 = unbounded).
+    (-1 = unbounded); sink_tokens and alibi_slopes ((Hq,) or (batch, Hq)) as in attention().
     Returns out (batch, seqlen_q, Hq, head_dim) and lse (batch, Hq, seqlen_q).
     """
     outs, lses = [], []
     for b, length in enumerate(cache_seqlens.tolist()):
         kb = gather_cache(k_cache, b, int(length), block_table).unsqueeze(0)
         vb = gather_cache(v_cache, b, int(length), block_table).unsqueeze(0)
-        out, lse = attention(q[b:b + 1], kb, vb, causal=True, scale=scale, window=(window, 0), softcap=softcap)
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
+        out, lse = attention(q[b:b + 1], kb, vb, causal=True, scale=scale, window=(window, 0), softcap=softcap,
+                             sink_tokens=sink_tokens, alibi_slopes=slopes)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)

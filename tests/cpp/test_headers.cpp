@@ -14,12 +14,13 @@
 
 namespace {
 
-// The rule of docs/semantics.md, written out key by key.
-bool visible(int i, int j, int sq, int sk, bool causal, int wl, int wr) {
+// The rule of docs/semantics.md, written out key by key: a sink (j < sinks) escapes only the
+// left bound.
+bool visible(int i, int j, int sq, int sk, bool causal, int wl, int wr, int sinks) {
   const int d = i + sk - sq;
   if (causal) wr = 0;
   if (j < 0 || j >= sk) return false;
-  if (wl >= 0 && j < d - wl) return false;
+  if (wl >= 0 && j < d - wl && j >= sinks) return false;
   if (wr >= 0 && j > d + wr) return false;
   return true;
 }
@@ -27,23 +28,30 @@ bool visible(int i, int j, int sq, int sk, bool causal, int wl, int wr) {
 void test_mask() {
   const int lengths[] = {0, 1, 2, 5, 17, 64, 65};
   const int windows[] = {-1, 0, 1, 3, 70};
+  const int sink_counts[] = {0, 2, 9};
   int cases = 0;
   for (int sq : lengths)
     for (int sk : lengths)
       for (int causal = 0; causal < 2; ++causal)
         for (int wl : windows)
-          for (int wr : windows) {
-            const attnkit::AttentionMask mask(sq, sk, causal, wl, wr);
-            int union_begin = sk, union_end = 0;
+          for (int wr : windows)
+            for (int sinks : sink_counts) {
+            const attnkit::AttentionMask mask(sq, sk, causal, wl, wr, sinks);
+            const auto visible = [&](int i, int j) { return ::visible(i, j, sq, sk, causal, wl, wr, sinks); };
             for (int i = 0; i < sq; ++i) {
               const attnkit::KeyRange r = mask.keys_of(i);
               for (int j = -1; j <= sk; ++j)
-                EXPECT(r.contains(j) == visible(i, j, sq, sk, causal, wl, wr),
-                       "sq=%d sk=%d causal=%d window=(%d,%d) i=%d j=%d", sq, sk, causal, wl, wr, i, j);
-              if (!r.empty()) {
-                union_begin = std::min(union_begin, r.begin);
-                union_end = std::max(union_end, r.end);
-              }
+                EXPECT(mask.sees(r, j) == visible(i, j), "sq=%d sk=%d causal=%d window=(%d,%d) sinks=%d i=%d j=%d",
+                       sq, sk, causal, wl, wr, sinks, i, j);
+            }
+            // sink_keys_of_rows over tiles of 4 rows: [0, the largest sink end of a row).
+            for (int q0 = 0; q0 < sq; q0 += 4) {
+              const int q1 = std::min(sq, q0 + 4);
+              int hi = 0;
+              for (int i = q0; i < q1; ++i) hi = std::max(hi, mask.sink_end(mask.keys_of(i)));
+              const attnkit::KeyRange u = mask.sink_keys_of_rows(q0, q1);
+              EXPECT(u.begin == 0 && u.end == hi, "sinks of rows %d..%d: got [%d,%d) want [0,%d)", q0, q1, u.begin,
+                     u.end, hi);
             }
             // keys_of_rows over the tiles of 4 rows covers exactly the union of the rows.
             for (int q0 = 0; q0 < sq; q0 += 4) {
@@ -66,7 +74,7 @@ void test_mask() {
               int lo = sq, hi = 0;
               for (int i = 0; i < sq; ++i)
                 for (int j = k0; j < k1; ++j)
-                  if (visible(i, j, sq, sk, causal, wl, wr)) lo = std::min(lo, i), hi = std::max(hi, i + 1);
+                  if (visible(i, j)) lo = std::min(lo, i), hi = std::max(hi, i + 1);
               const attnkit::RowRange rows = mask.rows_of_keys(k0, k1);
               if (hi <= lo)
                 EXPECT(rows.empty(), "keys %d..%d should be seen by no row, got [%d,%d)", k0, k1, rows.begin,
@@ -77,7 +85,7 @@ void test_mask() {
               for (int q0 = 0; q0 < sq; q0 += 4) {
                 bool all = true;
                 for (int i = q0; i < std::min(sq, q0 + 4); ++i)
-                  for (int j = k0; j < k0 + 3; ++j) all = all && visible(i, j, sq, sk, causal, wl, wr);
+                  for (int j = k0; j < k0 + 3; ++j) all = all && visible(i, j);
                 // May be conservative (false when all are visible) only for rows that see nothing.
                 const bool got = mask.block_fully_visible(q0, q0 + 4, k0, k0 + 3);
                 EXPECT(!got || all, "block rows %d.. keys %d..%d claimed fully visible", q0, k0, k0 + 3);

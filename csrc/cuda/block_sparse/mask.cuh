@@ -71,7 +71,7 @@ struct BlockSparseBwdMask {
     return !mask.block_fully_visible(m * kBlockM, (m + 1) * kBlockM, n0, n0 + kBlockN);
   }
   template <typename Acc, typename Coords>
-  __device__ void apply(Acc& acc, const Coords& coords, int m) const {
+  __device__ void apply(Acc& acc, const Coords& coords, int, int m) const {
     prefill::apply_mask(acc, coords, mask, m * kBlockM, n0);
   }
 };

@@ -96,7 +96,7 @@ struct NeighborhoodBwdMask {
     return tile_needs_mask<kBlockN>(nb, tokens, m * kBlockM, min(tokens, (m + 1) * kBlockM), n0);
   }
   template <typename Acc, typename Coords>
-  __device__ void apply(Acc& acc, const Coords& coords, int m) const {
+  __device__ void apply(Acc& acc, const Coords& coords, int, int m) const {
     mask_tile(acc, coords, nb, tokens, m * kBlockM, n0);
   }
 };

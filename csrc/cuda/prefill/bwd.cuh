@@ -98,27 +98,33 @@ __device__ __forceinline__ void store_acc(const Acc& acc, const Coords& coords, 
 // it offers first(h) the first query block q head h visits (asked again to restart for each
 // q head of the GQA group; invalid when that head visits none), next(m) the block after
 // block m (asked once per visited block, in order), valid(m), needs_mask(m) and
-// apply(acc, coords, m) as in the forward.
+// apply(acc, coords, h, m) as in the forward, for q head h.
 template <int kBlockM, int kBlockN>
 struct PrefillBwdMask {
   struct Args {};
   AttentionMask mask;
   KeyRange tiles;
   int n0;
+  const AttentionParams& p;  // the kernel's __grid_constant__ parameter: ALiBi slopes per head
+  int b;
 
-  __device__ PrefillBwdMask(const AttentionParams& p, const Args&, const Sequence& seq, int, int n0_)
-      : mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right),
+  __device__ PrefillBwdMask(const AttentionParams& p_, const Args&, const Sequence& seq, int b_, int n0_)
+      : mask(seq.len_q, seq.len_k, p_.causal, p_.window_left, p_.window_right, p_.sink_tokens),
         tiles(tiles_of(mask.rows_of_keys(n0_, n0_ + kBlockN), kBlockM)),
-        n0(n0_) {}
+        n0(n0_),
+        p(p_),
+        b(b_) {}
   __device__ int first(int) const { return tiles.begin; }
   __device__ int next(int m) const { return m + 1; }
   __device__ bool valid(int m) const { return m < tiles.end; }
   __device__ bool needs_mask(int m) const {
-    return !mask.block_fully_visible(m * kBlockM, (m + 1) * kBlockM, n0, n0 + kBlockN);
+    return p.alibi_slopes || !mask.block_fully_visible(m * kBlockM, (m + 1) * kBlockM, n0, n0 + kBlockN);
   }
   template <typename Acc, typename Coords>
-  __device__ void apply(Acc& acc, const Coords& coords, int m) const {
+  __device__ void apply(Acc& acc, const Coords& coords, int h, int m) const {
     apply_mask(acc, coords, mask, m * kBlockM, n0);
+    if (p.alibi_slopes)  // slope in accumulator units, as in the forward
+      add_alibi(acc, coords, mask, m * kBlockM, n0, p.alibi_slope(b, h) / (p.softcap > 0.f ? 1.f : p.scale));
   }
 };
 
@@ -273,7 +279,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     if (capped) apply_softcap(acc_s, p.scale, p.softcap);
     Tensor capped_logits = make_fragment_like(acc_s);  // for the softcap derivative
     if (capped) copy(acc_s, capped_logits);
-    if (policy.needs_mask(m)) policy.apply(acc_s, tScS, m);
+    if (policy.needs_mask(m)) policy.apply(acc_s, tScS, h, m);
     CUTE_UNROLL
     for (int e = 0; e < size(acc_s); ++e)
       acc_s(e) = fast_exp2(acc_s(e) * scale_log2 - s_lse[get<0>(tScS(e))]);

@@ -13,6 +13,7 @@
 
 #include "attnkit/mask.h"
 #include "attnkit/params.h"
+#include "attnkit/quant.h"
 #include "attnkit/sequence.h"
 #include "cuda/prefill/layouts.hpp"
 
@@ -123,6 +124,52 @@ __device__ __forceinline__ void copy_paged_tile(const AttentionParams& p, const 
   }
 }
 
+// copy_paged_tile for a quantized cache (k_quant / v_quant of AttentionParams; rows by
+// key_offset, pages or packed): each 16-byte vector of dst (8 channels) is dequantized from
+// the channels' 8 (int8, fp8) or 4 (int4) code bytes with attnkit/quant.h's dequantize_words
+// and stored to shared memory. Plain loads and stores, no cp.async: the codes are converted
+// on the way; the barrier the caller passes before reading the tile publishes them as it
+// does cp.async's. Rows >= rows_left and columns >= cols are zeroed.
+template <typename Element, KVFormat F, typename Dst, typename Coords>
+__device__ __forceinline__ void copy_quantized_tile(const AttentionParams& p, const QuantizedRows& rows,
+                                                    const Strides& strides, int b, const Sequence& seq, int h_kv,
+                                                    int first, Dst&& dst, const Coords& coords, int rows_left,
+                                                    int cols) {
+  constexpr int kWords = kWordsPer8Channels<F>;
+  static_assert(decltype(size<0>(dst))::value == 8, "a vector of the shared tile holds 8 channels");
+  const int group_shift = rows.group_shift();
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(dst); ++m) {
+    const int row = get<0>(coords(0, m, 0));
+    const bool row_ok = row < rows_left;
+    const int64_t index = row_ok ? key_offset(p, strides, b, seq, first + row, h_kv) : 0;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(dst); ++k) {
+      const int col = get<1>(coords(0, m, k));
+      if (row_ok && col < cols) {
+        uint32_t words[kWords];
+        const uint8_t* codes = rows.codes(index, col);  // 8-byte (4-byte for int4) aligned: head_dim % 32 == 0
+        if constexpr (kWords == 2) {
+          const uint2 w = *reinterpret_cast<const uint2*>(codes);
+          words[0] = w.x;
+          words[1] = w.y;
+        } else {
+          words[0] = *reinterpret_cast<const uint32_t*>(codes);
+        }
+        const int64_t group = index * rows.groups() + (col >> group_shift);
+        float values[8];
+        dequantize_words<F, kWords>(words, rows.scale[group], rows.zero ? rows.zero[group] : 0.f, values);
+        cutlass::Array<Element, 8> converted;
+        CUTE_UNROLL
+        for (int i = 0; i < 8; ++i) converted[i] = Element(values[i]);
+        *reinterpret_cast<uint4*>(&dst(0, m, k)) = *reinterpret_cast<const uint4*>(&converted);
+      } else {
+        clear(dst(_, m, k));
+      }
+    }
+  }
+}
+
 // acc += A B^T with both operands in shared memory, double-buffering the k-slices through
 // registers (load slice k + 1 while multiplying slice k).
 template <typename Acc, typename RegA, typename RegB, typename SmemA, typename SmemB, typename TiledMma,
@@ -187,9 +234,27 @@ __device__ __forceinline__ void apply_mask(Acc& acc, const Coords& coords, const
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     const KeyRange keys = mask.keys_of(m0 + get<0>(c(r, 0)));
+    const int sink_end = mask.sink_end(keys);
     CUTE_UNROLL
-    for (int j = 0; j < size<1>(s); ++j)
-      if (!keys.contains(n0 + get<1>(c(r, j)))) s(r, j) = -INFINITY;
+    for (int j = 0; j < size<1>(s); ++j) {
+      const int key = n0 + get<1>(c(r, j));
+      if (!keys.contains(key) && key >= sink_end) s(r, j) = -INFINITY;
+    }
+  }
+}
+
+// Adds the ALiBi bias (attnkit/mask.h) to the logits of a tile, indexed as in apply_mask;
+// slope is in the accumulator's units (the ALiBi slope over the softmax's logit scale).
+template <typename Acc, typename Coords>
+__device__ __forceinline__ void add_alibi(Acc& acc, const Coords& coords, const AttentionMask& mask, int m0, int n0,
+                                          float slope) {
+  Tensor s = make_tensor(acc.data(), rowcol(acc.layout()));
+  Tensor c = make_tensor(coords.data(), rowcol(coords.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(s); ++r) {
+    const int diagonal = mask.diagonal(m0 + get<0>(c(r, 0)));
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) s(r, j) += alibi_bias(slope, diagonal, n0 + get<1>(c(r, j)));
   }
 }
 

@@ -46,6 +46,14 @@ struct FwdConfigFor<E, 128> : FwdConfig<E, 128, 64, 64, 4> {};
 template <typename E>
 struct FwdConfigFor<E, 256> : FwdConfig<E, 256, 64, 32, 4> {};
 
+// Tiles of the kernel that reads K / V row by row (pages, quantized rows): the row addresses
+// of a tile take registers the dense loader does not, so head_dim 64 takes 64-row query
+// tiles (128 spills in its mainloop).
+template <typename Element, int kHeadDim>
+struct RowwiseFwdConfigFor : FwdConfigFor<Element, kHeadDim> {};
+template <typename E>
+struct RowwiseFwdConfigFor<E, 64> : FwdConfig<E, 64, 64, 64, 4> {};
+
 // Running max and sum of each of a thread's rows; rescales O when the max moves and turns
 // the logits of acc_s into unnormalised probabilities exp(s - max).
 template <typename AccS, typename AccO, int kRows>
@@ -81,34 +89,41 @@ __device__ __forceinline__ void online_softmax(AccS& acc_s, AccO& acc_o, float (
 // first row, and offers:
 // first() the first key tile to visit, next(n) the one after tile n (the same value however
 // often it is asked), valid(n) whether a tile index is one to visit (false past the last);
-// needs_mask(n) whether tile n holds a hidden logit; apply(acc, coords, n) which sets those
-// logits to -inf. (PrefillMask's expressions are the loop's of the kernel before it took a
-// policy, so the prefill code and its registers stay as they were.)
+// needs_mask(n) whether tile n holds a hidden or biased logit; apply(acc, coords, n) which
+// sets the hidden logits to -inf (and biases the others). PrefillMask visits the tiles of
+// its rows' windows from the last down, then the sink tiles below them (sink_tiles: tiles
+// [0, sink_tiles) hold the sinks); with ALiBi every tile is biased.
 template <int kBlockM, int kBlockN>
 struct PrefillMask {
   struct Args {};
   AttentionMask mask;
   KeyRange tiles;
+  int sink_tiles;
   int m0;
+  float alibi;  // slope in accumulator units: the softmax scales logits by p.scale unless capped
 
-  __device__ PrefillMask(const AttentionParams& p, const Args&, const Sequence& seq, int, int, int m0_)
-      : mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right),
+  __device__ PrefillMask(const AttentionParams& p, const Args&, const Sequence& seq, int b, int h, int m0_)
+      : mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right, p.sink_tokens),
         tiles(tiles_of(mask.keys_of_rows(m0_, min(seq.len_q, m0_ + kBlockM)), kBlockN)),
-        m0(m0_) {}
+        sink_tiles(tiles_of(mask.sink_keys_of_rows(m0_, min(seq.len_q, m0_ + kBlockM)), kBlockN).end),
+        m0(m0_),
+        alibi(p.alibi_slope(b, h) / (p.softcap > 0.f ? 1.f : p.scale)) {}
   __device__ int first() const { return tiles.end - 1; }
-  __device__ int next(int n) const { return n - 1; }
-  __device__ bool valid(int n) const { return n >= tiles.begin; }
+  __device__ int next(int n) const { return n - 1 >= tiles.begin || n - 1 < sink_tiles ? n - 1 : sink_tiles - 1; }
+  __device__ bool valid(int n) const { return n >= 0 && (n >= tiles.begin || n < sink_tiles); }
   __device__ bool needs_mask(int n) const {
-    return !mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN);
+    return alibi != 0.f || !mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN);
   }
   template <typename Acc, typename Coords>
   __device__ void apply(Acc& acc, const Coords& coords, int n) const {
     apply_mask(acc, coords, mask, m0, n * kBlockN);
+    if (alibi != 0.f) add_alibi(acc, coords, mask, m0, n * kBlockN, alibi);
   }
 };
 
-// kPagedKV: K and V are pages (AttentionParams::block_table), each key row found through the
-// block table; otherwise rows of one (sequence, kv head) at a fixed stride.
+// kPagedKV: K and V are read row by row through key_offset: pages (AttentionParams::
+// block_table; cp.async) or a quantized cache (AttentionParams::k_quant, packed or paged rows;
+// dequantized on the way). Otherwise rows of one (sequence, kv head) at a fixed stride.
 template <typename Cfg, typename Policy, bool kPagedKV>
 __global__ void __launch_bounds__(Cfg::kThreads)
     fwd_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ typename Policy::Args args) {
@@ -191,17 +206,38 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   Tensor tOsVt = thr_copy_v.partition_S(sVt);
 
   const auto keys_left = [&](int tile) { return seq.len_k - tile * kBlockN; };
+  // Key tile `tile` of K or V (base, strides, quant: the tensor's) into its shared tile dst.
+  const auto load_rowwise = [&](const void* base, const Strides& strides, const QuantizedRows& quant, auto& dst,
+                                int tile) {
+    const int first = tile * kBlockN;
+    if (!p.is_quantized()) {
+      copy_paged_tile<Element>(p, base, strides, b, seq, h_kv, first, dst, tKVc, keys_left(tile), p.head_dim);
+      return;
+    }
+    switch (quant.format) {
+      case KVFormat::kInt8:
+        copy_quantized_tile<Element, KVFormat::kInt8>(p, quant, strides, b, seq, h_kv, first, dst, tKVc,
+                                                      keys_left(tile), p.head_dim);
+        break;
+      case KVFormat::kInt4:
+        copy_quantized_tile<Element, KVFormat::kInt4>(p, quant, strides, b, seq, h_kv, first, dst, tKVc,
+                                                      keys_left(tile), p.head_dim);
+        break;
+      case KVFormat::kFp8E4M3:
+        copy_quantized_tile<Element, KVFormat::kFp8E4M3>(p, quant, strides, b, seq, h_kv, first, dst, tKVc,
+                                                         keys_left(tile), p.head_dim);
+        break;
+    }
+  };
   const auto load_k = [&](int tile) {
     if constexpr (kPagedKV)
-      copy_paged_tile<Element>(p, p.k, p.k_strides, b, seq, h_kv, tile * kBlockN, tKsK, tKVc, keys_left(tile),
-                               p.head_dim);
+      load_rowwise(p.k, p.k_strides, p.k_quant, tKsK, tile);
     else
       copy_tile<true>(gmem_load, tKgK(_, _, _, tile), tKsK, tKVc, keys_left(tile), p.head_dim);
   };
   const auto load_v = [&](int tile) {
     if constexpr (kPagedKV)
-      copy_paged_tile<Element>(p, p.v, p.v_strides, b, seq, h_kv, tile * kBlockN, tVsV, tKVc, keys_left(tile),
-                               p.head_dim);
+      load_rowwise(p.v, p.v_strides, p.v_quant, tVsV, tile);
     else
       copy_tile<true>(gmem_load, tVgV(_, _, _, tile), tVsV, tKVc, keys_left(tile), p.head_dim);
   };
@@ -297,8 +333,9 @@ void launch_fwd_with(const AttentionParams& p, const typename Policy<Cfg::kBlock
 
 template <typename Element, int kHeadDim>
 void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
-  if (p.is_paged())
-    launch_fwd_with<FwdConfigFor<Element, kHeadDim>, PrefillMask, true>(p, {}, stream, "attention_fwd launch (paged)");
+  if (p.is_paged() || p.is_quantized())
+    launch_fwd_with<RowwiseFwdConfigFor<Element, kHeadDim>, PrefillMask, true>(
+        p, {}, stream, "attention_fwd launch (paged or quantized K / V)");
   else
     launch_fwd_with<FwdConfigFor<Element, kHeadDim>, PrefillMask>(p, {}, stream, "attention_fwd launch");
 }

@@ -64,8 +64,25 @@ struct AttentionParams {
   // Optional per-sequence key cap (nullptr: none): sequence b uses its first seqused_k[b] keys.
   const int32_t* seqused_k = nullptr;
 
+  // Quantized keys and values (varlen only; k_quant.data == nullptr: not quantized;
+  // docs/quantization.md): k / v are k_quant.data / v_quant.data, and k_strides / v_strides
+  // count rows (token, kv head) of QuantizedRows instead of elements. Rotated keys (rows
+  // hold H k) come with q already rotated by the binding: (H q) . (H k) = q . k.
+  QuantizedRows k_quant, v_quant;
+
+  // Sink tokens (AttentionMask): with a left window, keys 0 .. sink_tokens - 1 stay visible.
+  int sink_tokens = 0;
+  // ALiBi (nullptr: none): float32 slope of (sequence b, q head h) at
+  // alibi_slopes[b * alibi_batch_stride + h] (stride 0: one slope per head for every sequence).
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+
   ATTNKIT_HD bool is_varlen() const { return cu_seqlens_q != nullptr; }
   ATTNKIT_HD bool is_paged() const { return block_table != nullptr; }
+  ATTNKIT_HD bool is_quantized() const { return k_quant.data != nullptr; }
+  ATTNKIT_HD float alibi_slope(int b, int h) const {
+    return alibi_slopes ? alibi_slopes[b * alibi_batch_stride + h] : 0.f;
+  }
 };
 
 // The gradient side of a backward pass (prefill and neighborhood): dout in; dq, dk, dv out.

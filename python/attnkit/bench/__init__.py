@@ -1,4 +1,4 @@
-"""attnkit's benchmarks: `python -m attnkit.bench [--device cpu|cuda] [--family prefill,decode,sparse,quant,merge,neighborhood,paged_prefill,context_parallel]
+"""attnkit's benchmarks: `python -m attnkit.bench [--device cpu|cuda] [--family prefill,decode,sparse,quant,merge,neighborhood,paged_prefill,score_mods,block_sparse,context_parallel]
 [--quick] [--json FILE] [--md FILE] [--plot FILE] [--threads N] [--only ID,...] [--budget-s S] [--roofline]`.
 
 It first measures the device's ceilings (a large matrix product, a large copy), then times
@@ -23,7 +23,7 @@ def _parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is present, else cpu")
-    p.add_argument("--family", default="prefill,decode,sparse,quant,merge,neighborhood,paged_prefill",
+    p.add_argument("--family", default="prefill,decode,sparse,quant,merge,neighborhood,paged_prefill,score_mods",
                    help="comma-separated families among prefill, decode, sparse, quant, merge, neighborhood "
                         "(default: these), block_sparse (8k tokens, 18 patterns x densities; only when named), "
                         "context_parallel (spawns 2 gloo processes; only when named)")

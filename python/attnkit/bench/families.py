@@ -893,7 +893,8 @@ def run_paged_prefill(r):
     """Rows: attention_varlen over a paged cache (a new chunk, causal, against its sequence's
     cached tokens and itself), TFLOP/s of the causal work; peers: the same attention over keys
     already contiguous (dense varlen, no gather: the target is within 1.1x), and a gather of
-    the pages into a contiguous copy followed by it (gather time included), SDPA on CUDA."""
+    the pages into a contiguous copy followed by it (gather time included), SDPA and
+    FlexAttention (on the gathered keys) on CUDA; and the same chunk over int8 pages."""
     for chunk, cached, page, B, H, Hkv, D in paged_prefill_configs(r.device, r.quick):
         dtype = torch.float32 if r.device == "cpu" else torch.bfloat16
         dt = dtype_name(dtype)
@@ -913,9 +914,11 @@ def run_paged_prefill(r):
         def contiguous(pages):
             return pages[table.long()].view(B, pages_per_seq * page, Hkv, D)[:, :total].reshape(B * total, Hkv, D)
         k_dense, v_dense = contiguous(k_pages), contiguous(v_pages)
+
+        def over_pages(keys, values):  # the chunk's attention over pages of the table
+            return attnkit.attention_varlen(q, keys, values, cu_q, cu_k, chunk, total, block_table=table, **opts)
         print(case_id, flush=True)
-        ak = r.time_attnkit(case_id, [lambda: attnkit.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, chunk, total,
-                                                                       block_table=table, **opts)])
+        ak = r.time_attnkit(case_id, [lambda: over_pages(k_pages, v_pages)])
         if ak is None:
             continue
         stats = {}
@@ -933,7 +936,15 @@ def run_paged_prefill(r):
                     mask = reference.mask(chunk, total, causal=True, device=dev)
                     return [lambda: _sdpa_masked(qd, kd, vd, mask, ctx)]
                 stats[name], _ = r.time_peer(case_id, name, make)
-        out = attnkit.attention_varlen(q, k_pages, v_pages, cu_q, cu_k, chunk, total, block_table=table, **opts)
+
+            def make_flex():  # FlexAttention over the gathered keys, bottom-right causal block mask
+                fa, create_block_mask = _flex()
+                shift = total - chunk
+                bm = create_block_mask(lambda b, h, qi, ki: qi + shift >= ki, None, None, chunk, total, device=dev)
+                qd, kd, vd = (t.view(B, -1, t.shape[1], D).transpose(1, 2) for t in (q, k_dense, v_dense))
+                return [lambda: fa(qd, kd, vd, block_mask=bm, enable_gqa=True)]
+            stats["flex"], _ = r.time_peer(case_id, "flex", make_flex)
+        out = over_pages(k_pages, v_pages)
         want = attnkit.attention_varlen(q, k_dense, v_dense, cu_q, cu_k, chunk, total, **opts)
         err = rel_err(out, want.double())  # the paged read against the same kernel on contiguous keys
         flops = 4.0 * B * H * D * (chunk * cached + chunk * (chunk + 1) / 2)
@@ -946,11 +957,106 @@ def run_paged_prefill(r):
                       shape_str=shape_str, id=case_id), stats)
         r.free()
 
+        # The same chunk over int8 pages (one scale and zero per row), read and dequantized by
+        # the kernel; peers: the unquantized pages, and dequantize_kv of the pages first.
+        qcase_id = f"paged_prefill/chunk_causal_int8/{dt}/{shape_str}"
+        if _not_run(r, qcase_id, "attention"):
+            continue
+        k_int8, v_int8 = attnkit.quantize_kv(k_pages, "int8"), attnkit.quantize_kv(v_pages, "int8")
+        print(qcase_id, flush=True)
+        ak = r.time_attnkit(qcase_id, [lambda: over_pages(k_int8, v_int8)])
+        if ak is None:
+            continue
+
+        def dequantize_then_paged():
+            return over_pages(attnkit.dequantize_kv(k_int8).to(dtype), attnkit.dequantize_kv(v_int8).to(dtype))
+        stats = {}
+        stats["unquantized_pages"], _ = r.time_peer(qcase_id, "unquantized_pages",
+                                                    lambda: [lambda: over_pages(k_pages, v_pages)])
+        stats["dequantize_then_paged"], _ = r.time_peer(qcase_id, "dequantize_then_paged",
+                                                        lambda: [dequantize_then_paged])
+        err = rel_err(over_pages(k_int8, v_int8), dequantize_then_paged().double())
+        tflops = flops / (ak.median * 1e-3) / 1e12
+        r.add_row(Row("paged_prefill", "chunk_causal_int8", dt,
+                      dict(shape, kv_format="int8",
+                           err_on="all rows, against attnkit's paged prefill on the dequantized pages"),
+                      ak, tflops=tflops, pct_of_ceiling=100.0 * tflops / r.ceilings.matmul_tflops, max_rel_err=err,
+                      shape_str=shape_str, id=qcase_id), stats)
+        r.free()
+
 
 def _sdpa_masked(q, k, v, mask, ctx):
     with ctx():
         return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                                 v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------
+# score modifiers: sink tokens and ALiBi
+
+
+def score_mods_configs(device, quick):
+    """(batch, seqlen, heads_q, heads_kv, head_dim, window_left, sink_tokens)."""
+    if device == "cpu":
+        return [(1, 1024, 4, 2, 64, 128, 4)] if quick else [(1, 2048, 8, 2, 64, 256, 4)]
+    return [(2, 4096, 32, 8, 128, 1024, 4)] if quick else [(2, 8192, 32, 8, 128, 1024, 4)]
+
+
+def run_score_mods(r):
+    """Rows (forward, causal): "streaming_sinks" (a left window plus sink tokens, StreamingLLM)
+    and "alibi" (FlashAttention's ALiBi slopes per head), TFLOP/s of the visible logits; peers:
+    attnkit on the same call without the modifier (its overhead) and SDPA with the equivalent
+    bool mask or float bias (how such models run without a fused kernel)."""
+    for B, S, H, Hkv, D, window, sinks in score_mods_configs(r.device, r.quick):
+        dtype = torch.float32 if r.device == "cpu" else torch.bfloat16
+        dt, dev, group = dtype_name(dtype), r.device, H // Hkv
+        q, k, v = (_randn((B, S, h, D), dtype, dev) for h in (H, Hkv, Hkv))
+        slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=dev)
+        cases = {
+            "streaming_sinks": (dict(causal=True, window=(window, 0), sink_tokens=sinks),
+                                dict(causal=True, window=(window, 0)),
+                                reference.mask(S, S, causal=True, window=(window, 0), device=dev, sink_tokens=sinks)),
+            "alibi": (dict(causal=True, alibi_slopes=slopes), dict(causal=True), None),
+        }
+        for name, (opts, plain, visible) in cases.items():
+            shape_str = f"B{B} S{S} Hq{H} Hkv{Hkv} D{D}" + (f" window{window} sinks{sinks}" if visible is not None else "")
+            case_id = f"score_mods/{name}/{dt}/{shape_str}"
+            if _not_run(r, case_id, "attention"):
+                continue
+            print(case_id, flush=True)
+            ak = r.time_attnkit(case_id, [lambda: attnkit.attention(q, k, v, **opts)])
+            if ak is None:
+                continue
+            stats = {}
+            stats["attnkit_without"], _ = r.time_peer(case_id, "attnkit_without",
+                                                      lambda: [lambda: attnkit.attention(q, k, v, **plain)])
+            if visible is None:  # ALiBi as an additive float mask, -inf above the diagonal
+                causal_mask = reference.mask(S, S, causal=True, device=dev)
+                positions = torch.arange(S, device=dev)
+                distance = (positions[:, None] - positions[None, :]).abs().to(dtype)  # (S, S), built in dtype
+                sdpa_mask = (-slopes.to(dtype)[:, None, None] * distance).masked_fill(~causal_mask, float("-inf"))[None]
+                pairs = int(causal_mask.sum())
+            else:
+                sdpa_mask, pairs = visible, int(visible.sum())
+            for peer, ctx in _sdpa_backends(dev).items():
+                def make(ctx=ctx):
+                    kd, vd = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+                    return [lambda: _sdpa_masked(q, kd, vd, sdpa_mask, ctx)]
+                stats[peer], _ = r.time_peer(case_id, peer, make)
+            out = attnkit.attention(q, k, v, **opts)
+            # Error on the first kv head's group of q heads of sequence 0, against the float64 reference.
+            ref_opts = dict(opts, alibi_slopes=slopes[:group]) if "alibi_slopes" in opts else opts
+            want, _ = reference.attention(q[:1, :, :group], k[:1, :, :1], v[:1, :, :1], **ref_opts)
+            err = rel_err(out[:1, :, :group], want)
+            tflops = 4.0 * B * H * D * pairs / (ak.median * 1e-3) / 1e12
+            shape = {"batch": B, "seqlen": S, "heads_q": H, "heads_kv": Hkv, "head_dim": D, "causal": True,
+                     "window_left": window if visible is not None else -1,
+                     "sink_tokens": sinks if visible is not None else 0, "alibi": visible is None,
+                     "err_on": "sequence 0, q heads of kv head 0, against the float64 reference"}
+            r.add_row(Row("score_mods", name, dt, shape, ak, tflops=tflops,
+                          pct_of_ceiling=100.0 * tflops / r.ceilings.matmul_tflops, max_rel_err=err,
+                          shape_str=shape_str, id=case_id), stats)
+            r.free()
 
 
 # ------------------------------------------------------------------------------------
@@ -1076,5 +1182,6 @@ def run_block_sparse(r):
 
 FAMILIES = {"prefill": run_prefill, "decode": run_decode, "sparse": run_sparse, "quant": run_quant,
             "merge": run_merge, "neighborhood": run_neighborhood, "paged_prefill": run_paged_prefill,
+            "score_mods": run_score_mods,
             "block_sparse": run_block_sparse,
             "context_parallel": run_context_parallel}  # not in --family's default: it spawns processes

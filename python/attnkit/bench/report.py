@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-FAMILY_ORDER = ("prefill", "paged_prefill", "decode", "merge", "neighborhood", "block_sparse")
+FAMILY_ORDER = ("prefill", "paged_prefill", "score_mods", "decode", "merge", "neighborhood", "block_sparse")
 
 
 def git_commit():

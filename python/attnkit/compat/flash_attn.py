@@ -4,7 +4,7 @@ backward, on attnkit.attention / attention_varlen), flash_attn_with_kvcache (cac
 rotary, cache_batch_idx, cache_leftpad, paged caches; on attnkit.decode or attention_varlen)
 and FA3's flash_attn_combine (on attnkit.merge_attention_states).
 
-Not supported (NotImplementedError): dropout_p > 0, alibi_slopes. docs/compat_flash_attn.md
+Not supported (NotImplementedError): dropout_p > 0. docs/compat_flash_attn.md
 has the mapping, which kernel each flash_attn_with_kvcache call runs, and the choices made
 where FlashAttention leaves the behaviour open.
 """
@@ -51,14 +51,12 @@ def _int(value, name):
     return value
 
 
-def _no_dropout_no_alibi(dropout_p, alibi_slopes):
+def _no_dropout(dropout_p):
     _require(isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and 0 <= dropout_p <= 1,
              f"dropout_p must be a probability in [0, 1], got {dropout_p!r}")
     if dropout_p > 0:
         raise NotImplementedError(f"dropout_p > 0 is not supported: attnkit has no attention dropout (got "
                                   f"dropout_p={dropout_p}); pass dropout_p=0.0")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not supported: attnkit has no ALiBi bias; pass alibi_slopes=None")
 
 
 def _softcap(softcap):
@@ -93,11 +91,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (left, right) keys around the diagonal, -1 = unbounded. Differentiable. Returns out, or
     (out, softmax_lse (batch, heads, seqlen_q) float32, None) with return_attn_probs.
     deterministic is accepted and ignored."""
-    _no_dropout_no_alibi(dropout_p, alibi_slopes)
+    _no_dropout(dropout_p)
     _tensor(k, "k", 4, "(batch, seqlen_k, kv_heads, head_dim)")
     causal, window = _fa_mask(causal, window_size, k.shape[1])
     out, lse = attention(q, k, v, causal=causal, scale=_scale(softmax_scale), window=window,
-                         softcap=_softcap(softcap), return_lse=True)
+                         softcap=_softcap(softcap), alibi_slopes=alibi_slopes, return_lse=True)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -126,10 +124,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     kv_heads, head_dim) and sequence b reads its cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys
     from pages block_table[b] (gathered first). Differentiable. Returns out, or (out,
     softmax_lse (heads, total_q), None) with return_attn_probs."""
-    _no_dropout_no_alibi(dropout_p, alibi_slopes)
+    _no_dropout(dropout_p)
     causal, window = _fa_mask(causal, window_size, _int(max_seqlen_k, "max_seqlen_k"))
     options = dict(causal=causal, scale=_scale(softmax_scale), window=window, softcap=_softcap(softcap),
-                   return_lse=True)
+                   alibi_slopes=alibi_slopes, return_lse=True)
     if block_table is None:
         out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
     else:
@@ -286,8 +284,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_splits is ignored. Returns out, or (out, softmax_lse (batch, heads, seqlen_q)) with
     return_softmax_lse. Runs attnkit.decode or attention_varlen: docs/compat_flash_attn.md.
     """
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not supported: attnkit has no ALiBi bias; pass alibi_slopes=None")
     if page_table is not None:
         _require(block_table is None, "pass block_table or page_table (its FA3 name), not both")
         block_table = page_table
@@ -360,7 +356,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if seqlen_new:
         _append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
     ends = seqlens + seqlen_new
-    options = dict(scale=_scale(softmax_scale), softcap=_softcap(softcap), return_lse=True)
+    options = dict(scale=_scale(softmax_scale), softcap=_softcap(softcap), alibi_slopes=alibi_slopes, return_lse=True)
     if 1 <= seqlen_q <= DECODE_MAX_QUERIES and cache_leftpad is None and (right == 0 or seqlen_q == 1):
         if paged:
             table, keys, values = block_table.int(), k_cache, v_cache
@@ -383,6 +379,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             out, lse = attention_varlen(flat_q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, seqlen_q, capacity,
                                         block_table=table, **mask)
         else:
+            if alibi_slopes is not None and alibi_slopes.dim() == 2:  # real sequence b is varlen sequence 2b + 1
+                mask["alibi_slopes"] = torch.cat([alibi_slopes.repeat_interleave(2, 0), alibi_slopes[:1]])
             out, lse = _attention_over_rows(flat_q, cu_seqlens_q, seqlen_q,
                                             _cache_rows(k_cache, batch, cache_batch_idx, block_table),
                                             _cache_rows(v_cache, batch, cache_batch_idx, block_table),
