@@ -46,6 +46,8 @@ template <typename Element, int kHeadDim>
 struct BwdConfigFor : BwdConfig<Element, kHeadDim, 64, 64, (kHeadDim >= 128 ? 8 : 4)> {};
 
 constexpr int kRowWarps = 8;  // rows kernels: one warp per row, 8 rows per CTA
+constexpr int kRowVec = 8;    // channels per lane and access: 16 bytes of fp16 / bf16 (the bindings
+                              // give rows 16-byte aligned and head_dim a multiple of 8)
 
 // Kernel 1: delta = rowsum(dO * O) (- grad_lse) and dq_accum = 0 for every query row.
 template <typename Element>
@@ -59,9 +61,15 @@ __global__ void __launch_bounds__(32 * kRowWarps) bwd_rows_kernel(const __grid_c
   const Element* d_o = static_cast<const Element*>(bp.dout) + offset_of(bp.dout_strides, b, seq.row_q + row, h);
   float* acc = bp.dq_accum + offset_of(bp.dq_accum_strides, b, seq.row_q + row, h);
   float dot = 0.f;
-  for (int c = lane; c < p.head_dim; c += 32) {
-    dot += float(o[c]) * float(d_o[c]);
-    acc[c] = 0.f;
+  for (int c = lane * kRowVec; c < p.head_dim; c += 32 * kRowVec) {
+    const uint4 o_bits = *reinterpret_cast<const uint4*>(o + c);
+    const uint4 do_bits = *reinterpret_cast<const uint4*>(d_o + c);
+    const Element* o_vec = reinterpret_cast<const Element*>(&o_bits);
+    const Element* do_vec = reinterpret_cast<const Element*>(&do_bits);
+    CUTE_UNROLL
+    for (int i = 0; i < kRowVec; ++i) dot += float(o_vec[i]) * float(do_vec[i]);
+    reinterpret_cast<float4*>(acc + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    reinterpret_cast<float4*>(acc + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
   const int64_t lse_index = lse_offset(p, b, h, seq) + row;
@@ -78,7 +86,14 @@ __global__ void __launch_bounds__(32 * kRowWarps) bwd_dq_kernel(const __grid_con
   if (row >= seq.len_q) return;
   const float* acc = bp.dq_accum + offset_of(bp.dq_accum_strides, b, seq.row_q + row, h);
   Element* dq = static_cast<Element*>(bp.dq) + offset_of(bp.dq_strides, b, seq.row_q + row, h);
-  for (int c = lane; c < p.head_dim; c += 32) dq[c] = Element(acc[c] * p.scale);
+  for (int c = lane * kRowVec; c < p.head_dim; c += 32 * kRowVec) {
+    const float4 lo = reinterpret_cast<const float4*>(acc + c)[0], hi = reinterpret_cast<const float4*>(acc + c)[1];
+    const float values[kRowVec] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    cutlass::Array<Element, kRowVec> out;
+    CUTE_UNROLL
+    for (int i = 0; i < kRowVec; ++i) out[i] = Element(values[i] * p.scale);
+    *reinterpret_cast<uint4*>(dq + c) = *reinterpret_cast<const uint4*>(&out);
+  }
 }
 
 // Writes an fp32 accumulator tile (rows x head_dim) times `scale` as Element, skipping rows
