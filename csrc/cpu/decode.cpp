@@ -12,14 +12,17 @@
 // A head group is a run of kv heads processed together (all of them unless the
 // accumulators would outgrow the L2 budget): key row j of every head of the group is
 // one contiguous run of group_heads * head_dim elements in both cache layouts, so a
-// worker streams K and V sequentially. Reading one kv head at a time instead strides by
-// kv_heads * head_dim elements (4 KB at 8 x 128 fp32), which the hardware prefetchers do
-// not follow across pages: docs/decode.md has the numbers.
+// worker streams K sequentially. Reading one kv head at a time strides by kv_heads *
+// head_dim elements (4 KB at 8 x 128 fp32), which the hardware prefetchers do not follow
+// across pages: where the P V pass does (bf16), the step's V rows have been prefetched
+// into L2 by hand while its scores were computed (DecodeWorker). docs/decode.md has the
+// numbers.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -39,8 +42,9 @@
 namespace attnkit::cpu {
 namespace {
 
-constexpr int kTileKeys = 64;                 // keys per schedule tile and per online-softmax step
-constexpr int kValueKeys = 4;                 // keys per pass over the accumulators
+constexpr int kTileKeys = 64;                 // keys per schedule tile and (at most) per online-softmax step
+constexpr int64_t kStepBytes = 128 * 1024;    // K bytes of one step (see DecodeWorker)
+constexpr int kValueBlock = 8;                // keys per P V pass in memory order (see DecodeWorker)
 constexpr int64_t kGroupFloats = 32 * 1024;   // accumulator floats of one head group (128 KB)
 
 // kv heads per group: as many as the accumulator budget allows, evened out; one for sparse
@@ -76,17 +80,47 @@ inline int64_t row_offset(const DecodeParams& p, const Strides& s, int b, int j)
   return page * s.batch + int64_t(j % p.page_size) * s.row;
 }
 
-// Prefetches key row `row` of `heads` kv heads (head_stride elements apart) into the cache.
+// Prefetches the cache line at p into L2 (PREFETCHT2 on x86). In inline assembly, a side
+// effect the compiler keeps: GCC deletes a loop whose only statements are
+// __builtin_prefetch calls (C++ loops are assumed to terminate, -ffinite-loops, and the
+// builtin counts as no effect), which silently removed every prefetch of the previous
+// decode kernel. Into L2 rather than L1 (PREFETCHT0): on Zen 4, bf16 decode of 32k tokens
+// on one thread took 16-18 ms with T2 against 26-33 ms with T0, whose L1 fills compete
+// with the demand loads of the tile being computed.
+inline void prefetch_line(const char* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht2 %0" : : "m"(*p));
+#elif defined(__aarch64__)
+  asm volatile("prfm pldl2keep, %0" : : "Q"(*p));
+#else
+  __builtin_prefetch(p, 0, 1);
+#endif
+}
+
+// Prefetches `bytes` from p into L1 (PREFETCHT0), for rows already in L2.
+inline void prefetch_l1(const char* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht0 %0" : : "m"(p[i]));
+#elif defined(__aarch64__)
+    asm volatile("prfm pldl1keep, %0" : : "Q"(p[i]));
+#else
+    __builtin_prefetch(p + i, 0, 3);
+#endif
+  }
+}
+
+// Prefetches key row `row` of `heads` kv heads (head_stride elements apart) into L2.
 template <typename T>
 inline void prefetch_heads(const T* row, int heads, int64_t head_stride, int D) {
   const char* bytes = reinterpret_cast<const char*>(row);
   const int64_t run = int64_t(D) * int64_t(sizeof(T));
   if (head_stride == D) {  // one contiguous run
-    for (int64_t i = 0; i < run * heads; i += 64) __builtin_prefetch(bytes + i);
+    for (int64_t i = 0; i < run * heads; i += 64) prefetch_line(bytes + i);
     return;
   }
   for (int h = 0; h < heads; ++h)
-    for (int64_t i = 0; i < run; i += 64) __builtin_prefetch(bytes + h * head_stride * int64_t(sizeof(T)) + i);
+    for (int64_t i = 0; i < run; i += 64) prefetch_line(bytes + h * head_stride * int64_t(sizeof(T)) + i);
 }
 
 // 8 elements of a cache row as floats (fp32: tile_math.h's load8).
@@ -129,6 +163,7 @@ template <typename T>
 struct PlainCache {
   const T* base;
   const T* row(int64_t offset) const { return base + offset; }
+  int64_t bytes_per_row(int D) const { return int64_t(D) * int64_t(sizeof(T)); }
   void prefetch(int64_t offset, int heads, int64_t head_stride, int D) const {
     prefetch_heads(base + offset, heads, head_stride, D);
   }
@@ -196,13 +231,14 @@ struct QuantCache {
   QuantizedRows rows;
   int row_bytes = rows.row_bytes(), groups = rows.groups();
   int group_shift = rows.group_shift();
+  int64_t bytes_per_row(int) const { return row_bytes; }
   QuantRow<F> row(int64_t r) const {
     return {rows.data + r * row_bytes, rows.scale + r * groups, rows.zero ? rows.zero + r * groups : nullptr,
             group_shift};
   }
   void prefetch(int64_t r, int heads, int64_t head_stride, int) const {
     prefetch_heads(rows.data + r * row_bytes, heads, head_stride * row_bytes, row_bytes);
-    for (int h = 0; h < heads; ++h) __builtin_prefetch(rows.scale + (r + h * head_stride) * groups);
+    for (int h = 0; h < heads; ++h) prefetch_line(reinterpret_cast<const char*>(rows.scale + (r + h * head_stride) * groups));
   }
 };
 
@@ -220,79 +256,212 @@ inline void hsum4(vec8 a, vec8 b, vec8 c, vec8 d, float* out0, float* out1, floa
   *out3 = abcd[3] + abcd[7];
 }
 
-// Scores of keys k0 and k1 (two adjacent columns of s) for the `rows` query rows q (Dp
-// apart, Dp a multiple of 8): s[r * ss] = q_r . k0, s[r * ss + 1] = q_r . k1. Two keys and
-// four rows give eight independent FMA chains and share every q load.
-template <typename Row>
-inline void score_rows2(const float* q, int rows, int Dp, Row k0, Row k1, float* s, int ss) {
-  int r = 0;
-  for (; r + 4 <= rows; r += 4, q += 4 * Dp, s += 4 * ss) {
-    vec8 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
-    for (int d = 0; d < Dp; d += kVec) {
-      const vec8 x = load8(k0 + d), y = load8(k1 + d);
-      const vec8 q0 = load8(q + d), q1 = load8(q + Dp + d), q2 = load8(q + 2 * Dp + d), q3 = load8(q + 3 * Dp + d);
-      a0 += q0 * x, b0 += q0 * y;
-      a1 += q1 * x, b1 += q1 * y;
-      a2 += q2 * x, b2 += q2 * y;
-      a3 += q3 * x, b3 += q3 * y;
+// Register tiles of the micro-kernels below. With AVX-512 (32 vector registers) a score
+// tile is 4 q rows x 4 keys (16 accumulators) and a value tile 4 rows x 32 channels;
+// with 16 registers (AVX2, SSE, NEON) half of each, so nothing spills.
+#if defined(__AVX512F__)
+constexpr int kScoreKeys = 4;
+constexpr int kAccRegs = 16;
+#else
+constexpr int kScoreKeys = 2;
+constexpr int kAccRegs = 8;
+#endif
+constexpr int kRowBlock = 4;  // q rows per micro-kernel call
+
+// Scores of kK keys for kR q rows (Dp apart, Dp a multiple of 8): s[r * ss + i] = q_r . k_i.
+// Every 8 channels of a key are read (and converted or dequantized) once for all kR rows.
+template <int kR, int kK, typename Row>
+inline void score_block(const float* q, int Dp, const Row* k, float* s, int ss) {
+  vec8 acc[kR][kK];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < kK; ++i) acc[r][i] = vec8{};
+  for (int d = 0; d < Dp; d += kVec) {
+    vec8 x[kK];
+#pragma GCC unroll 16
+    for (int i = 0; i < kK; ++i) x[i] = load8(k[i] + d);
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      const vec8 qv = load8(q + r * Dp + d);
+#pragma GCC unroll 16
+      for (int i = 0; i < kK; ++i) acc[r][i] += qv * x[i];
     }
-    hsum4(a0, a1, a2, a3, s, s + ss, s + 2 * ss, s + 3 * ss);
-    hsum4(b0, b1, b2, b3, s + 1, s + ss + 1, s + 2 * ss + 1, s + 3 * ss + 1);
   }
-  for (; r < rows; ++r, q += Dp, s += ss) {
-    vec8 a{}, b{};
-    for (int d = 0; d < Dp; d += kVec) {
-      const vec8 qv = load8(q + d);
-      a += qv * load8(k0 + d), b += qv * load8(k1 + d);
-    }
-    s[0] = hsum8(a), s[1] = hsum8(b);
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r) {
+    float* out = s + r * ss;
+    int i = 0;
+#pragma GCC unroll 16
+    for (; i + 4 <= kK; i += 4) hsum4(acc[r][i], acc[r][i + 1], acc[r][i + 2], acc[r][i + 3], out + i, out + i + 1, out + i + 2, out + i + 3);
+#pragma GCC unroll 16
+    for (; i < kK; ++i) out[i] = hsum8(acc[r][i]);
   }
 }
 
-// One key: s[r * ss] = q_r . k.
-template <typename Row>
-inline void score_rows1(const float* q, int rows, int Dp, Row k, float* s, int ss) {
-  for (int r = 0; r < rows; ++r, q += Dp, s += ss) {
-    vec8 a0{}, a1{};
-    int d = 0;
-    for (; d + 2 * kVec <= Dp; d += 2 * kVec) {
-      a0 += load8(q + d) * load8(k + d);
-      a1 += load8(q + d + kVec) * load8(k + (d + kVec));
-    }
-    if (d < Dp) a0 += load8(q + d) * load8(k + d);
-    *s = hsum8(a0 + a1);
+// score_block over any number of rows (blocks of kRowBlock, then the rest).
+template <int kK, typename Row>
+inline void score_rows(const float* q, int rows, int Dp, const Row* k, float* s, int ss) {
+  int r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) score_block<kRowBlock, kK>(q + r * Dp, Dp, k, s + r * ss, ss);
+  q += r * Dp, s += r * ss;
+  switch (rows - r) {
+    case 3: score_block<3, kK>(q, Dp, k, s, ss); break;
+    case 2: score_block<2, kK>(q, Dp, k, s, ss); break;
+    case 1: score_block<1, kK>(q, Dp, k, s, ss); break;
+    default: break;
   }
 }
 
-// o_r += sum over i < kKeys of prob[r * ps + i] * v[i], for the `rows` accumulator rows o
-// (Dp apart): several keys per pass cut the loads and stores of o.
-template <int kKeys, typename Row>
-inline void accumulate_rows(float* o, int rows, int Dp, const float* prob, int ps, const Row* v) {
-  int r = 0;
-  for (; r + 2 <= rows; r += 2, o += 2 * Dp, prob += 2 * ps) {
-    float p0[kKeys], p1[kKeys];
-    for (int i = 0; i < kKeys; ++i) p0[i] = prob[i], p1[i] = prob[ps + i];
-    for (int d = 0; d < Dp; d += kVec) {
-      vec8 o0 = load8(o + d), o1 = load8(o + Dp + d);
-      for (int i = 0; i < kKeys; ++i) {
-        const vec8 x = load8(v[i] + d);
-        o0 += p0[i] * x, o1 += p1[i] * x;
-      }
-      store8(o + d, o0);
-      store8(o + Dp + d, o1);
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define ATTNKIT_DECODE_BF16_DOT 1
+// bf16 keys against bf16 q rows with AVX512-BF16 (VDPBF16PS: 32 products a
+// instruction, exact in fp32, summed in fp32): no conversion of K at all, and half the
+// instructions of the fp32 FMA path. q is used as given (its bf16 values, unscaled) and
+// the scale multiplies the scores, so a score is the same fp32 dot product as
+// (q * scale) . k up to rounding. Channels in groups of 32, so head_dim % 32 == 0.
+inline vec8 fold16(__m512 a) {  // lanes i and i + 8 summed
+  const __m256 lo = _mm512_castps512_ps256(a);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+  return vec8(_mm256_add_ps(lo, hi));
+}
+
+template <int kR, int kK>
+inline void score_block_bf16(const BFloat16* q, int D, const BFloat16* const* k, float* s, int ss, float scale) {
+  __m512 acc[kR][kK];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int i = 0; i < kK; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 32) {
+    __m512bh x[kK];
+#pragma GCC unroll 16
+    for (int i = 0; i < kK; ++i) x[i] = (__m512bh)_mm512_loadu_si512(k[i] + d);
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + r * D + d);
+#pragma GCC unroll 16
+      for (int i = 0; i < kK; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], qv, x[i]);
     }
   }
-  if (r < rows) {
-    for (int d = 0; d < Dp; d += kVec) {
-      vec8 o0 = load8(o + d);
-      for (int i = 0; i < kKeys; ++i) o0 += prob[i] * load8(v[i] + d);
-      store8(o + d, o0);
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r) {
+    float* out = s + r * ss;
+    int i = 0;
+#pragma GCC unroll 16
+    for (; i + 4 <= kK; i += 4)
+      hsum4(fold16(acc[r][i]), fold16(acc[r][i + 1]), fold16(acc[r][i + 2]), fold16(acc[r][i + 3]), out + i,
+            out + i + 1, out + i + 2, out + i + 3);
+#pragma GCC unroll 16
+    for (; i < kK; ++i) out[i] = hsum8(fold16(acc[r][i]));
+#pragma GCC unroll 16
+    for (i = 0; i < kK; ++i) out[i] *= scale;
+  }
+}
+
+template <int kK>
+inline void score_rows_bf16(const BFloat16* q, int rows, int D, const BFloat16* const* k, float* s, int ss,
+                            float scale) {
+  int r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock)
+    score_block_bf16<kRowBlock, kK>(q + r * D, D, k, s + r * ss, ss, scale);
+  q += r * D, s += r * ss;
+  switch (rows - r) {
+    case 3: score_block_bf16<3, kK>(q, D, k, s, ss, scale); break;
+    case 2: score_block_bf16<2, kK>(q, D, k, s, ss, scale); break;
+    case 1: score_block_bf16<1, kK>(q, D, k, s, ss, scale); break;
+    default: break;
+  }
+}
+#endif
+
+// A row seen from channel d0 on: row + c reads channels d0 + c.. (a plain row: the pointer
+// itself, so the micro-kernels address with constant offsets).
+template <typename Row>
+struct Shifted {
+  Row row;
+  int d0;
+  auto operator+(int c) const { return row + (d0 + c); }
+};
+template <typename Row>
+inline auto shifted(Row row, int d0) {
+  if constexpr (std::is_pointer_v<Row>) return row + d0;
+  else return Shifted<Row>{row, d0};
+}
+
+inline vec8 bcast8(float x) { return vec8{x, x, x, x, x, x, x, x}; }
+
+// o_r[d0, d0 + 8 kC) += sum over keys i < n of prob[r * ps + i] * v_i[d0, d0 + 8 kC), for
+// kR accumulator rows (Dp apart): the kR x kC accumulators stay in registers over all n
+// keys, and every 8 channels of a value row are read (and converted) once for all rows.
+template <int kR, int kC, typename Row>
+// Not inlined: as its own function GCC keeps all kR x kC accumulators in registers (inlined
+// into the worker it spilled one and chained every key through a store and a reload).
+__attribute__((noinline)) void accumulate_block(float* o, int Dp, const float* prob, int ps, const Row* v, int n, int d0) {
+  vec8 acc[kR][kC];
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < kC; ++j) acc[r][j] = load8(o + r * Dp + d0 + j * kVec);
+  for (int i = 0; i < n; ++i) {
+    const auto x_row = shifted(v[i], d0);
+    vec8 w[kR];
+#pragma GCC unroll 16
+    for (int r = 0; r < kR; ++r) w[r] = bcast8(prob[r * ps + i]);
+#pragma GCC unroll 16
+    for (int j = 0; j < kC; ++j) {
+      const vec8 x = load8(x_row + j * kVec);
+#pragma GCC unroll 16
+      for (int r = 0; r < kR; ++r) acc[r][j] += w[r] * x;
     }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < kC; ++j) store8(o + r * Dp + d0 + j * kVec, acc[r][j]);
+}
+
+template <int kR, typename Row>
+inline void accumulate_block_rows(float* o, int Dp, const float* prob, int ps, const Row* v, int n) {
+  constexpr int kC = kAccRegs / kR > 8 ? 8 : kAccRegs / kR;
+  int d = 0;
+  for (; d + kC * kVec <= Dp; d += kC * kVec) accumulate_block<kR, kC>(o, Dp, prob, ps, v, n, d);
+  for (; d < Dp; d += kVec) accumulate_block<kR, 1>(o, Dp, prob, ps, v, n, d);
+}
+
+// o_r += sum over keys i < n of prob[r * ps + i] * v_i for `rows` accumulator rows (Dp apart).
+template <typename Row>
+inline void accumulate_rows(float* o, int rows, int Dp, const float* prob, int ps, const Row* v, int n) {
+  int r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock)
+    accumulate_block_rows<kRowBlock>(o + r * Dp, Dp, prob + r * ps, ps, v, n);
+  o += r * Dp, prob += r * ps;
+  switch (rows - r) {
+    case 3: accumulate_block_rows<3>(o, Dp, prob, ps, v, n); break;
+    case 2: accumulate_block_rows<2>(o, Dp, prob, ps, v, n); break;
+    case 1: accumulate_block_rows<1>(o, Dp, prob, ps, v, n); break;
+    default: break;
   }
 }
 
 // Runs the items of one worker; its buffers live as long as the worker. T: the dtype of q
 // and out; Cache: PlainCache<T> or QuantCache<format>.
+//
+// An item's keys go in steps (step_keys(): 64 keys at bf16 8 x 128, 32 at fp32). Per step:
+// - scores in memory order (blocks of kScoreKeys keys, every head of the group), each block
+//   against its head's q rows by score_block (fp32 FMAs; K read, and converted, once per
+//   block of 4 q rows) or, for bf16 caches with AVX512-BF16, score_block_bf16 (VDPBF16PS
+//   on K as stored); meanwhile the step's V rows are prefetched into L2;
+// - the online-softmax step of every row;
+// - values head by head, the accumulators of 4 rows x 32 channels in registers over all
+//   keys of the step (accumulate_block; every V element read and converted once per 4 q
+//   rows), while the next step's K rows are prefetched into L2 and the next head's V rows
+//   into L1; or, where a head's V row is >= 512 bytes (fp32 at head_dim 128), in memory
+//   order, kValueBlock keys x every head at a time (measured faster there: 25-26 ms
+//   against 27-31 ms for fp32 32k on one thread; bf16 16 ms against 19-22 ms the other way).
+// GQA groups of more than 4 rows per kv head (or head_dims that are not multiples of 8)
+// convert each head's K and V rows of the step once into a per-thread fp32 scratch tile
+// instead and run the same micro-kernels on it, so no element is converted per q row.
 template <typename T, typename Cache>
 class DecodeWorker {
  public:
@@ -308,13 +477,17 @@ class DecodeWorker {
         rows_head_(qgroup_ * p.seqlen_q),
         group_heads_(group_heads),
         head_groups_((p.heads_kv + group_heads - 1) / group_heads),
+        convert_(D_ != Dp_ || (rows_head_ > kRowBlock && !std::is_same_v<Row, const float*>)),
+        dot_bf16_(kCanDotBf16 && !convert_ && D_ % 32 == 0),
+        values_by_block_(v_cache.bytes_per_row(D_) >= 512),
         lens_(lens),
         part_out_(part_out),
         part_lse_(part_lse),
         q_tile_(size_t(rows_head_) * group_heads * Dp_),
         acc_(q_tile_.size()),
         s_tile_(size_t(rows_head_) * group_heads * kTileKeys),
-        row_buf_(Dp_, 0.f),
+        kv_tile_(convert_ ? size_t(kTileKeys) * Dp_ : 0),
+        q_bf16_(dot_bf16_ ? size_t(rows_head_) * group_heads * D_ : 0),
         state_(size_t(rows_head_) * group_heads),
         visible_(state_.size()) {}
 
@@ -336,6 +509,7 @@ class DecodeWorker {
                    row.h * p_.q_strides.head;
       float* dst = q_tile_.data() + size_t(r) * Dp_;
       load_row(q, D_, dst, p_.scale);
+      if (dot_bf16_) std::memcpy(q_bf16_.data() + size_t(r) * D_, q, size_t(D_) * sizeof(T));
       if (p_.k_quant.rotated) hadamard_rotate(dst, D_);  // keys stored as H k: (H q) . (H k) = q . k
       std::fill(dst + D_, dst + Dp_, 0.f);
       state_[r] = RowSoftmax{};
@@ -345,82 +519,85 @@ class DecodeWorker {
     std::fill(acc_.begin(), acc_.begin() + size_t(rows) * Dp_, 0.f);
 
     const int64_t k_head = p_.k_strides.head, v_head = p_.v_strides.head;
-    for (int key0 = first; key0 < last; key0 += kTileKeys) {
-      const int n = std::min(kTileKeys, last - key0), n_pad = round_up(n, kVec);
-      for (int c = 0; c < n; ++c) {
-        pos_[c] = decode_key_position(p_, b, h0, key0 + c, len);
-        const int row = std::max(pos_[c], 0);  // a key naming no token reads row 0 (len > 0), masked
-        k_off_[c] = row_offset(p_, p_.k_strides, b, row) + int64_t(h0) * k_head;
-        v_off_[c] = row_offset(p_, p_.v_strides, b, row) + int64_t(h0) * v_head;
-      }
-      // Scores: keys in pairs, in memory order (key, then head), each against its head's
-      // rows; meanwhile this tile's values are prefetched.
-      int c = 0;
-      for (; c + 2 <= n; c += 2) {
-        v_cache_.prefetch(v_off_[c], heads, v_head, D_);
-        v_cache_.prefetch(v_off_[c + 1], heads, v_head, D_);
-        for (int hh = 0; hh < heads; ++hh) {
-          const auto key_a = k_cache_.row(k_off_[c] + hh * k_head);
-          const auto key_b = k_cache_.row(k_off_[c + 1] + hh * k_head);
-          const float* q = q_tile_.data() + size_t(hh) * rows_head_ * Dp_;
-          float* s = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
-          if (D_ == Dp_) {
-            score_rows2(q, rows_head_, Dp_, key_a, key_b, s, kTileKeys);
-          } else {
-            score_rows1(q, rows_head_, Dp_, padded(key_a), s, kTileKeys);
-            score_rows1(q, rows_head_, Dp_, padded(key_b), s + 1, kTileKeys);
+    // Steps of `step` keys (step_keys()). The first step's offsets are resolved here; each
+    // step then resolves the next one's, whose K rows it prefetches while its values are
+    // accumulated.
+    const int step = step_keys(heads);
+    int n_next = first < last ? resolve_tile(b, h0, len, first, last, step, *next_) : 0;
+    for (int key0 = first; key0 < last; key0 += step) {
+      const int n = n_next, n_pad = round_up(n, kVec);
+      std::swap(cur_, next_);
+      n_next = key0 + step < last ? resolve_tile(b, h0, len, key0 + step, last, step, *next_) : 0;
+
+      // Scores: keys in blocks, in memory order (key, then head), each against its head's
+      // rows; meanwhile this step's V rows are prefetched, block by block.
+      if (!convert_) {
+        int c = 0;
+        for (; c + kScoreKeys <= n; c += kScoreKeys) {
+          for (int i = c; i < c + kScoreKeys; ++i) v_cache_.prefetch(cur_->v_off[i], heads, v_head, D_);
+          for (int hh = 0; hh < heads; ++hh) {
+            Row k[kScoreKeys];
+            for (int i = 0; i < kScoreKeys; ++i) k[i] = k_cache_.row(cur_->k_off[c + i] + hh * k_head);
+            score_keys<kScoreKeys>(hh, k, c);
           }
         }
-      }
-      for (; c < n; ++c)
-        for (int hh = 0; hh < heads; ++hh) {
-          const auto k = k_cache_.row(k_off_[c] + hh * k_head);
-          const float* q = q_tile_.data() + size_t(hh) * rows_head_ * Dp_;
-          float* s = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
-          if (D_ == Dp_) score_rows1(q, rows_head_, Dp_, k, s, kTileKeys);
-          else score_rows1(q, rows_head_, Dp_, padded(k), s, kTileKeys);
+        for (; c < n; ++c) {
+          v_cache_.prefetch(cur_->v_off[c], heads, v_head, D_);
+          for (int hh = 0; hh < heads; ++hh) {
+            const Row k = k_cache_.row(cur_->k_off[c] + hh * k_head);
+            score_keys<1>(hh, &k, c);
+          }
         }
+      } else {
+        for (int hh = 0; hh < heads; ++hh) {
+          const float* const* k = convert_tile(k_cache_, cur_->k_off, hh * k_head, n);
+          int c = 0;
+          for (; c + kScoreKeys <= n; c += kScoreKeys) score_keys<kScoreKeys>(hh, k + c, c);
+          for (; c < n; ++c) score_keys<1>(hh, k + c, c);
+        }
+        for (int c = 0; c < n; ++c) v_cache_.prefetch(cur_->v_off[c], heads, v_head, D_);
+      }
       for (int r = 0; r < rows; ++r) {
-        float* s = s_tile_.data() + size_t(r) * kTileKeys;
+        float* s = s_tile_.data() + size_t(r) * kTileKeys;  // the step's n keys
         if (p_.is_sparse()) {  // mask by token position, key by key
           transform_and_mask_row(s, n_pad, n, 0, KeyRange{0, n}, p_.softcap);
           for (int c = 0; c < n; ++c)
-            if (!visible_[r].contains(pos_[c])) s[c] = kNegInf;
+            if (!visible_[r].contains(cur_->pos[c])) s[c] = kNegInf;
         } else {
           transform_and_mask_row(s, n_pad, n, key0, visible_[r], p_.softcap);
         }
         const float factor = softmax_update_row(s, n_pad, state_[r]);
         if (factor != 1.f) scale_row(acc_.data() + size_t(r) * Dp_, Dp_, factor);
       }
-      if (!every_row_sees(key0, n, rows)) {
-        accumulate_visible(key0, n, rows);
+      // Values: head by head, all keys of the step per pass; meanwhile the next step's K
+      // rows are prefetched, a share per head.
+      const bool full = every_row_sees(key0, n, rows);
+      if (values_by_block_ && full && !convert_) {  // in memory order, kValueBlock keys at a time
+        for (int c0 = 0; c0 < n; c0 += kValueBlock) {
+          const int m = std::min(kValueBlock, n - c0);
+          for (int c = c0; c < std::min(c0 + m, n_next); ++c) k_cache_.prefetch(next_->k_off[c], heads, k_head, D_);
+          for (int hh = 0; hh < heads; ++hh) {
+            for (int c = c0; c < c0 + m; ++c) v_rows_[c] = v_cache_.row(cur_->v_off[c] + hh * v_head);
+            float* o = acc_.data() + size_t(hh) * rows_head_ * Dp_;
+            const float* prob = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c0;
+            accumulate_rows(o, rows_head_, Dp_, prob, kTileKeys, v_rows_ + c0, m);
+          }
+        }
         continue;
       }
-      // Values: keys in fours, same order; meanwhile the next tile's keys are prefetched.
-      for (c = 0; c < n; c += kValueKeys) {
-        const int m = std::min(kValueKeys, n - c);
-        for (int j = key0 + kTileKeys + c; j < std::min(last, key0 + kTileKeys + c + m); ++j) {
-          const int pos = decode_key_position(p_, b, h0, j, len);
-          if (pos >= 0) k_cache_.prefetch(row_offset(p_, p_.k_strides, b, pos) + int64_t(h0) * k_head, heads, k_head, D_);
-        }
-        for (int hh = 0; hh < heads; ++hh) {
-          float* o = acc_.data() + size_t(hh) * rows_head_ * Dp_;
-          const float* prob = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
-          if (D_ == Dp_ && m == kValueKeys) {
-            Row v[kValueKeys];
-            for (int i = 0; i < kValueKeys; ++i) v[i] = v_cache_.row(v_off_[c + i] + hh * v_head);
-            accumulate_rows<kValueKeys>(o, rows_head_, Dp_, prob, kTileKeys, v);
-          } else {
-            for (int i = 0; i < m; ++i) {
-              const Row row = v_cache_.row(v_off_[c + i] + hh * v_head);
-              if (D_ == Dp_) {
-                accumulate_rows<1>(o, rows_head_, Dp_, prob + i, kTileKeys, &row);
-              } else {
-                const float* f = padded(row);
-                accumulate_rows<1>(o, rows_head_, Dp_, prob + i, kTileKeys, &f);
-              }
-            }
-          }
+      for (int hh = 0; hh < heads; ++hh) {
+        for (int c = n_next * hh / heads; c < n_next * (hh + 1) / heads; ++c)
+          k_cache_.prefetch(next_->k_off[c], heads, k_head, D_);
+        if constexpr (std::is_pointer_v<Row>)  // the next head's rows, from L2 into L1
+          if (hh + 1 < heads)
+            for (int c = 0; c < n; ++c)
+              prefetch_l1(reinterpret_cast<const char*>(v_cache_.row(cur_->v_off[c] + (hh + 1) * v_head)),
+                          v_cache_.bytes_per_row(D_));
+        if (convert_) {
+          values_head(hh, key0, n, full, convert_tile(v_cache_, cur_->v_off, hh * v_head, n));
+        } else {
+          for (int c = 0; c < n; ++c) v_rows_[c] = v_cache_.row(cur_->v_off[c] + hh * v_head);
+          values_head(hh, key0, n, full, v_rows_);
         }
       }
     }
@@ -441,10 +618,101 @@ class DecodeWorker {
 
  private:
   using Row = decltype(std::declval<Cache>().row(0));
+#if defined(ATTNKIT_DECODE_BF16_DOT)
+  static constexpr bool kCanDotBf16 = std::is_same_v<T, BFloat16> && std::is_same_v<Row, const BFloat16*>;
+#else
+  static constexpr bool kCanDotBf16 = false;
+#endif
+
+  // The keys of one tile: token positions (-1: none) and the rows of kv head h0 in K and V.
+  struct TileKeys {
+    int pos[kTileKeys];
+    int64_t k_off[kTileKeys], v_off[kTileKeys];
+  };
+
+  // Keys per online-softmax step: a power of two, at most a tile, at least 16, with the
+  // step's K rows of the group within kStepBytes. While one step's K is read, its V (and
+  // then the next step's K) is prefetched into L2, so about three steps of K/V bytes are
+  // live there: 384 KB of Zen 4's 1 MB. One thread, 32k tokens, 8 x 128 fp32 (4 KB a
+  // key): 25 ms with 32-key steps against 32-36 ms with 64-key ones; bf16 (2 KB a key)
+  // does best with 64.
+  int step_keys(int heads) const {
+    const int64_t key_bytes = heads * k_cache_.bytes_per_row(D_);
+    int step = kTileKeys;
+    while (step > 16 && step * key_bytes > kStepBytes) step /= 2;
+    return step;
+  }
+
+  // Resolves work keys [key0, min(key0 + step, last)) into t; returns their count.
+  int resolve_tile(int b, int h0, int len, int key0, int last, int step, TileKeys& t) const {
+    const int n = std::min(step, last - key0);
+    const int64_t k_head = p_.k_strides.head, v_head = p_.v_strides.head;
+    for (int c = 0; c < n; ++c) {
+      t.pos[c] = decode_key_position(p_, b, h0, key0 + c, len);
+      const int row = std::max(t.pos[c], 0);  // a key naming no token reads row 0 (len > 0), masked
+      t.k_off[c] = row_offset(p_, p_.k_strides, b, row) + int64_t(h0) * k_head;
+      t.v_off[c] = row_offset(p_, p_.v_strides, b, row) + int64_t(h0) * v_head;
+    }
+    return n;
+  }
+
+  // Scores of kK keys (rows k, tile columns c ..) against the rows of head hh.
+  template <int kK, typename R>
+  void score_keys(int hh, const R* k, int c) {
+    float* s = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys + c;
+#if defined(ATTNKIT_DECODE_BF16_DOT)
+    if constexpr (std::is_same_v<R, const BFloat16*> && std::is_same_v<T, BFloat16>) {
+      if (dot_bf16_) {
+        score_rows_bf16<kK>(q_bf16_.data() + size_t(hh) * rows_head_ * D_, rows_head_, D_, k, s, kTileKeys, p_.scale);
+        return;
+      }
+    }
+#endif
+    const float* q = q_tile_.data() + size_t(hh) * rows_head_ * Dp_;
+    score_rows<kK>(q, rows_head_, Dp_, k, s, kTileKeys);
+  }
+
+  // acc += P V for the rows of head hh, value rows v[0..n) of the tile. A tile holding keys
+  // some row does not see (a window edge, the causal corner of several queries, unselected
+  // or padding keys) reads, for each row, only the values of its visible keys, so a masked
+  // key's NaN or inf value never meets its zero probability (0 * NaN = NaN).
+  template <typename R>
+  void values_head(int hh, int key0, int n, bool full, const R* v) {
+    float* o = acc_.data() + size_t(hh) * rows_head_ * Dp_;
+    const float* prob = s_tile_.data() + size_t(hh) * rows_head_ * kTileKeys;
+    if (full) {
+      accumulate_rows(o, rows_head_, Dp_, prob, kTileKeys, v, n);
+      return;
+    }
+    for (int r = 0; r < rows_head_; ++r)
+      for (int c = 0; c < n; ++c)
+        if (sees(hh * rows_head_ + r, key0, c))
+          accumulate_rows(o + size_t(r) * Dp_, 1, Dp_, prob + size_t(r) * kTileKeys + c, kTileKeys, v + c, 1);
+  }
+
+  // The rows of kv head h0 + head_off / head stride of n keys (offsets off) as fp32 rows of
+  // Dp_ channels (zero-padded) in the scratch tile.
+  const float* const* convert_tile(const Cache& cache, const int64_t* off, int64_t head_off, int n) {
+    for (int c = 0; c < n; ++c) {
+      float* dst = kv_tile_.data() + size_t(c) * Dp_;
+      const Row row = cache.row(off[c] + head_off);
+      if constexpr (std::is_pointer_v<Row>) {
+        if (D_ != Dp_) {
+          load_row(row, D_, dst, 1.f);
+          std::fill(dst + D_, dst + Dp_, 0.f);
+          tile_rows_[c] = dst;
+          continue;
+        }
+      }
+      for (int d = 0; d < Dp_; d += kVec) store8(dst + d, load8(row + d));
+      tile_rows_[c] = dst;
+    }
+    return tile_rows_;
+  }
 
   // Whether row r sees key c of the tile that starts at work key key0.
   bool sees(int r, int key0, int c) const {
-    return visible_[r].contains(p_.is_sparse() ? pos_[c] : key0 + c);
+    return visible_[r].contains(p_.is_sparse() ? cur_->pos[c] : key0 + c);
   }
   bool every_row_sees(int key0, int n, int rows) const {
     for (int r = 0; r < rows; ++r) {
@@ -458,50 +726,22 @@ class DecodeWorker {
     return true;
   }
 
-  // acc += P V for a tile holding keys some row does not see (a window edge, the causal
-  // corner of several queries, unselected or padding keys): each row reads only the values
-  // of its visible keys, so a masked key's NaN or inf value never meets its zero
-  // probability (0 * NaN = NaN). Rare tiles: one value row per (row, key).
-  void accumulate_visible(int key0, int n, int rows) {
-    const int64_t v_head = p_.v_strides.head;
-    for (int r = 0; r < rows; ++r) {
-      float* o = acc_.data() + size_t(r) * Dp_;
-      const float* prob = s_tile_.data() + size_t(r) * kTileKeys;
-      for (int c = 0; c < n; ++c) {
-        if (!sees(r, key0, c)) continue;
-        const Row row = v_cache_.row(v_off_[c] + r / rows_head_ * v_head);
-        if (D_ == Dp_) {
-          accumulate_rows<1>(o, 1, Dp_, prob + c, kTileKeys, &row);
-        } else {
-          const float* f = padded(row);
-          accumulate_rows<1>(o, 1, Dp_, prob + c, kTileKeys, &f);
-        }
-      }
-    }
-  }
-
-  // A cache row whose head_dim is not a multiple of 8, as floats zero-padded to Dp_ (rows
-  // of a multiple of 8 are read in place, converted 8 elements at a time). Quantized
-  // caches have head_dims that are multiples of 32 (checked by the binding), so only plain
-  // rows come here.
-  const float* padded(const T* row) {
-    load_row(row, D_, row_buf_.data(), 1.f);
-    return row_buf_.data();
-  }
-  template <KVFormat F>
-  const float* padded(QuantRow<F>) {
-    throw std::logic_error("attnkit decode: quantized cache rows are multiples of 32 channels");
-  }
-
   const DecodeParams& p_;
   const Cache k_cache_, v_cache_;
   const int D_, Dp_, qgroup_, rows_head_, group_heads_, head_groups_;
+  const bool convert_;  // K and V rows go through the fp32 scratch tile
+  const bool dot_bf16_;  // scores by score_rows_bf16 (bf16 q and K as stored)
+  const bool values_by_block_;  // P V in memory order, kValueBlock keys x every head at a time
   const int32_t* lens_;
   float* part_out_;
   float* part_lse_;
-  std::vector<float> q_tile_, acc_, s_tile_, row_buf_;
-  int64_t k_off_[kTileKeys], v_off_[kTileKeys];  // rows of kv head h0 of the current keys
-  int pos_[kTileKeys];                            // their token positions (-1: none)
+  std::vector<float> q_tile_, acc_, s_tile_, kv_tile_;
+  std::vector<T> q_bf16_;  // q rows as given, unscaled (dot_bf16_)
+  TileKeys keys_[2];
+  TileKeys* cur_ = &keys_[0];  // this tile
+  TileKeys* next_ = &keys_[1];  // the next one
+  Row v_rows_[kTileKeys];
+  const float* tile_rows_[kTileKeys];
   std::vector<RowSoftmax> state_;
   std::vector<KeyRange> visible_;
 };
