@@ -321,9 +321,12 @@ inline void score_rows(const float* q, int rows, int Dp, const Row* k, float* s,
 // the scale multiplies the scores, so a score is the same fp32 dot product as
 // (q * scale) . k up to rounding. Channels in groups of 32, so head_dim % 32 == 0.
 inline vec8 fold16(__m512 a) {  // lanes i and i + 8 summed
-  const __m256 lo = _mm512_castps512_ps256(a);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-  return vec8(_mm256_add_ps(lo, hi));
+  // Through memory, not _mm512_extractf64x4_pd / _mm512_castps512_ps256, whose GCC 12
+  // headers warn "__Y is used uninitialized" (their _mm256_undefined_pd); the compiler
+  // turns the copies into register moves.
+  vec8 halves[2];
+  std::memcpy(halves, &a, sizeof(halves));
+  return halves[0] + halves[1];
 }
 
 template <int kR, int kK>
