@@ -35,6 +35,9 @@ def check(q, k, v, indices, counts, gen, *, grads=True, lse_grad=True, **opts):
     qr, kr, vr = (t.detach().cpu().double().requires_grad_(grads) for t in (q, k, v))
     ref_opts = {name: opts[name] for name in ("block_size_q", "block_size_k", "causal", "scale", "softcap")
                 if name in opts}
+    for name in ("column_indices", "column_counts"):
+        if opts.get(name) is not None:
+            ref_opts[name] = opts[name].expand(q.shape[0], *opts[name].shape[1:])
     ref, ref_lse = reference.block_sparse_attention(qr, kr, vr, indices.expand(q.shape[0], *indices.shape[1:]),
                                                     counts.expand(q.shape[0], *counts.shape[1:]), **ref_opts)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
@@ -347,6 +350,256 @@ def test_bad_input(message):
         attnkit.block_sparse_attention(*make(*good_inputs()), **opts)
 
 
-def test_column_lines_not_implemented():
-    with pytest.raises(NotImplementedError, match="column_indices"):
-        attnkit.block_sparse_attention(*good_inputs(), column_indices=torch.zeros(1, 2, 2, 1, dtype=torch.int32))
+@pytest.mark.parametrize("name, value", [
+    ("column_indices and column_counts", {"column_indices": torch.zeros(1, 2, 2, 1, dtype=torch.int32)}),
+    ("column_indices", {"column_indices": torch.zeros(1, 2, 2, 1, dtype=torch.int64),
+                        "column_counts": torch.ones(1, 2, 2, dtype=torch.int32)}),
+    (r"column_indices.*shape", {"column_indices": torch.zeros(1, 2, 3, 1, dtype=torch.int32),
+                                "column_counts": torch.ones(1, 2, 3, dtype=torch.int32)}),
+    ("column_counts", {"column_indices": torch.zeros(1, 2, 2, 1, dtype=torch.int32),
+                       "column_counts": torch.ones(1, 2, 2, 1, dtype=torch.int32)}),
+])
+def test_bad_columns(name, value):
+    with pytest.raises(ValueError, match=name):
+        attnkit.block_sparse_attention(*good_inputs(), **value)
+
+
+# ---- individual key columns (MInference's vertical lines) -----------------------------------------
+
+def random_columns(gen, batch, heads, q_blocks, seqlen_k, list_len):
+    """Random column lists: repeats, any order, -1 and too-large keys, counts beyond the list
+    or negative."""
+    indices = torch.randint(-1, seqlen_k + 2, (batch, heads, q_blocks, list_len), generator=gen).int()
+    counts = torch.randint(-1, list_len + 2, (batch, heads, q_blocks), generator=gen).int()
+    return indices, counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_columns_random(case, device, gen):
+    """Blocks and columns together (columns inside listed blocks among them: counted once)."""
+    b, sq, sk, h, hkv, d, bq, bk, causal = case
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    qb, kb = -(-sq // bq), -(-sk // bk)
+    indices, counts = random_lists(gen, b, h, qb, kb, 2)
+    columns, column_counts = random_columns(gen, b, h, qb, sk, 40)
+    q, k, v = (randn(gen, b, s, n, d, dtype=dtype, device=device) for s, n in ((sq, h), (sk, hkv), (sk, hkv)))
+    check(q, k, v, indices.to(device), counts.to(device), gen, block_size_q=bq, block_size_k=bk, causal=causal,
+          column_indices=columns.to(device), column_counts=column_counts.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_columns_only(causal, device, gen):
+    """No blocks at all: every visited tile is a column tile; GQA; rows whose columns are all
+    above the diagonal see nothing (out 0, lse -inf)."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q = randn(gen, 2, 190, 4, 32, dtype=dtype, device=device)
+    k, v = (randn(gen, 2, 330, 2, 32, dtype=dtype, device=device) for _ in range(2))
+    indices = torch.full((2, 4, 3, 1), -1, dtype=torch.int32)
+    counts = torch.zeros(2, 4, 3, dtype=torch.int32)
+    columns, column_counts = random_columns(gen, 2, 4, 3, 330, 25)
+    check(q, k, v, indices.to(device), counts.to(device), gen, causal=causal, column_indices=columns.to(device),
+          column_counts=column_counts.to(device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_columns_half(dtype, gen):
+    q, k, v = (randn(gen, 1, 260, 2, 64, dtype=dtype) for _ in range(3))
+    indices, counts = random_lists(gen, 1, 2, 5, 5, 3)
+    columns, column_counts = random_columns(gen, 1, 2, 5, 260, 30)
+    check(q, k, v, indices, counts, gen, causal=True, column_indices=columns, column_counts=column_counts)
+
+
+def test_every_column_equals_dense_attention(gen):
+    """Every key as a column and no block: the same numbers as dense attention."""
+    q, k, v = (randn(gen, 1, 150, 2, 16) for _ in range(3))
+    indices, counts = torch.full((1, 2, 3, 1), -1, dtype=torch.int32), torch.zeros(1, 2, 3, dtype=torch.int32)
+    columns = torch.randperm(150, generator=gen).int().expand(1, 2, 3, 150)
+    out, lse = attnkit.block_sparse_attention(q, k, v, indices, counts, causal=True, return_lse=True,
+                                              column_indices=columns, column_counts=torch.full((1, 2, 3), 150).int())
+    ref, ref_lse = attnkit.attention(q, k, v, causal=True, return_lse=True)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6) and torch.allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_columns_ignore_values_they_do_not_list(gen):
+    """NaN in the keys and values of every key a query block neither lists nor holds as a
+    column (in the tiles its columns visit, too): out, lse and gradients stay finite."""
+    sq, sk = 128, 256
+    q = randn(gen, 1, sq, 1, 16).requires_grad_()
+    k, v = randn(gen, 1, sk, 1, 16), randn(gen, 1, sk, 1, 16)
+    indices, counts = torch.tensor([[[[0], [-1]]]], dtype=torch.int32), torch.tensor([[[1, 0]]], dtype=torch.int32)
+    columns = torch.tensor([[[[70, 200, 203], [5, 130, 131]]]], dtype=torch.int32)
+    column_counts = torch.tensor([[[3, 3]]], dtype=torch.int32)
+    seen = torch.zeros(sk, dtype=torch.bool)
+    seen[:64] = True
+    seen[[70, 200, 203, 5, 130, 131]] = True
+    k[:, ~seen], v[:, ~seen] = float("nan"), float("nan")
+    k.requires_grad_(), v.requires_grad_()
+    out, lse = attnkit.block_sparse_attention(q, k, v, indices, counts, column_indices=columns,
+                                              column_counts=column_counts, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    dq, dk, dv = torch.autograd.grad((out * out).sum() + lse.sum(), (q, k, v))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk[:, seen]).all() and torch.isfinite(dv[:, seen]).all()
+    assert (dk[:, ~seen] == 0).all() and (dv[:, ~seen] == 0).all()
+    ref, ref_lse = reference.block_sparse_attention(q.detach().double(), torch.nan_to_num(k.detach()).double(),
+                                                    torch.nan_to_num(v.detach()).double(), indices, counts,
+                                                    column_indices=columns, column_counts=column_counts)
+    assert_close(out, ref, FWD_TOL[torch.float32], "out")
+
+
+def test_canonical_column_lists(gen):
+    """Against a loop: the distinct keys of each list's first `count` entries in [0, seqlen_k)
+    outside the row's listed blocks, ascending, -1 padded."""
+    seqlen_k, block_size = 300, 64
+    blocks, block_counts = random_lists(gen, 2, 3, 4, 5, 3)
+    blocks, block_counts = attnkit.canonical_block_lists(blocks, block_counts, 5)
+    columns, counts = random_columns(gen, 2, 3, 4, seqlen_k, 20)
+    got, got_counts = attnkit.canonical_column_lists(columns, counts, blocks, block_counts, seqlen_k, block_size)
+    for b in range(2):
+        for h in range(3):
+            for m in range(4):
+                listed = set(blocks[b, h, m, :block_counts[b, h, m]].tolist())
+                n = max(0, min(20, int(counts[b, h, m])))
+                want = sorted({j for j in columns[b, h, m, :n].tolist()
+                               if 0 <= j < seqlen_k and j // block_size not in listed})
+                assert got_counts[b, h, m] == len(want)
+                assert got[b, h, m].tolist() == want + [-1] * (20 - len(want))
+
+
+def test_vertical_slash_exact_columns(gen):
+    """exact_columns=True: the slash blocks of the default call and the vertical keys as
+    columns, each block's list those at or before its end; the op on them equals the
+    reference."""
+    q, k, v = (randn(gen, 1, 300, 2, 16) for _ in range(3))
+    blocks, counts, columns, column_counts = attnkit.vertical_slash_indices(q, k, last_q=64, vertical=20, slash=30,
+                                                                            exact_columns=True)
+    assert columns.shape == (1, 2, 5, 20)
+    ends = torch.arange(1, 6) * 64
+    want = (columns < ends[:, None]).sum(-1)
+    assert torch.equal(column_counts, want.int())
+    plain_blocks, plain_counts = attnkit.vertical_slash_indices(q, k, last_q=64, vertical=20, slash=30)
+    column_blocks = torch.zeros(1, 2, 5, 5, dtype=torch.bool)
+    column_blocks.scatter_(-1, (columns // 64).long(), True)
+    union = reference.block_sparse_mask(blocks, counts, 5, 5, block_size_q=1, block_size_k=1)
+    union |= column_blocks & torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.equal(union, reference.block_sparse_mask(plain_blocks, plain_counts, 5, 5, block_size_q=1,
+                                                          block_size_k=1))
+    check(q, k, v, blocks, counts, gen, causal=True, column_indices=columns, column_counts=column_counts)
+
+
+def test_columns_opcheck_and_compile(gen):
+    q = randn(gen, 1, 130, 4, 16).requires_grad_()
+    k, v = (randn(gen, 1, 200, 2, 16).requires_grad_() for _ in range(2))
+    indices, counts = random_lists(gen, 1, 4, 3, 4, 0, canonical=True)
+    columns, column_counts = attnkit.canonical_column_lists(*random_columns(gen, 1, 4, 3, 200, 12), indices, counts,
+                                                            200, 64)
+    args = (q, k, v, indices, counts, 64, 64, True, 0.25, 0.0, columns, column_counts)
+    torch.library.opcheck(torch.ops.attnkit.block_sparse_fwd.default, args)
+    out, lse = torch.ops.attnkit.block_sparse_fwd(*args)
+    t_indices, t_counts = torch.ops.attnkit.block_lists_transpose(indices, counts, 4)
+    bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), indices, counts,
+           t_indices, t_counts, 64, 64, True, 0.25, 0.0, torch.randn_like(lse), columns, column_counts)
+    torch.library.opcheck(torch.ops.attnkit.block_sparse_bwd.default, bwd)
+
+    def f(q, k, v):
+        blocks, block_counts, cols, col_counts = attnkit.vertical_slash_indices(q, k, last_q=64, vertical=10,
+                                                                                slash=20, exact_columns=True)
+        out = attnkit.block_sparse_attention(q, k, v, blocks, block_counts, causal=True, column_indices=cols,
+                                             column_counts=col_counts)
+        return (out * out).sum()
+
+    q2, k2, v2 = (randn(gen, 1, 200, 2, 16).requires_grad_() for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss, closs = f(q2, k2, v2), compiled(q2, k2, v2)
+    assert torch.allclose(loss, closs, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss, (q2, k2, v2)), torch.autograd.grad(closs, (q2, k2, v2))):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- packed sequences (varlen) ------------------------------------------------------------------
+
+def check_varlen(lens_q, lens_k, heads, kv_heads, head_dim, dtype, device, gen, *, lists_batch=None, columns=True,
+                 **opts):
+    """block_sparse_attention_varlen (out, lse, gradients) against the reference per sequence."""
+    bq, bk = opts.get("block_size_q", 64), opts.get("block_size_k", 64)
+    cu_q = torch.tensor([0] + lens_q).cumsum(0).int()
+    cu_k = torch.tensor([0] + lens_k).cumsum(0).int()
+    batch, max_q, max_k = len(lens_q), max(lens_q), max(lens_k)
+    qb, kb = -(-max_q // bq), -(-max_k // bk)
+    q = randn(gen, int(cu_q[-1]), heads, head_dim, dtype=dtype, device=device).requires_grad_()
+    k, v = (randn(gen, int(cu_k[-1]), kv_heads, head_dim, dtype=dtype, device=device).requires_grad_()
+            for _ in range(2))
+    lb = lists_batch or batch
+    indices, counts = random_lists(gen, lb, heads, qb, kb, 3)
+    extra = {}
+    if columns:
+        extra = dict(zip(("column_indices", "column_counts"), random_columns(gen, lb, heads, qb, max_k, 30)))
+    dev = lambda d: {name: t.to(device) for name, t in d.items()}  # noqa: E731
+    out, lse = attnkit.block_sparse_attention_varlen(q, k, v, cu_q.to(device), cu_k.to(device), max_q, max_k,
+                                                     indices.to(device), counts.to(device), return_lse=True,
+                                                     **opts, **dev(extra))
+    assert out.shape == q.shape and lse.shape == (heads, q.shape[0])
+    qr, kr, vr = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.block_sparse_attention_varlen(qr, kr, vr, cu_q, cu_k, indices, counts, **opts, **extra)
+    assert_close(out, ref, FWD_TOL[dtype], "out")
+    assert_lse_close(lse, ref_lse, FWD_TOL[dtype])
+    dout = randn(gen, *out.shape, dtype=dtype, device=device)
+    dlse = randn(gen, *lse.shape, device=device)
+    seen = torch.isfinite(ref_lse)
+    loss = (out.float() * dout.float()).sum() + (torch.where(seen.to(device), lse, 0) * dlse).sum()
+    ref_loss = (ref * dout.cpu().double()).sum() + (torch.where(seen, ref_lse, 0) * dlse.cpu().double()).sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    want = torch.autograd.grad(ref_loss, (qr, kr, vr))
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, GRAD_TOL[dtype], name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("columns", [False, True])
+def test_varlen(causal, columns, device, gen):
+    """Three packed sequences of odd lengths (one shorter on the query side, one on the key
+    side), GQA, lists per sequence; block sizes 64 x 128."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    check_varlen([130, 61, 200], [190, 250, 70], 4, 2, 32, dtype, device, gen, causal=causal, columns=columns,
+                 block_size_q=64, block_size_k=128)
+
+
+def test_varlen_batch_one_lists_and_half(gen):
+    check_varlen([100, 170], [100, 170], 2, 1, 64, torch.bfloat16, "cpu", gen, lists_batch=1, causal=True)
+
+
+def test_varlen_equals_batched(gen):
+    """Sequences of one length packed: the same numbers as block_sparse_attention."""
+    q, k, v = (randn(gen, 2, 150, 2, 16) for _ in range(3))
+    indices, counts = random_lists(gen, 2, 2, 3, 3, 2)
+    columns, column_counts = random_columns(gen, 2, 2, 3, 150, 10)
+    opts = dict(causal=True, column_indices=columns, column_counts=column_counts, return_lse=True)
+    out, lse = attnkit.block_sparse_attention(q, k, v, indices, counts, **opts)
+    cu = torch.tensor([0, 150, 300], dtype=torch.int32)
+    out_v, lse_v = attnkit.block_sparse_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu,
+                                                         150, 150, indices, counts, **opts)
+    assert torch.equal(out_v, out.flatten(0, 1))
+    assert torch.equal(lse_v, lse.transpose(0, 1).flatten(1))
+
+
+def test_varlen_opcheck(gen):
+    cu = torch.tensor([0, 70, 200], dtype=torch.int32)
+    q = randn(gen, 200, 2, 16).requires_grad_()
+    k, v = (randn(gen, 200, 1, 16).requires_grad_() for _ in range(2))
+    indices, counts = random_lists(gen, 2, 2, 3, 3, 0, canonical=True)
+    args = (q, k, v, indices, counts, 64, 64, True, 0.25, 0.0, None, None, cu, cu, 130, 130)
+    torch.library.opcheck(torch.ops.attnkit.block_sparse_fwd.default, args)
+
+
+def test_varlen_bad_input(gen):
+    q = torch.randn(100, 2, 16)
+    lists = (torch.zeros(1, 2, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32))
+    cu = torch.tensor([0, 100], dtype=torch.int32)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        attnkit.block_sparse_attention_varlen(q[None], q[None], q[None], cu, cu, 100, 100, *lists)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        attnkit.block_sparse_attention_varlen(q, q, q, cu, cu[:1], 100, 100, *lists)
+    with pytest.raises(ValueError, match="kv_block_indices"):
+        attnkit.block_sparse_attention_varlen(q, q, q, cu, cu, 200, 100, *lists)  # 4 query blocks, lists hold 1

@@ -1,6 +1,7 @@
 """CUDA block-sparse attention at bench-like shapes against the float64 reference (run on the
 GPU; its element mask is built from the lists in Python): forward and backward for random
-lists (repeats, any order, padding), top-k, S2 strided shards and empty lists, causal with
+lists (repeats, any order, padding), top-k, S2 strided shards, empty lists, MInference's
+vertical-slash lines with exact columns and random columns, causal with
 seqlen_q != seqlen_k, partial blocks, block sizes 64 / 128 / 192, GQA, head_dim 64, 128 and
 a padded 80, outputs allocated over NaN-poisoned memory; full lists equal attnkit.attention
 (forward and gradients); dK and dV are bit-reproducible; the list ops (canonical form,
@@ -26,6 +27,8 @@ SHAPES = [
     (1, 3001, 1999, 4, 2, 64, 64, 128, True, "random"),     # Sq > Sk: early rows see nothing
     (1, 1500, 2500, 2, 1, 80, 192, 64, False, "random"),    # padded head_dim, 192-row blocks
     (1, 1024, 1024, 2, 2, 64, 64, 64, False, "empty"),
+    (1, 4096, 4096, 4, 2, 128, 64, 64, True, "vslash"),     # blocks of the slash lines + exact columns
+    (1, 1999, 2501, 2, 1, 64, 128, 64, True, "columns"),    # random blocks + random columns
 ]
 
 
@@ -34,31 +37,43 @@ def shape_id(s):
 
 
 def make_lists(shape, q, k, gen):
+    """(block indices, block counts, column keyword arguments (empty without columns))."""
     b, sq, sk, h, _, _, bq, bk, causal, pattern = shape
     qb, kb = -(-sq // bq), -(-sk // bk)
     if pattern == "topk":
-        return attnkit.block_topk_indices(attnkit.pooled_block_scores(q, k, bq), max(1, kb // 8), causal=causal,
-                                          local_blocks=1, sink_blocks=1)
+        return (*attnkit.block_topk_indices(attnkit.pooled_block_scores(q, k, bq), max(1, kb // 8), causal=causal,
+                                            local_blocks=1, sink_blocks=1), {})
     if pattern == "s2":
-        return attnkit.strided_shard_indices(sq, h, stride=4, local_window=2 * bq, block_size=bq, device=DEV)
+        return (*attnkit.strided_shard_indices(sq, h, stride=4, local_window=2 * bq, block_size=bq, device=DEV), {})
     if pattern == "empty":
         return (torch.full((b, h, qb, 2), -1, dtype=torch.int32, device=DEV),
-                torch.full((b, h, qb), 2, dtype=torch.int32, device=DEV))
+                torch.full((b, h, qb), 2, dtype=torch.int32, device=DEV), {})
+    if pattern == "vslash":
+        indices, counts, columns, column_counts = attnkit.vertical_slash_indices(q, k, vertical=300, slash=200,
+                                                                                block_size=bq, exact_columns=True)
+        return indices, counts, {"column_indices": columns, "column_counts": column_counts}
     indices = torch.randint(-1, kb + 1, (b, h, qb, kb // 2 + 2), generator=gen).int()
     counts = torch.randint(0, kb // 2 + 3, (b, h, qb), generator=gen).int()
-    return indices.to(DEV), counts.to(DEV)
+    if pattern == "columns":
+        indices, counts = indices[..., :3], counts.clamp(max=3)
+        columns = torch.randint(-1, sk + 1, (b, h, qb, 200), generator=gen).int()
+        column_counts = torch.randint(0, 201, (b, h, qb), generator=gen).int()
+        return indices.to(DEV), counts.to(DEV), {"column_indices": columns.to(DEV),
+                                                  "column_counts": column_counts.to(DEV)}
+    return indices.to(DEV), counts.to(DEV), {}
 
 
 def run(shape, dtype, gen, grads):
     b, sq, sk, h, hkv, d, bq, bk, causal, _ = shape
     q = randn(gen, b, sq, h, d, dtype=dtype, device=DEV)
     k, v = (randn(gen, b, sk, hkv, d, dtype=dtype, device=DEV) for _ in range(2))
-    indices, counts = make_lists(shape, q, k, gen)
+    indices, counts, columns = make_lists(shape, q, k, gen)
     opts = dict(block_size_q=bq, block_size_k=bk, causal=causal)
     q, k, v = (t.requires_grad_(grads) for t in (q, k, v))
     poison_allocator()
-    out, lse = attnkit.block_sparse_attention(q, k, v, indices, counts, return_lse=True, **opts)
+    out, lse = attnkit.block_sparse_attention(q, k, v, indices, counts, return_lse=True, **opts, **columns)
     full = (indices.expand(b, *indices.shape[1:]), counts.expand(b, *counts.shape[1:]))
+    opts.update({name: t.expand(b, *t.shape[1:]) for name, t in columns.items()})  # for the reference
     return q, k, v, out, lse, full, opts
 
 

@@ -1,6 +1,7 @@
 // CPU block-sparse attention, forward and backward: the flash-style tile kernels of
-// cpu/prefill_kernel.h walking the key tiles of each query tile's block list (and, for dK
-// and dV, the query tiles of each key tile's transposed list), with the causal mask on top.
+// cpu/prefill_kernel.h walking the key tiles of each query tile's block list and columns
+// (and, for dK and dV, the query tiles of each key tile's transposed lists), with the causal
+// mask on top.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,22 +20,26 @@ using namespace prefill_tiles;
 static_assert(kBlockQ == kBlockSparseTile && kBlockK == kBlockSparseTile,
               "a kernel tile must lie inside one block of the lists");
 
-// The tiles a query tile visits: those of the key blocks in its query block's list (the
-// tile range of its rows' causal span); the query tiles that visit a key tile: those of the
-// query blocks in its key block's transposed list.
+// The tiles a query tile visits: those of the key blocks in its query block's list and those
+// holding one of its columns (the tile range of its rows' causal span); the query tiles that
+// visit a key tile: those of the query blocks in its key block's transposed list and those
+// whose columns it holds. Each pair comes with the keys it visits (listed_keys).
 struct BlockSparseWalk {
   const BlockSparseLayout& layout;
 
   template <typename F>
   void key_tiles(int b, int h, int q0, int rows, const AttentionMask& mask, F&& f) const {
-    BlockListWalk walk = key_tile_walk(layout, mask, b, h, q0, q0 + rows);
+    auto walk = sparse_key_tile_walk(layout, mask, b, h, q0, q0 + rows);
+    const int q_block = q0 / layout.block_size_q;
     for (int t = walk.from(0); t >= 0; t = walk.from(t + 1))
-      f(t * kBlockK, std::min(kBlockK, mask.seqlen_k - t * kBlockK));
+      f(t * kBlockK, std::min(kBlockK, mask.seqlen_k - t * kBlockK), listed_keys(layout, b, h, q_block, t));
   }
   template <typename F>
   void query_tiles(int b, int h, int k0, int n, const AttentionMask& mask, F&& f) const {
-    BlockListWalk walk = query_tile_walk(layout, mask, b, h, k0, k0 + n);
-    for (int t = walk.from(0); t >= 0; t = walk.from(t + 1)) f(t * kBlockQ);
+    auto walk = sparse_query_tile_walk(layout, mask, b, h, k0, k0 + n);
+    const int tiles_per_block = layout.block_size_q / kBlockQ;
+    for (int t = walk.from(0); t >= 0; t = walk.from(t + 1))
+      f(t * kBlockQ, listed_keys(layout, b, h, t / tiles_per_block, k0 / kBlockK));
   }
 };
 

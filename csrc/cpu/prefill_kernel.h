@@ -10,12 +10,14 @@
 // threads write the same gradient row (deterministic, no atomics).
 //
 // A Walk offers
-//   key_tiles(b, h, q0, rows, mask, f):  f(k0, n) for each key tile [k0, k0 + n) that query
-//                                        rows [q0, q0 + rows) of q head h visit, in order;
-//   query_tiles(b, h, k0, n, mask, f):   f(q0) for each query tile [q0, q0 + kBlockQ) of q
-//                                        head h that visits key tile [k0, k0 + n).
-// Query tiles start at multiples of kBlockQ, key tiles of the backward at multiples of
-// kBlockK. Logits the mask hides are -inf whatever the walk.
+//   key_tiles(b, h, q0, rows, mask, f):  f(k0, n, keys) for each key tile [k0, k0 + n) that
+//                                        query rows [q0, q0 + rows) of q head h visit, in order;
+//   query_tiles(b, h, k0, n, mask, f):   f(q0, keys) for each query tile [q0, q0 + kBlockQ) of
+//                                        q head h that visits key tile [k0, k0 + n).
+// keys: which keys of the tile the pair visits (bit c: key k0 + c; kAllKeys for all, the
+// dense walk's case; a block-sparse walk's column tiles hold some). Query tiles start at
+// multiples of kBlockQ, key tiles of the backward at multiples of kBlockK. Logits the mask
+// hides are -inf whatever the walk.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -77,6 +79,19 @@ struct TileMask {
     transform_and_mask_cols(st, n, kBlockQ, cols, k0, lo, hi, softcap, mods);
   }
 };
+
+// Logits of the keys a tile's `keys` bits leave out set to -inf: whole rows of St (n x ld).
+inline void mask_unlisted_keys(float* st, int n, int ld, uint64_t keys) {
+  for (int c = 0; c < n; ++c)
+    if (!(keys >> c & 1u)) std::fill(st + int64_t(c) * ld, st + int64_t(c + 1) * ld, kNegInf);
+}
+
+// Rows (ld apart, D wide) of the keys left out zeroed, so that a NaN there never meets their
+// zero weight in P V or dS K.
+inline void zero_unlisted_rows(float* rows, int n, int64_t ld, int D, uint64_t keys) {
+  for (int c = 0; c < n; ++c)
+    if (!(keys >> c & 1u)) std::fill(rows + c * ld, rows + c * ld + D, 0.f);
+}
 
 // An fp32 view of rows first .. first + n of one head of a tensor: the tensor itself when it
 // is fp32, its rows are equally spaced (`strided`: not so across the pages of a paged K / V)
@@ -165,18 +180,22 @@ void forward(const AttentionParams& p, const Walk& walk) {
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
       auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
       // Keys k0 .. k0 + n of K or V as fp32 rows (ld set): in place where they are fp32 and
-      // equally spaced (paged keys are within one page only), else converted or dequantized.
+      // equally spaced (paged keys are within one page only) and the tile is visited whole,
+      // else converted or dequantized, the rows of keys left out zeroed.
       auto key_rows = [&](const void* base, const Strides& s, const QuantizedRows& quant, int k0, int n, bool padded,
-                          float* buf, int64_t& ld) {
+                          uint64_t keys, float* buf, int64_t& ld) {
         auto index = [&](int j) { return key_offset(p, s, b, seq, j, hk); };
         if (p.is_quantized()) {
           dequantized_rows(quant, index, k0, n, D, Dp, buf);
           ld = Dp;
-          return static_cast<const float*>(buf);
+        } else {
+          auto row = [&](int j) { return static_cast<const T*>(base) + index(j); };
+          const bool strided = !p.is_paged() || k0 / p.page_size == (k0 + n - 1) / p.page_size;
+          const float* rows = fp32_rows<T>(row, k0, n, D, Dp, padded, buf, ld, strided && keys == kAllKeys);
+          if (rows != buf) return rows;
         }
-        auto row = [&](int j) { return static_cast<const T*>(base) + index(j); };
-        const bool strided = !p.is_paged() || k0 / p.page_size == (k0 + n - 1) / p.page_size;
-        return fp32_rows<T>(row, k0, n, D, Dp, padded, buf, ld, strided);
+        if (keys != kAllKeys) zero_unlisted_rows(buf, n, ld, D, keys);
+        return static_cast<const float*>(buf);
       };
 
       load_transposed<T>(q_row, q0, rows, D, p.scale, row_buf.data(), qt.data());
@@ -185,15 +204,16 @@ void forward(const AttentionParams& p, const Walk& walk) {
       std::fill(max, max + kBlockQ, kNegInf);
       std::fill(sum, sum + kBlockQ, 0.f);
 
-      walk.key_tiles(b, h, q0, rows, mask, [&](int k0, int n) {
+      walk.key_tiles(b, h, q0, rows, mask, [&](int k0, int n, uint64_t keys) {
         int64_t ldk, ldv;
-        const float* k = key_rows(p.k, p.k_strides, p.k_quant, k0, n, false, k_buf.data(), ldk);
+        const float* k = key_rows(p.k, p.k_strides, p.k_quant, k0, n, false, kAllKeys, k_buf.data(), ldk);
         gemm<false, false>(n, cols, D, k, ldk, qt.data(), kBlockQ, st.data(), kBlockQ);
         tile_mask.apply(st.data(), n, cols, k0, p.softcap);
+        if (keys != kAllKeys) mask_unlisted_keys(st.data(), n, kBlockQ, keys);
         softmax_update_cols(st.data(), n, kBlockQ, cols, max, sum, factor);
         for (int r = 0; r < rows; ++r)
           if (factor[r] != 1.f) scale_row(acc.data() + r * Dp, Dp, factor[r]);
-        const float* v = key_rows(p.v, p.v_strides, p.v_quant, k0, n, true, v_buf.data(), ldv);
+        const float* v = key_rows(p.v, p.v_strides, p.v_quant, k0, n, true, keys, v_buf.data(), ldv);
         if (tile_mask.all_visible(k0, n) || all_finite(v, n, ldv, D))
           gemm<true, true>(rows, Dp, n, st.data(), kBlockQ, v, ldv, acc.data(), Dp);
         else  // a NaN / inf value of a key some rows do not see must not meet their 0 probability
@@ -266,12 +286,13 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
       s.lse[r] = r < rows ? p.lse[lse_offset(p, b, h, seq) + q0 + r] : INFINITY;  // padding: p = 0
   };
   // Probabilities Pt (in s.st) and dSt (in s.dpt) of keys k (ldk) and values v (ldv) against
-  // query tile `tile`.
+  // query tile `tile`, of the keys `keys` selects (a key left out has P = dS = 0).
   auto recompute = [&](Scratch& s, int64_t tile, const float* k, int64_t ldk, const float* v, int64_t ldv, int n,
-                       int cols, int k0) {
+                       int cols, int k0, uint64_t keys) {
     gemm<false, false>(n, cols, D, k, ldk, qt_all.data() + tile * tile_elems, kBlockQ, s.st.data(), kBlockQ);
     gemm<false, false>(n, cols, D, v, ldv, dot_all.data() + tile * tile_elems, kBlockQ, s.dpt.data(), kBlockQ);
     s.mask.apply(s.st.data(), n, cols, k0, p.softcap);
+    if (keys != kAllKeys) mask_unlisted_keys(s.st.data(), n, kBlockQ, keys);
     probs_and_dscores_cols(s.st.data(), s.dpt.data(), n, kBlockQ, cols, s.lse, delta.data() + tile * kBlockQ,
                            p.softcap, k0, s.mask.mods);
   };
@@ -295,11 +316,11 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
       std::fill(dk, dk + n * Dp, 0.f);
       std::fill(dv, dv + n * Dp, 0.f);
       for (int h = hk * group; h < (hk + 1) * group; ++h) {
-        walk.query_tiles(b, h, k0, n, mask, [&](int q0) {
+        walk.query_tiles(b, h, k0, n, mask, [&](int q0, uint64_t keys) {
           const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
           s.mask.set(mask, q0, rows, p.alibi_slope(b, h));
           load_lse(s, b, h, seq, q0, rows);
-          recompute(s, tile_of(b, h, q0), k, ldk, v, ldv, n, cols, k0);
+          recompute(s, tile_of(b, h, q0), k, ldk, v, ldv, n, cols, k0, keys);
           auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
           auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.row_q + i, h); };
           int64_t ldq, lddo;
@@ -331,11 +352,12 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
       load_lse(s, b, h, seq, q0, rows);
       float* dq = s.acc_a.data();
       std::fill(dq, dq + rows * Dp, 0.f);
-      walk.key_tiles(b, h, q0, rows, mask, [&](int k0, int n) {
+      walk.key_tiles(b, h, q0, rows, mask, [&](int k0, int n, uint64_t keys) {
         int64_t ldk, ldv;
-        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, true, s.k_buf.data(), ldk);
+        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, true, s.k_buf.data(), ldk, keys == kAllKeys);
+        if (keys != kAllKeys) zero_unlisted_rows(s.k_buf.data(), n, ldk, D, keys);  // dS K: as P V
         const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, false, s.v_buf.data(), ldv);
-        recompute(s, it, k, ldk, v, ldv, n, cols, k0);
+        recompute(s, it, k, ldk, v, ldv, n, cols, k0, keys);
         if (s.mask.all_visible(k0, n) || all_finite(k, n, ldk, D))
           gemm<true, true>(rows, Dp, n, s.dpt.data(), kBlockQ, k, ldk, dq, Dp);  // dQ += dS K
         else  // as in the forward: a masked key's NaN must not meet its dS of 0

@@ -1,7 +1,7 @@
 // Bindings of block_sparse_fwd / block_sparse_bwd / block_lists_canonical /
-// block_lists_transpose: checks of the
-// block lists, params (q, k, v as prefill's), dispatch to csrc/cpu/block_sparse.cpp or the
-// CUDA kernels. Lists must be canonical (attnkit/block_sparse.h); python/attnkit/
+// block_lists_transpose: checks of the block lists, params (q, k, v as prefill's), the key
+// tiles of the column lists (and their transpose), dispatch to csrc/cpu/block_sparse.cpp or
+// the CUDA kernels. Lists must be canonical (attnkit/block_sparse.h); python/attnkit/
 // block_sparse.py brings them to that form.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -56,9 +56,17 @@ BlockLists block_lists(const at::Tensor& indices, const char* indices_name, cons
   return lists;
 }
 
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
-                            double softcap) {
-  return make_attention_params(q, k, v, std::nullopt, std::nullopt, 0, 0, causal, scale, -1, -1, softcap);
+// Packed sequences (cu_seqlens_q / cu_seqlens_k, q (total_q, heads, head_dim)) or a batch.
+struct Sequences {
+  const OptTensor& cu_q;
+  const OptTensor& cu_k;
+  int64_t max_seqlen_q, max_seqlen_k;
+};
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Sequences& seqs,
+                            bool causal, double scale, double softcap) {
+  return make_attention_params(q, k, v, seqs.cu_q, seqs.cu_k, seqs.max_seqlen_q, seqs.max_seqlen_k, causal, scale,
+                               -1, -1, softcap);
 }
 
 BlockSparseLayout make_layout(const AttentionParams& p, const at::Tensor& kv_indices, const at::Tensor& kv_counts,
@@ -72,6 +80,31 @@ BlockSparseLayout make_layout(const AttentionParams& p, const at::Tensor& kv_ind
   layout.kv_blocks = block_lists(kv_indices, "kv_block_indices", kv_counts, "kv_block_counts", p.batch, p.heads_q,
                                  blocks_of(p.seqlen_q, block_size_q), blocks_of(p.seqlen_k, block_size_k), q, keep);
   return layout;
+}
+
+std::tuple<at::Tensor, at::Tensor> block_lists_canonical(const at::Tensor& indices, const at::Tensor& counts,
+                                                         int64_t col_blocks);
+std::tuple<at::Tensor, at::Tensor> block_lists_transpose(const at::Tensor& indices, const at::Tensor& counts,
+                                                         int64_t col_blocks);
+
+// The column lists of a layout: canonical columns (key indices, none in a listed block) per
+// query block as given and, with `transposed`, the query blocks per key tile holding one
+// (the backward's; from the columns' tiles). No columns: both stay empty.
+void add_columns(BlockSparseLayout& layout, const AttentionParams& p, const OptTensor& column_indices,
+                 const OptTensor& column_counts, bool transposed, const at::Tensor& q, std::vector<at::Tensor>& keep) {
+  TORCH_CHECK_VALUE(column_indices.has_value() == column_counts.has_value(),
+                    "column_indices and column_counts must be given together");
+  if (!column_indices) return;
+  const int64_t q_blocks = layout.kv_blocks.row_blocks, key_tiles = blocks_of(p.seqlen_k, kBlockSparseTile);
+  layout.columns = block_lists(*column_indices, "column_indices", *column_counts, "column_counts", p.batch,
+                               p.heads_q, q_blocks, p.seqlen_k, q, keep);
+  if (!transposed) return;
+  const at::Tensor columns = keep[keep.size() - 2], counts = keep.back();
+  const at::Tensor tiles = at::where(columns >= 0, at::div(columns, kBlockSparseTile, "floor"), -1);
+  auto [tile_indices, tile_counts] = block_lists_canonical(tiles, counts, key_tiles);
+  auto [q_indices, q_counts] = block_lists_transpose(tile_indices, tile_counts, key_tiles);
+  layout.q_column_tiles = block_lists(q_indices, "transposed column tiles", q_counts, "transposed column tile counts",
+                                      p.batch, p.heads_q, key_tiles, q_blocks, q, keep);
 }
 
 #ifdef ATTNKIT_WITH_CUDA
@@ -89,16 +122,20 @@ void check_cuda(const AttentionParams& p, const char* op) {
 std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& kv_indices, const at::Tensor& kv_counts,
                                                     int64_t block_size_q, int64_t block_size_k, bool causal,
-                                                    double scale, double softcap) {
+                                                    double scale, double softcap, const OptTensor& column_indices,
+                                                    const OptTensor& column_counts, const OptTensor& cu_q,
+                                                    const OptTensor& cu_k, int64_t max_seqlen_q,
+                                                    int64_t max_seqlen_k) {
   const c10::DeviceGuard guard(q.device());
-  check_rank(q, 4, "q", "(batch, seqlen, heads, head_dim)");
   const FoldedScale folded = fold_scale_for_cuda(q, scale);
   const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
-  AttentionParams p = make_params(qd, kd, vd, causal, folded.scale, softcap);
+  AttentionParams p = make_params(qd, kd, vd, {cu_q, cu_k, max_seqlen_q, max_seqlen_k}, causal, folded.scale, softcap);
   std::vector<at::Tensor> keep;
-  const BlockSparseLayout layout = make_layout(p, kv_indices, kv_counts, block_size_q, block_size_k, q, keep);
+  BlockSparseLayout layout = make_layout(p, kv_indices, kv_counts, block_size_q, block_size_k, q, keep);
+  add_columns(layout, p, column_indices, column_counts, false, q, keep);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor lse = p.is_varlen() ? at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))
+                                 : at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
@@ -167,16 +204,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& kv_indices, const at::Tensor& kv_counts, const at::Tensor& q_indices,
     const at::Tensor& q_counts, int64_t block_size_q, int64_t block_size_k, bool causal, double scale,
-    double softcap, const OptTensor& grad_lse) {
+    double softcap, const OptTensor& grad_lse, const OptTensor& column_indices, const OptTensor& column_counts,
+    const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   const c10::DeviceGuard guard(q.device());
-  check_rank(q, 4, "q", "(batch, seqlen, heads, head_dim)");
   const FoldedScale folded = fold_scale_for_cuda(q, scale);
   const at::Tensor qd = for_device(folded.q), kd = for_device(k), vd = for_device(v);
-  const AttentionParams p = make_params(qd, kd, vd, causal, folded.scale, softcap);
+  const AttentionParams p =
+      make_params(qd, kd, vd, {cu_q, cu_k, max_seqlen_q, max_seqlen_k}, causal, folded.scale, softcap);
   std::vector<at::Tensor> keep;
   BlockSparseLayout layout = make_layout(p, kv_indices, kv_counts, block_size_q, block_size_k, q, keep);
   layout.q_blocks = block_lists(q_indices, "q_block_indices", q_counts, "q_block_counts", p.batch, p.heads_q,
                                 layout.kv_blocks.col_blocks, layout.kv_blocks.row_blocks, q, keep);
+  add_columns(layout, p, column_indices, column_counts, true, q, keep);
   AttentionBwdBuffers bw = prepare_attention_bwd(dout, q, k, v, out, lse, grad_lse, p);
   if (bw.nothing_to_do) return {bw.dq, bw.dk, bw.dv};
 #ifdef ATTNKIT_WITH_CUDA

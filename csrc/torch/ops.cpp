@@ -32,11 +32,15 @@ TORCH_LIBRARY(attnkit, m) {
       "-> (Tensor out, Tensor lse)");
   m.def(
       "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_block_indices, Tensor kv_block_counts, "
-      "int block_size_q, int block_size_k, bool causal, float scale, float softcap) -> (Tensor out, Tensor lse)");
+      "int block_size_q, int block_size_k, bool causal, float scale, float softcap, Tensor? column_indices=None, "
+      "Tensor? column_counts=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
+      "int max_seqlen_k=0) -> (Tensor out, Tensor lse)");
   m.def(
       "block_sparse_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_block_indices, "
       "Tensor kv_block_counts, Tensor q_block_indices, Tensor q_block_counts, int block_size_q, int block_size_k, "
-      "bool causal, float scale, float softcap, Tensor? grad_lse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "bool causal, float scale, float softcap, Tensor? grad_lse=None, Tensor? column_indices=None, "
+      "Tensor? column_counts=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
+      "int max_seqlen_k=0) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("block_lists_canonical(Tensor indices, Tensor counts, int col_blocks) -> (Tensor indices_c, Tensor counts_c)");
   m.def("block_lists_transpose(Tensor indices, Tensor counts, int col_blocks) -> (Tensor indices_t, Tensor counts_t)");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");

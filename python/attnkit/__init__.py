@@ -4,8 +4,8 @@ Ops: attention, attention_varlen (prefill, with autograd), decode (contiguous or
 cache), merge_attention_states, neighborhood_attention (1-3 D, with autograd); PagedKVCache
 (a paged KV cache with a page allocator and per-page key min / max); page_scores,
 select_pages, sparse_decode, sparse_decode_tokens, streaming_page_indices (query-aware
-sparse decode); quantize_kv, dequantize_kv (int8 / int4 / fp8 e4m3 KV formats); block_sparse_attention (with
-autograd) and its list builders block_topk_indices, pooled_block_scores, strided_shard_indices,
+sparse decode); quantize_kv, dequantize_kv (int8 / int4 / fp8 e4m3 KV formats); block_sparse_attention,
+block_sparse_attention_varlen (with autograd; key blocks and individual key columns) and its list builders block_topk_indices, pooled_block_scores, strided_shard_indices,
 block_attention_map, vertical_slash_indices;
 attnkit.distributed: context parallelism over torch.distributed (ring and all-gather
 attention, sharded decode).
@@ -15,8 +15,9 @@ import torch
 
 from ._capability import cuda_capabilities
 from ._ops import CUDA_KERNELS
-from .block_sparse import (block_attention_map, block_sparse_attention, block_topk_indices, canonical_block_lists,
-                           lists_from_block_mask, pooled_block_scores, strided_shard_indices, vertical_slash_indices)
+from .block_sparse import (block_attention_map, block_sparse_attention, block_sparse_attention_varlen,
+                           block_topk_indices, canonical_block_lists, canonical_column_lists, lists_from_block_mask,
+                           pooled_block_scores, strided_shard_indices, vertical_slash_indices)
 from .decode import decode
 from .merge import merge_attention_states
 from .neighborhood import neighborhood_attention
@@ -51,5 +52,6 @@ def cuda_available():
 __all__ = ["attention", "attention_varlen", "decode", "merge_attention_states", "has_cuda_kernel",
            "cuda_available", "cuda_capabilities", "PagedKVCache", "page_scores", "select_pages", "sparse_decode", "sparse_decode_tokens",
            "streaming_page_indices", "quantize_kv", "dequantize_kv", "QuantizedKV", "neighborhood_attention",
-           "block_sparse_attention", "block_topk_indices", "pooled_block_scores", "strided_shard_indices",
-           "block_attention_map", "canonical_block_lists", "lists_from_block_mask", "vertical_slash_indices"]
+           "block_sparse_attention", "block_sparse_attention_varlen", "block_topk_indices", "pooled_block_scores", "strided_shard_indices",
+           "block_attention_map", "canonical_block_lists", "canonical_column_lists", "lists_from_block_mask",
+           "vertical_slash_indices"]

@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import _checks
-from ._ops import ops
+from ._ops import lse_shape, ops
 
 
 def _blocks(length, block_size):
@@ -18,9 +18,10 @@ def _blocks(length, block_size):
 
 @torch.library.register_fake("attnkit::block_sparse_fwd")
 def _block_sparse_fwd_fake(q, k, v, kv_block_indices, kv_block_counts, block_size_q, block_size_k, causal, scale,
-                           softcap):
+                           softcap, column_indices=None, column_counts=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                           max_seqlen_q=0, max_seqlen_k=0):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
 @torch.library.register_fake("attnkit::block_sparse_bwd")
@@ -40,27 +41,38 @@ def _block_lists_transpose_fake(indices, counts, col_blocks):
     return indices.new_empty((batch, heads, col_blocks, row_blocks)), counts.new_empty((batch, heads, col_blocks))
 
 
+# The op's arguments after block_size_q ... softcap, with their schema defaults.
+_OPTIONAL_ARGS = (None, None, None, None, 0, 0)  # columns, counts, cu_seqlens_q / _k, max_seqlen_q / _k
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, kv_indices, kv_counts, *options = inputs
+    options += list(_OPTIONAL_ARGS[len(options) - 5:])
+    column_indices, column_counts, cu_q, cu_k, max_q, max_k = options[5:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts)
-    ctx.options = options
+    ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts, column_indices, column_counts, cu_q, cu_k)
+    ctx.options = options[:5]
+    ctx.max_seqlens = (max_q, max_k)
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse):
     """dQ walks the lists, dK and dV their transpose (query blocks per key block, built by
-    the block_lists_transpose op on the device), so every gradient row has one writer.
-    Differentiable through out and lse, as attention()."""
-    q, k, v, out, lse, kv_indices, kv_counts = ctx.saved_tensors
+    the block_lists_transpose op on the device; the column tiles' transpose is built by the
+    op itself), so every gradient row has one writer. Differentiable through out and lse,
+    as attention()."""
+    q, k, v, out, lse, kv_indices, kv_counts, column_indices, column_counts, cu_q, cu_k = ctx.saved_tensors
     block_size_q, block_size_k, causal, scale, softcap = ctx.options
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    q_indices, q_counts = ops.block_lists_transpose(kv_indices, kv_counts, _blocks(k.shape[1], block_size_k))
+    seqlen_k = ctx.max_seqlens[1] if cu_k is not None else k.shape[1]
+    q_indices, q_counts = ops.block_lists_transpose(kv_indices, kv_counts, _blocks(seqlen_k, block_size_k))
     dq, dk, dv = ops.block_sparse_bwd(grad_out, q, k, v, out, lse, kv_indices, kv_counts, q_indices, q_counts,
-                                      block_size_q, block_size_k, causal, scale, softcap, grad_lse)
-    return (dq, dk, dv) + (None,) * 7
+                                      block_size_q, block_size_k, causal, scale, softcap, grad_lse, column_indices,
+                                      column_counts, cu_q, cu_k, *ctx.max_seqlens)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 torch.library.register_autograd("attnkit::block_sparse_fwd", _backward, setup_context=_setup_context)
@@ -75,6 +87,31 @@ def canonical_block_lists(indices, counts, num_blocks):
     (batch, heads, row_blocks, list_len), counts int32 (batch, heads, row_blocks). One op on the
     device (a bitmap per list, no sort), no host sync."""
     return ops.block_lists_canonical(indices.contiguous(), counts.contiguous(), int(num_blocks))
+
+
+def canonical_column_lists(column_indices, column_counts, block_indices, block_counts, seqlen_k, block_size_k):
+    """Any column lists -> their canonical form, which the kernels take: per row the distinct
+    keys of column_indices[..., :column_counts] (counts clamped to [0, list_len]) that lie in
+    [0, seqlen_k) and not in a key block of the row's canonical block list (block_indices,
+    block_counts), so every key counts once; ascending, then -1 padding. Tensor ops (sort,
+    searchsorted): no host sync."""
+    list_len = column_indices.shape[-1]
+    positions = torch.arange(list_len, device=column_indices.device, dtype=torch.int32)
+    keys = column_indices
+    kept = (positions < column_counts.clamp(0, list_len)[..., None]) & (keys >= 0) & (keys < seqlen_k)
+    blocks_len = block_indices.shape[-1]
+    if blocks_len > 0 and list_len > 0:
+        big = torch.iinfo(torch.int32).max
+        listed = torch.where(torch.arange(blocks_len, device=keys.device) < block_counts[..., None], block_indices, big)
+        block = torch.where(kept, keys // block_size_k, 0).to(torch.int32)
+        at = torch.searchsorted(listed.contiguous(), block.contiguous(), out_int32=True).clamp(max=blocks_len - 1)
+        kept &= listed.gather(-1, at.long()) != block
+    end = torch.iinfo(torch.int32).max
+    keys = torch.where(kept, keys, end).sort(dim=-1).values
+    repeat = torch.cat([torch.zeros_like(keys[..., :1], dtype=torch.bool), keys[..., 1:] == keys[..., :-1]], dim=-1)
+    keys = torch.where(repeat, end, keys).sort(dim=-1).values
+    kept = keys < end
+    return torch.where(kept, keys, -1).to(torch.int32), kept.sum(dim=-1, dtype=torch.int32)
 
 
 def lists_from_block_mask(block_mask, list_len=None):
@@ -110,37 +147,91 @@ def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_
     causal: bottom-right as attention(), applied on top of the blocks. Block sizes: positive
     multiples of 64. GQA, scale, softcap and the empty-row rule (out 0, lse -inf) as
     attention(). Differentiable in q, k, v through out and lse (deterministic dK, dV).
-    column_indices / column_counts (MInference's vertical lines) are not implemented yet.
+    column_indices: int32 (batch or 1, heads, ceil(seqlen_q / block_size_q), column_list_len),
+    column_counts: int32 (batch or 1, heads, ceil(seqlen_q / block_size_q)): individual keys a
+    query block sees besides its blocks (MInference's vertical lines), a set as the block lists
+    (entries outside [0, seqlen_k) select nothing); a key in a listed block counts once.
     Returns out, or (out, lse) with lse float32 (batch, heads, seqlen_q). docs/block_sparse.md.
     """
-    for t, name in ((q, "q"), (k, "k"), (v, "v"), (kv_block_indices, "kv_block_indices"),
-                    (kv_block_counts, "kv_block_counts")):
-        _checks.check_tensor(t, name)
-    if column_indices is not None or column_counts is not None:
-        raise NotImplementedError("block_sparse_attention: column_indices / column_counts (vertical lines) are not "
-                                  "implemented yet; express them as key blocks")
-    _checks.require_kernel("block_sparse_attention", q)
-    block_size_q = _check_block_size(block_size_q, "block_size_q")
-    block_size_k = _check_block_size(block_size_k, "block_size_k")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must have 4 dimensions (batch, seqlen, heads, head_dim), got shapes "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
-    for t, name, rank in ((kv_block_indices, "kv_block_indices", 4), (kv_block_counts, "kv_block_counts", 3)):
-        if t.dtype != torch.int32 or t.dim() != rank:
-            raise ValueError(f"{name} must be an int32 tensor with {rank} dimensions, got {t.dtype} of shape "
-                             f"{tuple(t.shape)}")
-    lists_shape = (q.shape[0], q.shape[2], _blocks(q.shape[1], block_size_q))
-    if kv_block_indices.shape[0] == 1 and kv_block_counts.shape[0] == 1:  # one pattern for the batch
-        kv_block_indices = kv_block_indices.expand(lists_shape[0], *kv_block_indices.shape[1:])
-        kv_block_counts = kv_block_counts.expand(lists_shape[0], *kv_block_counts.shape[1:])
-    if tuple(kv_block_indices.shape[:3]) != lists_shape or tuple(kv_block_counts.shape) != lists_shape:
-        raise ValueError(f"kv_block_indices must have shape (batch, heads, ceil(seqlen_q / block_size_q), list_len) "
-                         f"with the first three {lists_shape} (batch may be 1), and kv_block_counts shape "
-                         f"{lists_shape}; got {tuple(kv_block_indices.shape)} and {tuple(kv_block_counts.shape)}")
-    indices, counts = canonical_block_lists(kv_block_indices, kv_block_counts, _blocks(k.shape[1], block_size_k))
-    out, lse = ops.block_sparse_fwd(q, k, v, indices, counts, block_size_q, block_size_k, bool(causal),
-                                    _checks.resolve_scale(scale, q), _checks.resolve_softcap(softcap))
+    out, lse = _block_sparse(q, k, v, None, kv_block_indices, kv_block_counts, column_indices, column_counts,
+                             block_size_q, block_size_k, causal, scale, softcap)
     return (out, lse) if return_lse else out
+
+
+def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_block_indices,
+                                  kv_block_counts, *, block_size_q=64, block_size_k=64, causal=False, scale=None,
+                                  softcap=0.0, column_indices=None, column_counts=None, return_lse=False):
+    """block_sparse_attention over variable-length sequences packed along the token axis, as
+    attention_varlen: q (total_q, heads, head_dim), k, v (total_k, kv_heads, head_dim), int32
+    cu_seqlens_* (batch + 1), max_seqlen_* bounding the lengths. The lists are per sequence:
+    kv_block_indices (batch or 1, heads, ceil(max_seqlen_q / block_size_q), list_len), query
+    block m of sequence b = its rows [m * block_size_q, (m + 1) * block_size_q), key blocks and
+    columns numbered within the sequence (entries past its own keys select nothing; lists of
+    query blocks past its own rows are not read). The causal rule applies per sequence
+    (bottom-right). lse is (heads, total_q). Differentiable. docs/block_sparse.md."""
+    for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
+        _checks.check_tensor(t, name)
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"q and k must have 3 dimensions (total_tokens, heads, head_dim), got shapes "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must be 1-D of the same length (batch + 1), got shapes "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    sequences = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    out, lse = _block_sparse(q, k, v, sequences, kv_block_indices, kv_block_counts, column_indices, column_counts,
+                             block_size_q, block_size_k, causal, scale, softcap)
+    return (out, lse) if return_lse else out
+
+
+def _block_sparse(q, k, v, sequences, kv_block_indices, kv_block_counts, column_indices, column_counts, block_size_q,
+                  block_size_k, causal, scale, softcap):
+    """The checks and list preparation both entry points share; sequences: None (a batch) or
+    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (kv_block_indices, "kv_block_indices"),
+                    (kv_block_counts, "kv_block_counts")):
+        _checks.check_tensor(t, name)
+    if (column_indices is None) != (column_counts is None):
+        raise ValueError("column_indices and column_counts must be given together")
+    _checks.require_kernel("block_sparse_attention", q)
+    block_size_q = _check_block_size(block_size_q, "block_size_q")
+    block_size_k = _check_block_size(block_size_k, "block_size_k")
+    if sequences is None:
+        batch, heads, seqlen_q, seqlen_k = q.shape[0], q.shape[2], q.shape[1], k.shape[1]
+        sequences = (None, None, 0, 0)
+    else:
+        batch, heads, seqlen_q, seqlen_k = sequences[0].shape[0] - 1, q.shape[1], sequences[2], sequences[3]
+    lists_shape = (batch, heads, _blocks(seqlen_q, block_size_q))
+    kv_block_indices, kv_block_counts = _list_pair(kv_block_indices, kv_block_counts, "kv_block_indices",
+                                                   "kv_block_counts", lists_shape)
+    indices, counts = canonical_block_lists(kv_block_indices, kv_block_counts, _blocks(seqlen_k, block_size_k))
+    if column_indices is not None:
+        column_indices, column_counts = _list_pair(column_indices, column_counts, "column_indices", "column_counts",
+                                                   lists_shape)
+        column_indices, column_counts = canonical_column_lists(column_indices, column_counts, indices, counts,
+                                                               seqlen_k, block_size_k)
+    return ops.block_sparse_fwd(q, k, v, indices, counts, block_size_q, block_size_k, bool(causal),
+                                _checks.resolve_scale(scale, q), _checks.resolve_softcap(softcap), column_indices,
+                                column_counts, *sequences)
+
+
+def _list_pair(indices, counts, indices_name, counts_name, lists_shape):
+    """Checks lists (batch or 1, heads, row_blocks, list_len) and counts (batch or 1, heads,
+    row_blocks), int32, against lists_shape = (batch, heads, row_blocks); batch 1 expanded."""
+    for t, name, rank in ((indices, indices_name, 4), (counts, counts_name, 3)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != rank:
+            raise ValueError(f"{name} must be an int32 tensor with {rank} dimensions, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+    if indices.shape[0] == 1 and counts.shape[0] == 1:  # one pattern for the batch
+        indices = indices.expand(lists_shape[0], *indices.shape[1:])
+        counts = counts.expand(lists_shape[0], *counts.shape[1:])
+    if tuple(indices.shape[:3]) != lists_shape or tuple(counts.shape) != lists_shape:
+        raise ValueError(f"{indices_name} must have shape (batch, heads, ceil(seqlen_q / block_size_q), list_len) "
+                         f"with the first three {lists_shape} (batch may be 1), and {counts_name} shape "
+                         f"{lists_shape}; got {tuple(indices.shape)} and {tuple(counts.shape)}")
+    return indices, counts
 
 
 # ---- pattern builders ----------------------------------------------------------------------------
@@ -238,7 +329,8 @@ def strided_shard_indices(seqlen, heads, *, stride, local_window, block_size, de
     return lists_from_block_mask(keep[None])
 
 
-def vertical_slash_indices(q_last, k, *, last_q=64, vertical=1000, slash=6096, block_size=64, scale=None):
+def vertical_slash_indices(q_last, k, *, last_q=64, vertical=1000, slash=6096, block_size=64, scale=None,
+                           exact_columns=False):
     """MInference's vertical-slash pattern as block lists, for causal self-attention of
     seqlen = k.shape[1] tokens whose last queries are q_last (batch, >= last_q, heads,
     head_dim; its last last_q rows are used).
@@ -249,9 +341,13 @@ def vertical_slash_indices(q_last, k, *, last_q=64, vertical=1000, slash=6096, b
     `slash` best offsets are kept (fewer if the sequence is shorter). As blocks of block_size:
     query block m keeps the key blocks n <= m holding a kept key, and for each kept offset
     o = a * block_size + r the blocks m - a and, if r > 0, m - a - 1 (the blocks its diagonal
-    crosses): a superset of the lines (exact columns and diagonals are a later issue).
-    Returns canonical (indices int32 (batch, heads, blocks, blocks), counts); use with
-    causal=True and block_size_q = block_size_k = block_size."""
+    crosses): a superset of the lines. Returns canonical (indices int32 (batch, heads, blocks,
+    blocks), counts); use with causal=True and block_size_q = block_size_k = block_size.
+    exact_columns=True: the vertical lines as exact columns instead of their blocks; returns
+    (indices, counts, column_indices, column_counts), the blocks those of the slash lines and
+    column_indices int32 (batch, heads, blocks, vertical) the kept keys, ascending, each query
+    block's own list holding those at or before its last key (block_sparse_attention's
+    column_indices / column_counts)."""
     for t, name in ((q_last, "q_last"), (k, "k")):
         _checks.check_tensor(t, name)
     for value, name in ((last_q, "last_q"), (vertical, "vertical"), (slash, "slash"), (block_size, "block_size")):
@@ -286,8 +382,14 @@ def vertical_slash_indices(q_last, k, *, last_q=64, vertical=1000, slash=6096, b
     m = torch.arange(blocks, device=k.device)[:, None]
     n = torch.arange(blocks, device=k.device)[None, :]
     causal = n <= m
-    keep = column_blocks[:, :, None, :blocks] & causal
-    keep |= block_offsets[:, :, (m - n).clamp(0, blocks)] & causal
+    keep = block_offsets[:, :, (m - n).clamp(0, blocks)] & causal
+    if exact_columns:
+        columns = columns.sort(dim=-1).values.to(torch.int32)                              # (b, h, vertical)
+        block_ends = torch.arange(1, blocks + 1, device=k.device) * block_size           # each block's key end
+        column_counts = (columns[:, :, None, :] < block_ends[:, None]).sum(dim=-1, dtype=torch.int32)
+        column_indices = columns[:, :, None, :].expand(-1, -1, blocks, -1)
+        return (*lists_from_block_mask(keep), column_indices, column_counts)
+    keep |= column_blocks[:, :, None, :blocks] & causal
     return lists_from_block_mask(keep)
 
 

@@ -493,42 +493,75 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, is_cau
     return out.reshape(q.shape[:-1] + (head_dim,)), lse.reshape(batch, heads, *spatial)
 
 
+def _listed(indices, counts, num):
+    """bool (batch, heads, row_blocks, num): entry n of row (b, h, m) set iff n is among the
+    first counts[b, h, m] (clamped to [0, list length]) of indices[b, h, m]; entries outside
+    [0, num) select nothing. Entry by entry, in Python."""
+    batch, heads, row_blocks, length = indices.shape
+    listed = torch.zeros(batch, heads, row_blocks, num, dtype=torch.bool)
+    entries, numbers = indices.cpu().tolist(), counts.cpu().tolist()
+    for b in range(batch):
+        for h in range(heads):
+            for m in range(row_blocks):
+                for entry in entries[b][h][m][:max(0, min(length, numbers[b][h][m]))]:
+                    if 0 <= entry < num:
+                        listed[b, h, m, entry] = True
+    return listed
+
+
 def block_sparse_mask(kv_block_indices, kv_block_counts, seqlen_q, seqlen_k, *, block_size_q, block_size_k,
-                      causal=False):
+                      causal=False, column_indices=None, column_counts=None):
     """The visibility matrix of block-sparse attention: bool (batch, heads, seqlen_q, seqlen_k).
 
     Query i of (batch b, head h) sees key j iff key block j // block_size_k is among the first
     kv_block_counts[b, h, i // block_size_q] entries of kv_block_indices[b, h, i // block_size_q]
     (a set: order and repeats do not matter; entries outside [0, ceil(seqlen_k / block_size_k))
     select nothing; counts are clamped to [0, list length]) and, with causal, j <= i + seqlen_k -
-    seqlen_q (bottom-right, as attention()). Built entry by entry from the lists, in Python."""
-    batch, heads, q_blocks, list_len = kv_block_indices.shape
+    seqlen_q (bottom-right, as attention()). With column lists (same shapes), query i also
+    sees key j if j is among the first column_counts[b, h, i // block_size_q] entries of
+    column_indices[b, h, i // block_size_q] (causal on top). Built entry by entry from the
+    lists, in Python."""
     k_blocks = -(-seqlen_k // block_size_k)
-    block_visible = torch.zeros(batch, heads, q_blocks, k_blocks, dtype=torch.bool)
-    indices, counts = kv_block_indices.cpu().tolist(), kv_block_counts.cpu().tolist()
-    for b in range(batch):
-        for h in range(heads):
-            for m in range(q_blocks):
-                for entry in indices[b][h][m][:max(0, min(list_len, counts[b][h][m]))]:
-                    if 0 <= entry < k_blocks:
-                        block_visible[b, h, m, entry] = True
     rows = torch.arange(seqlen_q) // block_size_q
     cols = torch.arange(seqlen_k) // block_size_k
-    visible = block_visible[:, :, rows][:, :, :, cols]
+    visible = _listed(kv_block_indices, kv_block_counts, k_blocks)[:, :, rows][:, :, :, cols]
+    if column_indices is not None:
+        visible = visible | _listed(column_indices, column_counts, seqlen_k)[:, :, rows]
     if causal:
         visible = visible & mask(seqlen_q, seqlen_k, causal=True)
     return visible.to(kv_block_indices.device)
 
 
 def block_sparse_attention(q, k, v, kv_block_indices, kv_block_counts, *, block_size_q=64, block_size_k=64,
-                           causal=False, scale=None, softcap=0.0):
+                           causal=False, scale=None, softcap=0.0, column_indices=None, column_counts=None):
     """Block-sparse attention in float64 -> (out, lse): attention() restricted to
     block_sparse_mask(...) (see there); GQA, scale, softcap and the empty-row rule as in
     attention(). q (batch, seqlen_q, Hq, head_dim), lists (batch, Hq, ceil(seqlen_q /
     block_size_q), list_len), counts (batch, Hq, ceil(seqlen_q / block_size_q))."""
     visible = block_sparse_mask(kv_block_indices, kv_block_counts, q.shape[1], k.shape[1],
-                                block_size_q=block_size_q, block_size_k=block_size_k, causal=causal)
+                                block_size_q=block_size_q, block_size_k=block_size_k, causal=causal,
+                                column_indices=column_indices, column_counts=column_counts)
     return masked_attention(q, k, v, visible, scale=scale, softcap=softcap)
+
+
+def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_block_indices, kv_block_counts, **opts):
+    """block_sparse_attention per packed sequence in float64 -> (out (total_q, Hq, head_dim),
+    lse (Hq, total_q)): sequence b's rows against its keys with its lists (batch entry b, or
+    0 when the lists have batch 1), the query blocks its rows span, key blocks and columns
+    numbered within it; options (block sizes, causal, scale, softcap, column lists) as there."""
+    cu_q, cu_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
+    block_size_q = opts.get("block_size_q", 64)
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        q_blocks = -(-(cu_q[b + 1] - cu_q[b]) // block_size_q)
+        mine = lambda t: t[min(b, t.shape[0] - 1)][None, :, :q_blocks]  # noqa: E731
+        seq_opts = {name: mine(t) if name.startswith("column") and t is not None else t for name, t in opts.items()}
+        out, lse = block_sparse_attention(q[None, rows], k[None, keys], v[None, keys], mine(kv_block_indices),
+                                          mine(kv_block_counts), **seq_opts)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=-1)
 
 
 def block_attention_map(q, k, *, block_size, causal=False, scale=None):

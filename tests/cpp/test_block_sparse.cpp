@@ -5,9 +5,13 @@
 // once each, exactly the key tiles that hold a key some row of the tile sees (its block
 // listed, causal on top) and repeat an answer asked again; the query-tile walk of a key tile
 // exactly the query tiles with a row that sees one of its keys; transpose_row exactly the
-// query blocks listing a key block.
+// query blocks listing a key block. With column lists (canonical: ascending keys outside the
+// listed blocks) the walks must also visit exactly the tiles holding a column some row sees,
+// and listed_keys give, per (query block, key tile), exactly the keys the rule lists.
 // Run by ctest; exits non-zero on failure.
+#include <algorithm>
 #include <cstdio>
+#include <iterator>
 #include <random>
 #include <set>
 #include <vector>
@@ -30,6 +34,7 @@ struct Case {
   bool causal;
   std::vector<int32_t> raw, raw_counts;  // as a user might give them
   std::vector<int32_t> kv, kv_counts, q, q_counts;  // canonical and transposed
+  std::vector<int32_t> cols, col_counts, col_tiles, col_tile_counts, q_col_tiles, q_col_tile_counts;
   BlockSparseLayout layout;
 };
 
@@ -58,7 +63,46 @@ Case make_case(std::mt19937& rng) {
   c.layout.kv_blocks = kv;
   c.layout.q_blocks = BlockLists{c.q.data(), c.q_counts.data(), 1, c.k_blocks, c.q_blocks, c.q_blocks};
   c.layout.block_size_q = c.block_q, c.layout.block_size_k = c.block_k;
+  if (pick(0, 2) > 0) {  // columns: random keys outside the listed blocks, ascending, distinct
+    const int col_len = pick(1, 12), key_tiles = (c.seqlen_k + kTile - 1) / kTile;
+    for (int m = 0; m < c.q_blocks; ++m) {
+      std::set<int> keys;
+      for (int i = pick(0, col_len); i > 0; --i) {
+        const int j = pick(0, c.seqlen_k - 1);
+        if (!attnkit::list_contains(kv.entries(0, 0, m), kv.count(0, 0, m), j / c.block_k)) keys.insert(j);
+      }
+      c.col_counts.push_back(int(keys.size()));
+      std::vector<int32_t> row(keys.begin(), keys.end());
+      row.resize(col_len, -1);
+      c.cols.insert(c.cols.end(), row.begin(), row.end());
+    }
+    BlockLists cols{c.cols.data(), c.col_counts.data(), 1, c.q_blocks, c.seqlen_k, col_len};
+    // Their tiles (canonical_row of the keys' tiles) and the transpose, as the binding builds them.
+    std::vector<int32_t> tiles_raw(c.cols.size());
+    for (size_t i = 0; i < c.cols.size(); ++i) tiles_raw[i] = c.cols[i] < 0 ? -1 : c.cols[i] / kTile;
+    c.col_tiles.resize(c.cols.size()), c.col_tile_counts.resize(c.q_blocks);
+    std::vector<uint32_t> tile_bitmap(attnkit::bitmap_words(key_tiles));
+    for (int m = 0; m < c.q_blocks; ++m)
+      c.col_tile_counts[m] = attnkit::canonical_row(tiles_raw.data() + int64_t(m) * col_len, c.col_counts[m], col_len,
+                                                    key_tiles, tile_bitmap.data(),
+                                                    c.col_tiles.data() + int64_t(m) * col_len);
+    BlockLists tiles{c.col_tiles.data(), c.col_tile_counts.data(), 1, c.q_blocks, key_tiles, col_len};
+    c.q_col_tiles.resize(size_t(key_tiles) * c.q_blocks), c.q_col_tile_counts.resize(key_tiles);
+    for (int t = 0; t < key_tiles; ++t)
+      c.q_col_tile_counts[t] = attnkit::transpose_row(tiles, 0, 0, t, c.q_col_tiles.data() + int64_t(t) * c.q_blocks);
+    c.layout.columns = cols;
+    c.layout.q_column_tiles = BlockLists{c.q_col_tiles.data(), c.q_col_tile_counts.data(), 1, key_tiles, c.q_blocks,
+                                         c.q_blocks};
+  }
   return c;
+}
+
+bool is_column(const Case& c, int m, int j) {
+  if (c.cols.empty()) return false;
+  const int col_len = int(c.cols.size()) / c.q_blocks;
+  for (int i = 0; i < c.col_counts[m]; ++i)
+    if (c.cols[size_t(m) * col_len + i] == j) return true;
+  return false;
 }
 
 // The set of key blocks query block m lists, from the raw list by the documented rule.
@@ -74,7 +118,8 @@ std::set<int> listed(const Case& c, int m) {
 }
 
 bool sees(const Case& c, int i, int j) {
-  return listed(c, i / c.block_q).count(j / c.block_k) && (!c.causal || j <= i + c.seqlen_k - c.seqlen_q);
+  const int m = i / c.block_q;
+  return (listed(c, m).count(j / c.block_k) || is_column(c, m, j)) && (!c.causal || j <= i + c.seqlen_k - c.seqlen_q);
 }
 
 void check_case(const Case& c) {
@@ -103,10 +148,18 @@ void check_case(const Case& c) {
         for (int j = t * kTile; j < std::min(c.seqlen_k, (t + 1) * kTile) && !any; ++j) any = sees(c, i, j);
       if (any) want.push_back(t);
     }
-    attnkit::BlockListWalk walk = attnkit::key_tile_walk(c.layout, mask, 0, 0, q0, q_end);
+    auto walk = attnkit::sparse_key_tile_walk(c.layout, mask, 0, 0, q0, q_end);
     for (int t = walk.from(0); t >= 0; t = walk.from(t + 1)) {
       EXPECT(walk.from(t + 1) == walk.from(t + 1), "from() must repeat its answer");
       got.push_back(t);
+      const int m = q0 / c.block_q;
+      uint64_t want_keys = 0;  // the keys of tile t query block m lists, by the rule
+      for (int j = t * kTile; j < std::min(c.seqlen_k, (t + 1) * kTile); ++j)
+        if (listed(c, m).count(j / c.block_k) || is_column(c, m, j)) want_keys |= uint64_t(1) << (j - t * kTile);
+      const uint64_t keys = attnkit::listed_keys(c.layout, 0, 0, m, t);
+      const uint64_t in_sequence = c.seqlen_k - t * kTile >= kTile ? attnkit::kAllKeys
+                                                                     : (uint64_t(1) << (c.seqlen_k - t * kTile)) - 1;
+      EXPECT((keys & in_sequence) == want_keys, "query block %d key tile %d: listed keys differ", m, t);
     }
     EXPECT(got == want, "query tile %d: %zu key tiles visited, %zu hold a key its rows see", q0, got.size(),
            want.size());
@@ -120,10 +173,20 @@ void check_case(const Case& c) {
         for (int j = k0; j < k_end && !any; ++j) any = sees(c, i, j);
       if (any) want.push_back(t);
     }
-    attnkit::BlockListWalk walk = attnkit::query_tile_walk(c.layout, mask, 0, 0, k0, k_end);
+    auto walk = attnkit::sparse_query_tile_walk(c.layout, mask, 0, 0, k0, k_end);
     for (int t = walk.from(0); t >= 0; t = walk.from(t + 1)) got.push_back(t);
-    EXPECT(got == want, "key tile %d: %zu query tiles visited, %zu see one of its keys", k0, got.size(),
-           want.size());
+    // Besides those, the walk may visit query tiles of blocks holding a column in the key tile
+    // whose rows see the tile but none of those columns (documented; every logit masked).
+    std::vector<int> extra;
+    std::set_difference(got.begin(), got.end(), want.begin(), want.end(), std::back_inserter(extra));
+    EXPECT(std::includes(got.begin(), got.end(), want.begin(), want.end()) &&
+               std::is_sorted(got.begin(), got.end()) && std::adjacent_find(got.begin(), got.end()) == got.end(),
+           "key tile %d: %zu query tiles visited, %zu see one of its keys", k0, got.size(), want.size());
+    for (int t : extra) {
+      bool holds_column = false;
+      for (int j = k0; j < k_end; ++j) holds_column |= is_column(c, t * kTile / c.block_q, j);
+      EXPECT(holds_column, "key tile %d: query tile %d visited without a reason", k0, t);
+    }
   }
 }
 

@@ -45,9 +45,17 @@ struct BlockLists {
 
 // Both directions of one block-sparse attention: kv_blocks (key blocks per query block,
 // the forward and dQ) and q_blocks (its transpose, query blocks per key block: dK and dV).
+// Optionally individual key columns per query block (MInference's vertical lines), as two
+// lists (indices == nullptr: none): `columns`, canonical lists of keys (col_blocks =
+// seqlen_k) none of which lies in a key block the query block lists, so every key counts
+// once; and `q_column_tiles`, per key tile (of kBlockSparseTile keys) the query blocks
+// holding a column in it (the transpose of the columns' tiles). A tile of columns is
+// computed whole and masked to its columns (listed_keys).
 struct BlockSparseLayout {
   BlockLists kv_blocks;
   BlockLists q_blocks;  // unused by the forward
+  BlockLists columns;
+  BlockLists q_column_tiles;  // unused by the forward
   int block_size_q = 0;  // multiples of kBlockSparseTile
   int block_size_k = 0;
 };
@@ -141,15 +149,113 @@ ATTNKIT_HD BlockListWalk query_tile_walk(const BlockSparseLayout& layout, const 
                        layout.block_size_q / kBlockSparseTile, tiles.begin, tiles.end);
 }
 
-// Whether a canonical list of `count` entries holds `block` (binary search).
-ATTNKIT_HD bool list_contains(const int32_t* entries, int count, int block) {
+// The first position of a canonical list of `count` entries whose entry is >= value
+// (binary search; count if none).
+ATTNKIT_HD int lower_bound(const int32_t* entries, int count, int value) {
   int lo = 0, hi = count;
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (entries[mid] < block) lo = mid + 1;
+    if (entries[mid] < value) lo = mid + 1;
     else hi = mid;
   }
-  return lo < count && entries[lo] == block;
+  return lo;
+}
+
+// Whether a canonical list of `count` entries holds `block`.
+ATTNKIT_HD bool list_contains(const int32_t* entries, int count, int block) {
+  const int i = lower_bound(entries, count, block);
+  return i < count && entries[i] == block;
+}
+
+// Bit c set for each key k0 + c (c < kBlockSparseTile) a canonical column list holds.
+ATTNKIT_HD uint64_t column_bits(const int32_t* entries, int count, int k0) {
+  uint64_t bits = 0;
+  for (int i = lower_bound(entries, count, k0); i < count; ++i) {
+    const int c = entries[i] - k0;
+    if (c >= kBlockSparseTile) break;
+    if (c >= 0) bits |= uint64_t(1) << c;  // c < 0 only in a non-canonical list
+  }
+  return bits;
+}
+
+// The keys of key tile `tile` that query block `q_block` of (b, h) lists, bit c for key
+// tile * kBlockSparseTile + c: all when the tile's key block is listed, else its columns
+// (none of which lies in a listed block). The causal rule and the sequence end come on top.
+ATTNKIT_HD uint64_t listed_keys(const BlockSparseLayout& layout, int b, int h, int q_block, int tile) {
+  const BlockLists& blocks = layout.kv_blocks;
+  if (list_contains(blocks.entries(b, h, q_block), blocks.count(b, h, q_block),
+                    tile / (layout.block_size_k / kBlockSparseTile)))
+    return kAllKeys;
+  const BlockLists& columns = layout.columns;
+  if (columns.indices == nullptr) return 0;
+  return column_bits(columns.entries(b, h, q_block), columns.count(b, h, q_block), tile * kBlockSparseTile);
+}
+
+// The key tiles (kBlockSparseTile keys) holding a key of a canonical column list within keys
+// [first_key, end_key), ascending: from(t) is the first such tile >= t, or -1 (a binary
+// search each; any t order).
+struct ColumnTileWalk {
+  const int32_t* entries;
+  int count;
+  int first_key, end_key;
+
+  ATTNKIT_HD int from(int t) const {
+    const int lo = t * kBlockSparseTile > first_key ? t * kBlockSparseTile : first_key;
+    const int i = lower_bound(entries, count, lo);
+    if (i >= count || entries[i] < lo || entries[i] >= end_key) return -1;  // entries[i] < lo: not canonical
+    return entries[i] / kBlockSparseTile;
+  }
+};
+
+// Two ascending walks merged: the tiles either visits, each once, ascending (a tile of a
+// listed block never holds a column, so the two never give the same tile; were they to, it
+// is still visited once).
+template <typename Columns>
+struct MergedWalk {
+  BlockListWalk blocks;
+  Columns columns;
+  ATTNKIT_HD int from(int t) {
+    const int a = blocks.from(t), c = columns.from(t);
+    return a < 0 ? c : c < 0 ? a : a < c ? a : c;
+  }
+};
+
+// The key tiles query rows [q_begin, q_end) of (b, h) visit, rows inside one query block:
+// those of its listed blocks and those holding one of its columns, that the rows' mask
+// span reaches (exactly the tiles holding a key some row sees). Which keys of a tile:
+// listed_keys.
+ATTNKIT_HD MergedWalk<ColumnTileWalk> sparse_key_tile_walk(const BlockSparseLayout& layout, const AttentionMask& mask,
+                                                           int b, int h, int q_begin, int q_end) {
+  ColumnTileWalk columns{nullptr, 0, 0, 0};
+  if (layout.columns.indices != nullptr) {
+    const BlockLists& lists = layout.columns;
+    const int q_block = q_begin / layout.block_size_q;
+    const KeyRange keys = mask.keys_of_rows(q_begin, q_end);
+    columns = ColumnTileWalk{lists.entries(b, h, q_block), lists.count(b, h, q_block), keys.begin, keys.end};
+  }
+  return {key_tile_walk(layout, mask, b, h, q_begin, q_end), columns};
+}
+
+// A walk that visits nothing.
+ATTNKIT_HD BlockListWalk empty_walk() { return BlockListWalk(nullptr, 0, 0, 1, 0, 0); }
+
+// The query tiles of q head h that visit key tile [k_begin, k_end) of b (one kBlockSparseTile
+// tile): those of the query blocks listing its block or holding one of its keys as a column,
+// whose rows the mask lets see the tile. A query tile of a column-holding block may see the
+// tile yet none of its columns (the causal rule cuts the tile between them): it is visited,
+// every logit masked.
+ATTNKIT_HD MergedWalk<BlockListWalk> sparse_query_tile_walk(const BlockSparseLayout& layout,
+                                                            const AttentionMask& mask, int b, int h, int k_begin,
+                                                            int k_end) {
+  BlockListWalk columns = empty_walk();
+  if (layout.q_column_tiles.indices != nullptr) {
+    const BlockLists& lists = layout.q_column_tiles;
+    const int k_tile = k_begin / kBlockSparseTile;
+    const KeyRange tiles = tiles_of(mask.rows_of_keys(k_begin, k_end), kBlockSparseTile);
+    columns = BlockListWalk(lists.entries(b, h, k_tile), lists.count(b, h, k_tile), lists.col_blocks,
+                            layout.block_size_q / kBlockSparseTile, tiles.begin, tiles.end);
+  }
+  return {query_tile_walk(layout, mask, b, h, k_begin, k_end), columns};
 }
 
 // The transpose rule: row `col` of the transposed lists of (b, h) holds, ascending, every

@@ -4,6 +4,8 @@
 // docs/semantics.md states the rule; python/attnkit/reference.py is its oracle.
 #pragma once
 
+#include <cstdint>
+
 #include "attnkit/macros.h"
 
 namespace attnkit {
@@ -17,6 +19,10 @@ struct KeyRange {
 };
 
 using RowRange = KeyRange;
+
+// A tile's key bits (bit c: key c of the tile) when a walk visits all its keys; a sparse walk
+// may visit only some (attnkit/block_sparse.h: listed_keys).
+constexpr uint64_t kAllKeys = ~uint64_t(0);
 
 // Tiles of `tile` indices that intersect r: [first tile, one past the last tile).
 ATTNKIT_HD KeyRange tiles_of(KeyRange r, int tile) {

@@ -25,7 +25,7 @@ def _parser():
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--family", default="prefill,decode,sparse,quant,merge,neighborhood,paged_prefill,score_mods",
                    help="comma-separated families among prefill, decode, sparse, quant, merge, neighborhood, "
-                        "paged_prefill, score_mods (default: these), block_sparse (8k tokens, 18 patterns x densities; only when named), "
+                        "paged_prefill, score_mods (default: these), block_sparse (8k tokens, 4 patterns x 6 densities; only when named), "
                         "context_parallel (spawns 2 gloo processes; only when named)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (make demo)")
     p.add_argument("--json", metavar="FILE", help="write the rows as JSON (DESIGN.md format)")

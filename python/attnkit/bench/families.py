@@ -1075,42 +1075,69 @@ def block_sparse_configs(device, quick):
     return cfgs[:1] if quick else cfgs
 
 
+BLOCK_SPARSE_PATTERNS = ("topk", "s2", "streaming", "vslash")
+
+
 def block_sparse_pattern(pattern, inv_density, q, k, heads, blocks, block_size):
-    """Block lists of one of the three benchmarked patterns at about 1 / inv_density of the
-    causal pairs: "topk" (MInference's block-sparse heads / SeerAttention: top-k of mean-pooled
-    block scores, one sink and one local block), "s2" (S2-Attention: strided shards, head h
-    offset by h, plus the diagonal block), "streaming" (sink block + local window: the slash
-    lines of a dense diagonal band, as block lists)."""
+    """(block lists, column keyword arguments) of one of the benchmarked patterns at about
+    1 / inv_density of the causal pairs: "topk" (MInference's block-sparse heads /
+    SeerAttention: top-k of mean-pooled block scores, one sink and one local block), "s2"
+    (S2-Attention: strided shards, head h offset by h, plus the diagonal block), "streaming"
+    (sink block + local window: the slash lines of a dense diagonal band, as block lists),
+    "vslash" (MInference's vertical-slash heads: vertical_slash_indices with exact columns,
+    half the kept pairs from each kind of line)."""
     seqlen = q.shape[1]
     if pattern == "topk":
         scores = attnkit.pooled_block_scores(q, k, block_size)
         top_k = max(0, round(blocks / (2 * inv_density)) - 2)
-        return attnkit.block_topk_indices(scores, top_k, causal=True, local_blocks=1, sink_blocks=1)
+        return attnkit.block_topk_indices(scores, top_k, causal=True, local_blocks=1, sink_blocks=1), {}
     if pattern == "s2":
         stride = inv_density
         indices, counts = attnkit.strided_shard_indices(seqlen, max(heads, stride), stride=stride,
                                                         local_window=block_size, block_size=block_size,
                                                         device=q.device)
-        return indices[:, :heads].contiguous(), counts[:, :heads].contiguous()
+        return (indices[:, :heads].contiguous(), counts[:, :heads].contiguous()), {}
+    if pattern == "vslash":  # a column keeps ~seqlen / 2 pairs, a slash offset ~1.5 x seqlen (blocks it crosses)
+        pairs = seqlen * seqlen / (2 * inv_density)
+        vertical, slash = max(1, round(pairs / seqlen)), max(1, round(pairs / (2 * 1.5 * seqlen * block_size)))
+        indices, counts, cols, col_counts = attnkit.vertical_slash_indices(
+            q, k, vertical=vertical, slash=slash, block_size=block_size, exact_columns=True)
+        return (indices, counts), {"column_indices": cols, "column_counts": col_counts}
     local = max(1, round(blocks / (2 * inv_density)) - 1)
     scores = torch.zeros(1, heads, blocks, blocks, device=q.device)
-    return attnkit.block_topk_indices(scores, 0, causal=True, local_blocks=local, sink_blocks=1)
+    return attnkit.block_topk_indices(scores, 0, causal=True, local_blocks=local, sink_blocks=1), {}
 
 
-def _block_sparse_fraction(indices, counts, seqlen, block_size):
-    """Kept fraction of the causal (query, key) pairs, exact, from the lists."""
-    visible = reference.block_sparse_mask(indices[:1], counts[:1], seqlen, seqlen, block_size_q=block_size,
-                                          block_size_k=block_size, causal=True)
+def _block_sparse_visible(indices, counts, columns, seqlen, block_size):
+    """The reference's element mask of batch 0 (1, heads, seqlen, seqlen)."""
+    columns = {name: t[:1] for name, t in columns.items()}
+    return reference.block_sparse_mask(indices[:1], counts[:1], seqlen, seqlen, block_size_q=block_size,
+                                       block_size_k=block_size, causal=True, **columns)
+
+
+def _block_sparse_fraction(visible, seqlen):
+    """Kept fraction of the causal (query, key) pairs, exact, from the element mask."""
     return visible.sum().item() / (visible.shape[1] * seqlen * (seqlen + 1) / 2)
 
 
-def _block_sparse_err(q, k, v, indices, counts, out, block_size, rows=128):
+def _block_sparse_tile_fraction(visible, tile=64):
+    """Fraction of the causal 64 x 64 (query tile, key tile) pairs the forward visits: those
+    holding a visible pair (the forward's walk visits exactly these, tests/cpp/
+    test_block_sparse.cpp); a tile of columns costs a whole tile however few columns it holds."""
+    heads, seqlen = visible.shape[1], visible.shape[-1]
+    pad = (-seqlen) % tile
+    v = torch.nn.functional.pad(visible[0], (0, pad, 0, pad))
+    tiles = v.shape[-1] // tile
+    visited = v.reshape(heads, tiles, tile, tiles, tile).any(dim=4).any(dim=2)
+    return visited.sum().item() / (heads * tiles * (tiles + 1) / 2)
+
+
+def _block_sparse_err(q, k, v, visible, out, rows=128):
     """Relative error of out (batch 0, every head) on `rows` query rows spread over the
     sequence against float64 attention under the reference's element mask."""
     seqlen = q.shape[1]
     picked = torch.linspace(0, seqlen - 1, rows).long().unique()
-    visible = reference.block_sparse_mask(indices[:1], counts[:1], seqlen, seqlen, block_size_q=block_size,
-                                          block_size_k=block_size, causal=True)[0][:, picked]
+    visible = visible[0][:, picked]
     group = q.shape[2] // k.shape[2]
     qs = q[0, picked].cpu().double().transpose(0, 1)
     ks, vs = (t[0].cpu().double().repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
@@ -1119,15 +1146,33 @@ def _block_sparse_err(q, k, v, indices, counts, out, block_size, rows=128):
     return rel_err(out[0, picked].transpose(0, 1), ref)
 
 
+def _flex_block_sparse(r, indices, counts, bufs, block_size, heads, kv_heads):
+    """FlexAttention with the block mask of the same lists (BlockMask.from_kv_blocks, lists
+    padded to every key block so every pattern shares one compiled shape; the causal rule as
+    its mask_mod) over the same buffers. No columns: FlexAttention's block masks hold blocks."""
+    fa, _ = _flex()
+    from torch.nn.attention.flex_attention import BlockMask
+    seqlen, blocks = bufs[0][0].shape[1], indices.shape[2]
+    padded = torch.zeros(*indices.shape[:3], blocks, dtype=torch.int32, device=indices.device)
+    padded[..., :indices.shape[3]] = indices.clamp(min=0)
+    mask = BlockMask.from_kv_blocks(counts.contiguous(), padded, BLOCK_SIZE=block_size,
+                                    mask_mod=lambda b, h, qi, ki: qi >= ki, seq_lengths=(seqlen, seqlen))
+    kw = {"enable_gqa": True} if heads != kv_heads else {}
+    fwd = (lambda q, k, v: fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                              **kw).transpose(1, 2))
+    return [_no_grad_fn(fwd, q, k, v) for q, k, v in bufs]
+
+
 def run_block_sparse(r):
     """Rows "<pattern>_1/<n>" (forward, causal) per pattern and density; peers: dense
-    attnkit.attention (causal) and SDPA; % of speed of light = dense attnkit time x kept
-    fraction of the causal pairs / attnkit time."""
+    attnkit.attention (causal), SDPA, and FlexAttention with the same block mask (block
+    patterns only); % of speed of light = dense attnkit time x kept fraction of the causal
+    pairs / attnkit time."""
     dtype = torch.float32 if r.device == "cpu" else torch.bfloat16
     dt = dtype_name(dtype)
     for B, S, H, Hkv, D, bs, densities in block_sparse_configs(r.device, r.quick):
         shape_str = f"B{B} S{S} Hq{H} Hkv{Hkv} D{D} block{bs}"
-        cases = [(p, n, f"block_sparse/{p}_1/{n}/{dt}/{shape_str}") for p in ("topk", "s2", "streaming")
+        cases = [(p, n, f"block_sparse/{p}_1/{n}/{dt}/{shape_str}") for p in BLOCK_SPARSE_PATTERNS
                  for n in densities]
         cases = [c for c in cases if r.selected(c[2])]
         if not cases:
@@ -1154,28 +1199,39 @@ def run_block_sparse(r):
                 continue
             print(f"{case_id} ({nbuf} buffer sets)", flush=True)
             q0, k0, _ = bufs[0]
-            indices, counts = block_sparse_pattern(pattern, inv_density, q0, k0, H, blocks, bs)
-            fraction = _block_sparse_fraction(indices, counts, S, bs)
+            (indices, counts), columns = block_sparse_pattern(pattern, inv_density, q0, k0, H, blocks, bs)
+            visible = _block_sparse_visible(indices, counts, columns, S, bs)
+            fraction = _block_sparse_fraction(visible, S)
             ak = r.time_attnkit(case_id, [_no_grad_fn(lambda q, k, v: attnkit.block_sparse_attention(
-                q, k, v, indices, counts, block_size_q=bs, block_size_k=bs, causal=True), q, k, v) for q, k, v in bufs])
+                q, k, v, indices, counts, block_size_q=bs, block_size_k=bs, causal=True, **columns), q, k, v)
+                for q, k, v in bufs])
             if ak is None:
                 continue
             with torch.no_grad():
                 out = attnkit.block_sparse_attention(*bufs[0], indices, counts, block_size_q=bs, block_size_k=bs,
-                                                     causal=True)
-            err = _block_sparse_err(*bufs[0], indices, counts, out, bs)
+                                                     causal=True, **columns)
+            err = _block_sparse_err(*bufs[0], visible, out)
+            tile_fraction = _block_sparse_tile_fraction(visible)
+            del visible
+            peers = {"dense_attnkit": dense, **sdpa}
+            if not columns and "failed" not in _FLEX.get("block_sparse", ()):
+                peers["flex"], _ = r.time_peer(case_id, "flex", lambda: _flex_block_sparse(
+                    r, indices, counts, bufs, bs, H, Hkv))
+                if peers["flex"] is None:  # a failed compile is not retried for every pattern
+                    _FLEX.setdefault("block_sparse", set()).add("failed")
             pairs = fraction * H * S * (S + 1) / 2
             tflops = 4.0 * B * pairs * D / (ak.median * 1e-3) / 1e12
             sol_ms = dense.median * fraction if dense is not None else None
             pct = 100.0 * sol_ms / ak.median if sol_ms is not None else float("nan")
             shape = {"batch": B, "seqlen": S, "heads": H, "kv_heads": Hkv, "head_dim": D, "block_size": bs,
                      "pattern": pattern, "target_density": f"1/{inv_density}", "kept_fraction": fraction,
+                     "tile_fraction": tile_fraction,
                      "ceiling": "speed of light = dense attnkit.attention (causal) time x kept fraction of the "
                                 "causal pairs",
                      "err_on": "batch 0, every head, 128 query rows spread over the sequence"}
             r.add_row(Row("block_sparse", f"{pattern}_1/{inv_density}", dt, shape, ak, tflops=tflops,
                           pct_of_ceiling=pct, max_rel_err=err, shape_str=shape_str, id=case_id),
-                      {"dense_attnkit": dense, **sdpa})
+                      peers)
         del bufs
         r.free()
 
