@@ -20,19 +20,19 @@ using namespace prefill_tiles;
 static_assert(kBlockQ == kBlockSparseTile && kBlockK == kBlockSparseTile,
               "a kernel tile must lie inside one block of the lists");
 
-// The tiles a query tile visits: those of the key blocks in its query block's list and those
-// holding one of its columns (the tile range of its rows' causal span); the query tiles that
-// visit a key tile: those of the query blocks in its key block's transposed list and those
-// whose columns it holds. Each pair comes with the keys it visits (listed_keys).
+// The tiles a query tile visits (forward and dQ): those of the key blocks in its query
+// block's list, then its columns within the rows' causal span, gathered 64 to a tile. The
+// query tiles that visit a key tile (dK, dV): those of the query blocks in its key block's
+// transposed list and those holding a column in it, masked to its columns.
 struct BlockSparseWalk {
   const BlockSparseLayout& layout;
 
   template <typename F>
   void key_tiles(int b, int h, int q0, int rows, const AttentionMask& mask, F&& f) const {
-    auto walk = sparse_key_tile_walk(layout, mask, b, h, q0, q0 + rows);
-    const int q_block = q0 / layout.block_size_q;
-    for (int t = walk.from(0); t >= 0; t = walk.from(t + 1))
-      f(t * kBlockK, std::min(kBlockK, mask.seqlen_k - t * kBlockK), listed_keys(layout, b, h, q_block, t));
+    BlockListWalk walk = key_tile_walk(layout, mask, b, h, q0, q0 + rows);
+    for (int t = walk.from(0); t >= 0; t = walk.from(t + 1)) f(KeyTile{t * kBlockK, std::min(kBlockK, mask.seqlen_k - t * kBlockK)});
+    const ColumnChunks columns = column_chunks(layout, mask, b, h, q0, q0 + rows);
+    for (int c = 0; c < columns.tiles(); ++c) f(KeyTile{0, columns.tile_size(c), kAllKeys, columns.tile(c)});
   }
   template <typename F>
   void query_tiles(int b, int h, int k0, int n, const AttentionMask& mask, F&& f) const {

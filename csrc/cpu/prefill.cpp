@@ -23,8 +23,8 @@ struct DenseWalk {
     if (sinks_end > 0 && sinks_end >= span.begin)
       span.begin = 0;  // the sinks reach the window: one span from key 0
     else
-      for (int k0 = 0; k0 < sinks_end; k0 += kBlockK) f(k0, std::min(kBlockK, sinks_end - k0), kAllKeys);
-    for (int k0 = span.begin; k0 < span.end; k0 += kBlockK) f(k0, std::min(kBlockK, span.end - k0), kAllKeys);
+      for (int k0 = 0; k0 < sinks_end; k0 += kBlockK) f(KeyTile{k0, std::min(kBlockK, sinks_end - k0)});
+    for (int k0 = span.begin; k0 < span.end; k0 += kBlockK) f(KeyTile{k0, std::min(kBlockK, span.end - k0)});
   }
   template <typename F>
   void query_tiles(int, int, int k0, int n, const AttentionMask& mask, F&& f) const {

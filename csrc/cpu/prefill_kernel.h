@@ -10,8 +10,8 @@
 // threads write the same gradient row (deterministic, no atomics).
 //
 // A Walk offers
-//   key_tiles(b, h, q0, rows, mask, f):  f(k0, n, keys) for each key tile [k0, k0 + n) that
-//                                        query rows [q0, q0 + rows) of q head h visit, in order;
+//   key_tiles(b, h, q0, rows, mask, f):  f(KeyTile) for each tile of keys that query rows
+//                                        [q0, q0 + rows) of q head h visit;
 //   query_tiles(b, h, k0, n, mask, f):   f(q0, keys) for each query tile [q0, q0 + kBlockQ) of
 //                                        q head h that visits key tile [k0, k0 + n).
 // keys: which keys of the tile the pair visits (bit c: key k0 + c; kAllKeys for all, the
@@ -38,6 +38,21 @@ namespace attnkit::cpu::prefill_tiles {
 constexpr int kBlockQ = 64;
 constexpr int kBlockK = 64;
 
+// A tile of at most kBlockK keys a walk visits: keys k0 .. k0 + n, of which those `keys`
+// selects (bit c: key k0 + c); or, with `gathered`, the n keys gathered[0 .. n), ascending
+// (a block-sparse walk's columns, 64 to a tile).
+struct KeyTile {
+  int k0, n;
+  uint64_t keys = kAllKeys;
+  const int32_t* gathered = nullptr;
+  int key(int c) const { return gathered != nullptr ? gathered[c] : k0 + c; }
+  auto key_of() const {
+    return [this](int c) { return key(c); };
+  }
+  // Whether the tile's rows are equally spaced in a tensor (k0 .. k0 + n, all of them).
+  bool contiguous() const { return gathered == nullptr && keys == kAllKeys; }
+};
+
 template <typename T>
 const T* row_ptr(const void* base, const Strides& s, int b, int64_t row, int h) {
   return static_cast<const T*>(base) + offset_of(s, b, row, h);
@@ -45,6 +60,19 @@ const T* row_ptr(const void* base, const Strides& s, int b, int64_t row, int h) 
 template <typename T>
 T* row_ptr(void* base, const Strides& s, int b, int64_t row, int h) {
   return static_cast<T*>(base) + offset_of(s, b, row, h);
+}
+
+// Logits of the keys a tile's `keys` bits leave out set to -inf: whole rows of St (n x ld).
+inline void mask_unlisted_keys(float* st, int n, int ld, uint64_t keys) {
+  for (int c = 0; c < n; ++c)
+    if (!(keys >> c & 1u)) std::fill(st + int64_t(c) * ld, st + int64_t(c + 1) * ld, kNegInf);
+}
+
+// Rows (ld apart, D wide) of the keys left out zeroed, so that a NaN there never meets their
+// zero weight in P V or dS K.
+inline void zero_unlisted_rows(float* rows, int n, int64_t ld, int D, uint64_t keys) {
+  for (int c = 0; c < n; ++c)
+    if (!(keys >> c & 1u)) std::fill(rows + c * ld, rows + c * ld + D, 0.f);
 }
 
 // Query q of a tile sees keys [lo[q], hi[q]) and the sinks [0, min(mods.sink, hi[q]));
@@ -69,29 +97,20 @@ struct TileMask {
     }
     mods = {mask.sink_tokens, alibi_slope, mask.diagonal(q0)};
   }
-  // Whether every query sees every key of [k0, k0 + n).
-  bool all_visible(int k0, int n) const {
-    return (std::max(k0, mods.sink) >= max_lo || k0 + n <= mods.sink) && k0 + n <= min_hi;
+  // Whether every query sees every key of the tile (gathered keys: ascending, checked by
+  // their first and last against the window every query sees).
+  bool all_visible(const KeyTile& t) const {
+    if (t.gathered != nullptr) return t.n == 0 || (t.gathered[0] >= max_lo && t.gathered[t.n - 1] < min_hi);
+    return (std::max(t.k0, mods.sink) >= max_lo || t.k0 + t.n <= mods.sink) && t.k0 + t.n <= min_hi;
   }
-  // Softcaps, biases and masks the logits of keys k0 .. k0 + n (a no-op when none applies).
-  void apply(float* st, int n, int cols, int k0, float softcap) const {
-    if (softcap == 0.f && mods.alibi_slope == 0.f && all_visible(k0, n)) return;
-    transform_and_mask_cols(st, n, kBlockQ, cols, k0, lo, hi, softcap, mods);
+  // Softcaps, biases and masks the logits of the tile's keys (a no-op when none applies),
+  // then hides the keys its `keys` bits leave out.
+  void apply(float* st, const KeyTile& t, int cols, float softcap) const {
+    if (softcap != 0.f || mods.alibi_slope != 0.f || !all_visible(t))
+      transform_and_mask_cols(st, t.n, kBlockQ, cols, t.key_of(), lo, hi, softcap, mods);
+    if (t.keys != kAllKeys) mask_unlisted_keys(st, t.n, kBlockQ, t.keys);
   }
 };
-
-// Logits of the keys a tile's `keys` bits leave out set to -inf: whole rows of St (n x ld).
-inline void mask_unlisted_keys(float* st, int n, int ld, uint64_t keys) {
-  for (int c = 0; c < n; ++c)
-    if (!(keys >> c & 1u)) std::fill(st + int64_t(c) * ld, st + int64_t(c + 1) * ld, kNegInf);
-}
-
-// Rows (ld apart, D wide) of the keys left out zeroed, so that a NaN there never meets their
-// zero weight in P V or dS K.
-inline void zero_unlisted_rows(float* rows, int n, int64_t ld, int D, uint64_t keys) {
-  for (int c = 0; c < n; ++c)
-    if (!(keys >> c & 1u)) std::fill(rows + c * ld, rows + c * ld + D, 0.f);
-}
 
 // An fp32 view of rows first .. first + n of one head of a tensor: the tensor itself when it
 // is fp32, its rows are equally spaced (`strided`: not so across the pages of a paged K / V)
@@ -179,22 +198,22 @@ void forward(const AttentionParams& p, const Walk& walk) {
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right, p.sink_tokens);
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
       auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
-      // Keys k0 .. k0 + n of K or V as fp32 rows (ld set): in place where they are fp32 and
-      // equally spaced (paged keys are within one page only) and the tile is visited whole,
-      // else converted or dequantized, the rows of keys left out zeroed.
-      auto key_rows = [&](const void* base, const Strides& s, const QuantizedRows& quant, int k0, int n, bool padded,
-                          uint64_t keys, float* buf, int64_t& ld) {
-        auto index = [&](int j) { return key_offset(p, s, b, seq, j, hk); };
+      // The tile's keys of K or V as fp32 rows (ld set): in place where they are fp32 and
+      // equally spaced (paged keys are within one page only) and the tile is contiguous,
+      // else converted or dequantized, the rows of keys left out zeroed (mask_keys).
+      auto key_rows = [&](const void* base, const Strides& s, const QuantizedRows& quant, const KeyTile& t,
+                          bool padded, bool mask_keys, float* buf, int64_t& ld) {
+        auto index = [&](int c) { return key_offset(p, s, b, seq, t.key(c), hk); };
         if (p.is_quantized()) {
-          dequantized_rows(quant, index, k0, n, D, Dp, buf);
+          dequantized_rows(quant, index, 0, t.n, D, Dp, buf);
           ld = Dp;
         } else {
-          auto row = [&](int j) { return static_cast<const T*>(base) + index(j); };
-          const bool strided = !p.is_paged() || k0 / p.page_size == (k0 + n - 1) / p.page_size;
-          const float* rows = fp32_rows<T>(row, k0, n, D, Dp, padded, buf, ld, strided && keys == kAllKeys);
+          auto row = [&](int c) { return static_cast<const T*>(base) + index(c); };
+          const bool strided = !p.is_paged() || t.k0 / p.page_size == (t.k0 + t.n - 1) / p.page_size;
+          const float* rows = fp32_rows<T>(row, 0, t.n, D, Dp, padded, buf, ld, strided && t.contiguous());
           if (rows != buf) return rows;
         }
-        if (keys != kAllKeys) zero_unlisted_rows(buf, n, ld, D, keys);
+        if (mask_keys && t.keys != kAllKeys) zero_unlisted_rows(buf, t.n, ld, D, t.keys);
         return static_cast<const float*>(buf);
       };
 
@@ -204,20 +223,20 @@ void forward(const AttentionParams& p, const Walk& walk) {
       std::fill(max, max + kBlockQ, kNegInf);
       std::fill(sum, sum + kBlockQ, 0.f);
 
-      walk.key_tiles(b, h, q0, rows, mask, [&](int k0, int n, uint64_t keys) {
+      walk.key_tiles(b, h, q0, rows, mask, [&](const KeyTile& t) {
+        const int n = t.n;
         int64_t ldk, ldv;
-        const float* k = key_rows(p.k, p.k_strides, p.k_quant, k0, n, false, kAllKeys, k_buf.data(), ldk);
+        const float* k = key_rows(p.k, p.k_strides, p.k_quant, t, false, false, k_buf.data(), ldk);
         gemm<false, false>(n, cols, D, k, ldk, qt.data(), kBlockQ, st.data(), kBlockQ);
-        tile_mask.apply(st.data(), n, cols, k0, p.softcap);
-        if (keys != kAllKeys) mask_unlisted_keys(st.data(), n, kBlockQ, keys);
+        tile_mask.apply(st.data(), t, cols, p.softcap);
         softmax_update_cols(st.data(), n, kBlockQ, cols, max, sum, factor);
         for (int r = 0; r < rows; ++r)
           if (factor[r] != 1.f) scale_row(acc.data() + r * Dp, Dp, factor[r]);
-        const float* v = key_rows(p.v, p.v_strides, p.v_quant, k0, n, true, keys, v_buf.data(), ldv);
-        if (tile_mask.all_visible(k0, n) || all_finite(v, n, ldv, D))
+        const float* v = key_rows(p.v, p.v_strides, p.v_quant, t, true, true, v_buf.data(), ldv);
+        if (tile_mask.all_visible(t) || all_finite(v, n, ldv, D))
           gemm<true, true>(rows, Dp, n, st.data(), kBlockQ, v, ldv, acc.data(), Dp);
         else  // a NaN / inf value of a key some rows do not see must not meet their 0 probability
-          accumulate_visible_cols(rows, n, st.data(), kBlockQ, v, ldv, Dp, k0, tile_mask.lo, tile_mask.hi,
+          accumulate_visible_cols(rows, n, st.data(), kBlockQ, v, ldv, Dp, t.key_of(), tile_mask.lo, tile_mask.hi,
                                   tile_mask.mods.sink, acc.data());
       });
 
@@ -285,16 +304,15 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
     for (int r = 0; r < kBlockQ; ++r)
       s.lse[r] = r < rows ? p.lse[lse_offset(p, b, h, seq) + q0 + r] : INFINITY;  // padding: p = 0
   };
-  // Probabilities Pt (in s.st) and dSt (in s.dpt) of keys k (ldk) and values v (ldv) against
-  // query tile `tile`, of the keys `keys` selects (a key left out has P = dS = 0).
-  auto recompute = [&](Scratch& s, int64_t tile, const float* k, int64_t ldk, const float* v, int64_t ldv, int n,
-                       int cols, int k0, uint64_t keys) {
-    gemm<false, false>(n, cols, D, k, ldk, qt_all.data() + tile * tile_elems, kBlockQ, s.st.data(), kBlockQ);
-    gemm<false, false>(n, cols, D, v, ldv, dot_all.data() + tile * tile_elems, kBlockQ, s.dpt.data(), kBlockQ);
-    s.mask.apply(s.st.data(), n, cols, k0, p.softcap);
-    if (keys != kAllKeys) mask_unlisted_keys(s.st.data(), n, kBlockQ, keys);
-    probs_and_dscores_cols(s.st.data(), s.dpt.data(), n, kBlockQ, cols, s.lse, delta.data() + tile * kBlockQ,
-                           p.softcap, k0, s.mask.mods);
+  // Probabilities Pt (in s.st) and dSt (in s.dpt) of the keys of key tile t, k (ldk) and values
+  // v (ldv), against query tile `tile` (a key t leaves out has P = dS = 0).
+  auto recompute = [&](Scratch& s, int64_t tile, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                       const KeyTile& t, int cols) {
+    gemm<false, false>(t.n, cols, D, k, ldk, qt_all.data() + tile * tile_elems, kBlockQ, s.st.data(), kBlockQ);
+    gemm<false, false>(t.n, cols, D, v, ldv, dot_all.data() + tile * tile_elems, kBlockQ, s.dpt.data(), kBlockQ);
+    s.mask.apply(s.st.data(), t, cols, p.softcap);
+    probs_and_dscores_cols(s.st.data(), s.dpt.data(), t.n, kBlockQ, cols, s.lse, delta.data() + tile * kBlockQ,
+                           p.softcap, t.key_of(), s.mask.mods);
   };
 
   // Pass 1: dK and dV, one key tile of one kv head per item, over every query that sees it.
@@ -320,7 +338,7 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
           const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
           s.mask.set(mask, q0, rows, p.alibi_slope(b, h));
           load_lse(s, b, h, seq, q0, rows);
-          recompute(s, tile_of(b, h, q0), k, ldk, v, ldv, n, cols, k0, keys);
+          recompute(s, tile_of(b, h, q0), k, ldk, v, ldv, KeyTile{k0, n, keys}, cols);
           auto q_row = [&](int i) { return row_ptr<T>(p.q, p.q_strides, b, seq.row_q + i, h); };
           auto do_row = [&](int i) { return row_ptr<T>(bp.dout, bp.dout_strides, b, seq.row_q + i, h); };
           int64_t ldq, lddo;
@@ -346,23 +364,24 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
       const Sequence seq = sequence_of(p, b);
       const AttentionMask mask(seq.len_q, seq.len_k, p.causal, p.window_left, p.window_right, p.sink_tokens);
       const int rows = std::min(kBlockQ, seq.len_q - q0), cols = round_up(rows, 2 * kVec);
-      auto k_row = [&](int j) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + j, hk); };
-      auto v_row = [&](int j) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + j, hk); };
       s.mask.set(mask, q0, rows, p.alibi_slope(b, h));
       load_lse(s, b, h, seq, q0, rows);
       float* dq = s.acc_a.data();
       std::fill(dq, dq + rows * Dp, 0.f);
-      walk.key_tiles(b, h, q0, rows, mask, [&](int k0, int n, uint64_t keys) {
+      walk.key_tiles(b, h, q0, rows, mask, [&](const KeyTile& t) {
+        const int n = t.n;
+        auto k_row = [&](int c) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + t.key(c), hk); };
+        auto v_row = [&](int c) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + t.key(c), hk); };
         int64_t ldk, ldv;
-        const float* k = fp32_rows<T>(k_row, k0, n, D, Dp, true, s.k_buf.data(), ldk, keys == kAllKeys);
-        if (keys != kAllKeys) zero_unlisted_rows(s.k_buf.data(), n, ldk, D, keys);  // dS K: as P V
-        const float* v = fp32_rows<T>(v_row, k0, n, D, Dp, false, s.v_buf.data(), ldv);
-        recompute(s, it, k, ldk, v, ldv, n, cols, k0, keys);
-        if (s.mask.all_visible(k0, n) || all_finite(k, n, ldk, D))
+        const float* k = fp32_rows<T>(k_row, 0, n, D, Dp, true, s.k_buf.data(), ldk, t.contiguous());
+        if (t.keys != kAllKeys) zero_unlisted_rows(s.k_buf.data(), n, ldk, D, t.keys);  // dS K: as P V
+        const float* v = fp32_rows<T>(v_row, 0, n, D, Dp, false, s.v_buf.data(), ldv, t.gathered == nullptr);
+        recompute(s, it, k, ldk, v, ldv, t, cols);
+        if (s.mask.all_visible(t) || all_finite(k, n, ldk, D))
           gemm<true, true>(rows, Dp, n, s.dpt.data(), kBlockQ, k, ldk, dq, Dp);  // dQ += dS K
         else  // as in the forward: a masked key's NaN must not meet its dS of 0
-          accumulate_visible_cols(rows, n, s.dpt.data(), kBlockQ, k, ldk, Dp, k0, s.mask.lo, s.mask.hi, s.mask.mods.sink,
-                                  dq);
+          accumulate_visible_cols(rows, n, s.dpt.data(), kBlockQ, k, ldk, Dp, t.key_of(), s.mask.lo, s.mask.hi,
+                                  s.mask.mods.sink, dq);
       });
       for (int r = 0; r < rows; ++r)
         store_row(dq + r * Dp, D, p.scale, row_ptr<T>(bp.dq, bp.dq_strides, b, seq.row_q + q0 + r, h));

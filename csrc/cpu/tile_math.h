@@ -226,13 +226,14 @@ inline vec8 alibi8(const ScoreMods& mods, int q, int j) {
   return splat8(-mods.alibi_slope) * (distance < 0.f ? -distance : distance);
 }
 
-// Query q sees keys [lo[q], hi[q]) and the sinks of mods. In place on St (n keys from key0,
-// cols query columns, a multiple of 8): softcap, then the ALiBi bias, then -inf outside the
-// visible keys.
-inline void transform_and_mask_cols(float* st, int n, int ld, int cols, int key0, const int32_t* lo,
-                                    const int32_t* hi, float softcap, const ScoreMods& mods) {
+// Query q sees keys [lo[q], hi[q]) and the sinks of mods. In place on St (n keys, key c of the
+// tile being key_of(c); cols query columns, a multiple of 8): softcap, then the ALiBi bias,
+// then -inf outside the visible keys.
+template <typename KeyOf>
+void transform_and_mask_cols(float* st, int n, int ld, int cols, KeyOf key_of, const int32_t* lo, const int32_t* hi,
+                             float softcap, const ScoreMods& mods) {
   for (int c = 0; c < n; ++c) {
-    const int32_t j = key0 + c;
+    const int32_t j = key_of(c);
     const int32_t sink_key = j < mods.sink ? -1 : 0;  // all ones: j is a sink
     float* row = st + int64_t(c) * ld;
     for (int q = 0; q < cols; q += kVec) {
@@ -283,36 +284,30 @@ inline bool all_finite(const float* rows, int n, int64_t ld, int D) {
   return non_finite == 0;
 }
 
-// acc[r] += sum of Pt(c, r) v_c over the keys c of the tile (keys key0 .. key0 + n) that
+// acc[r] += sum of Pt(c, r) v_c over the keys c of the tile (key c being key_of(c)) that
 // query r sees, its sinks [0, min(sink, hi[r])) and [lo[r], hi[r]): P^T V without reading a
-// value its row does not see, so a masked key's NaN never meets its zero probability. Rows
-// of v and acc: Dp wide.
-inline void accumulate_visible_cols(int rows, int n, const float* pt, int ld, const float* v, int64_t ldv, int Dp,
-                                    int key0, const int32_t* lo, const int32_t* hi, int sink, float* acc) {
-  const auto add = [&](int r, int k_begin, int k_end) {  // keys [k_begin, k_end), clipped to the tile
-    const int c_begin = k_begin - key0 > 0 ? k_begin - key0 : 0, c_end = k_end - key0 < n ? k_end - key0 : n;
+// value its row does not see, so a masked key's NaN never meets its zero probability (the
+// rare path of a tile holding a non-finite value). Rows of v and acc: Dp wide.
+template <typename KeyOf>
+void accumulate_visible_cols(int rows, int n, const float* pt, int ld, const float* v, int64_t ldv, int Dp,
+                             KeyOf key_of, const int32_t* lo, const int32_t* hi, int sink, float* acc) {
+  for (int r = 0; r < rows; ++r) {
     float* o = acc + int64_t(r) * Dp;
-    for (int c = c_begin; c < c_end; ++c) {
+    for (int c = 0; c < n; ++c) {
+      const int j = key_of(c);
+      if (!((j >= lo[r] || j < sink) && j < hi[r])) continue;
       const vec8 prob = splat8(pt[int64_t(c) * ld + r]);
       for (int d = 0; d < Dp; d += kVec) store8(o + d, load8(o + d) + prob * load8(v + c * ldv + d));
-    }
-  };
-  for (int r = 0; r < rows; ++r) {
-    const int sink_end = sink < hi[r] ? sink : hi[r];
-    if (sink_end >= lo[r]) {  // the sinks reach the window: one range
-      add(r, 0, hi[r]);
-    } else {
-      add(r, 0, sink_end);
-      add(r, lo[r], hi[r]);
     }
   }
 }
 
-// Backward: from masked logits St (keys key0 .. key0 + n, after transform_and_mask_cols with
+// Backward: from masked logits St (key c of the tile key_of(c), after transform_and_mask_cols with
 // mods) and dPt = V * dO^T (both n x ld) to probabilities Pt = exp(s - lse) (into st) and
 // dSt = Pt * (dPt - delta) * dsoftcap (into dpt).
-inline void probs_and_dscores_cols(float* st, float* dpt, int n, int ld, int cols, const float* lse,
-                                   const float* delta, float softcap, int key0, const ScoreMods& mods) {
+template <typename KeyOf>
+void probs_and_dscores_cols(float* st, float* dpt, int n, int ld, int cols, const float* lse, const float* delta,
+                            float softcap, KeyOf key_of, const ScoreMods& mods) {
   for (int c = 0; c < n; ++c) {
     float* s_row = st + int64_t(c) * ld;
     float* dp_row = dpt + int64_t(c) * ld;
@@ -322,7 +317,7 @@ inline void probs_and_dscores_cols(float* st, float* dpt, int n, int ld, int col
       const vec8 p = masked ? vec8{} : exp8(t - load8(lse + q));
       vec8 ds = p * (load8(dp_row + q) - load8(delta + q));
       if (softcap > 0.f) {  // the derivative of the capped logit, before its ALiBi bias
-        const vec8 capped = mods.alibi_slope != 0.f ? t - alibi8(mods, q, key0 + c) : t;
+        const vec8 capped = mods.alibi_slope != 0.f ? t - alibi8(mods, q, key_of(c)) : t;
         const vec8 u = capped / softcap;
         ds = ds * (1.f - u * u);
       }

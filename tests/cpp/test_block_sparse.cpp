@@ -6,8 +6,10 @@
 // listed, causal on top) and repeat an answer asked again; the query-tile walk of a key tile
 // exactly the query tiles with a row that sees one of its keys; transpose_row exactly the
 // query blocks listing a key block. With column lists (canonical: ascending keys outside the
-// listed blocks) the walks must also visit exactly the tiles holding a column some row sees,
-// and listed_keys give, per (query block, key tile), exactly the keys the rule lists.
+// listed blocks) the forward must gather exactly the columns some row of the query tile sees,
+// the backward walk visit the query tiles seeing a column of the key tile (and at most the
+// documented extra tiles), and listed_keys give, per (query block, key tile), exactly the
+// keys the rule lists.
 // Run by ctest; exits non-zero on failure.
 #include <algorithm>
 #include <cstdio>
@@ -139,30 +141,45 @@ void check_case(const Case& c) {
     for (size_t i = 0; i < want.size(); ++i) EXPECT(c.q[size_t(n) * c.q_blocks + i] == want[i], "transposed");
   }
   const AttentionMask mask(c.seqlen_q, c.seqlen_k, c.causal, -1, -1);
-  for (int q0 = 0; q0 < c.seqlen_q; q0 += kTile) {  // forward: key tiles of each query tile
-    const int q_end = std::min(c.seqlen_q, q0 + kTile);
-    std::vector<int> want, got;
-    for (int t = 0; t * kTile < c.seqlen_k; ++t) {
+  for (int q0 = 0; q0 < c.seqlen_q; q0 += kTile) {  // forward: key tiles and columns of each query tile
+    const int q_end = std::min(c.seqlen_q, q0 + kTile), m = q0 / c.block_q;
+    std::vector<int> want, got, want_columns, got_columns;
+    for (int t = 0; t * kTile < c.seqlen_k; ++t) {  // tiles of listed blocks holding a key the rows see
       bool any = false;
       for (int i = q0; i < q_end && !any; ++i)
-        for (int j = t * kTile; j < std::min(c.seqlen_k, (t + 1) * kTile) && !any; ++j) any = sees(c, i, j);
+        for (int j = t * kTile; j < std::min(c.seqlen_k, (t + 1) * kTile) && !any; ++j)
+          any = listed(c, m).count(j / c.block_k) && sees(c, i, j);
       if (any) want.push_back(t);
     }
-    auto walk = attnkit::sparse_key_tile_walk(c.layout, mask, 0, 0, q0, q_end);
+    for (int j = 0; j < c.seqlen_k; ++j) {  // columns some row sees
+      bool any = false;
+      for (int i = q0; i < q_end && !any; ++i) any = is_column(c, m, j) && sees(c, i, j);
+      if (any) want_columns.push_back(j);
+    }
+    attnkit::BlockListWalk walk = attnkit::key_tile_walk(c.layout, mask, 0, 0, q0, q_end);
     for (int t = walk.from(0); t >= 0; t = walk.from(t + 1)) {
       EXPECT(walk.from(t + 1) == walk.from(t + 1), "from() must repeat its answer");
       got.push_back(t);
-      const int m = q0 / c.block_q;
-      uint64_t want_keys = 0;  // the keys of tile t query block m lists, by the rule
-      for (int j = t * kTile; j < std::min(c.seqlen_k, (t + 1) * kTile); ++j)
-        if (listed(c, m).count(j / c.block_k) || is_column(c, m, j)) want_keys |= uint64_t(1) << (j - t * kTile);
-      const uint64_t keys = attnkit::listed_keys(c.layout, 0, 0, m, t);
-      const uint64_t in_sequence = c.seqlen_k - t * kTile >= kTile ? attnkit::kAllKeys
-                                                                     : (uint64_t(1) << (c.seqlen_k - t * kTile)) - 1;
-      EXPECT((keys & in_sequence) == want_keys, "query block %d key tile %d: listed keys differ", m, t);
+    }
+    const attnkit::ColumnChunks chunks = attnkit::column_chunks(c.layout, mask, 0, 0, q0, q_end);
+    for (int t = 0; t < chunks.tiles(); ++t) {
+      EXPECT(chunks.tile_size(t) > 0 && chunks.tile_size(t) <= kTile, "gathered tile %d size %d", t,
+             chunks.tile_size(t));
+      got_columns.insert(got_columns.end(), chunks.tile(t), chunks.tile(t) + chunks.tile_size(t));
     }
     EXPECT(got == want, "query tile %d: %zu key tiles visited, %zu hold a key its rows see", q0, got.size(),
            want.size());
+    EXPECT(got_columns == want_columns, "query tile %d: %zu columns gathered, %zu seen", q0, got_columns.size(),
+           want_columns.size());
+    for (int t = 0; t * kTile < c.seqlen_k; ++t) {  // the keys of each (query block, key tile) pair
+      uint64_t want_keys = 0;
+      for (int j = t * kTile; j < std::min(c.seqlen_k, (t + 1) * kTile); ++j)
+        if (listed(c, m).count(j / c.block_k) || is_column(c, m, j)) want_keys |= uint64_t(1) << (j - t * kTile);
+      const uint64_t in_sequence = c.seqlen_k - t * kTile >= kTile ? attnkit::kAllKeys
+                                                                     : (uint64_t(1) << (c.seqlen_k - t * kTile)) - 1;
+      EXPECT((attnkit::listed_keys(c.layout, 0, 0, m, t) & in_sequence) == want_keys,
+             "query block %d key tile %d: listed keys differ", m, t);
+    }
   }
   for (int k0 = 0; k0 < c.seqlen_k; k0 += kTile) {  // backward: query tiles of each key tile
     const int k_end = std::min(c.seqlen_k, k0 + kTile);

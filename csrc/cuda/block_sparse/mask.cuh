@@ -1,11 +1,12 @@
 // Block-sparse attention as mask policies of the prefill kernels (cuda/prefill/fwd.cuh,
 // bwd.cuh). Kernel tiles are 64 x 64 and block sizes multiples of 64, so a query tile lies in
 // one query block and a key tile in one key block. The forward CTA of a query tile walks the
-// key tiles of its block's list and of its columns (attnkit/block_sparse.h: MergedWalk,
-// ascending, within the causal span of its rows); the backward CTA of a key tile walks, per q
-// head, the query tiles of its block's and its tile's transposed lists. Tiles the causal
-// rule (or the end of a sequence) cuts are masked element by element with AttentionMask, as
-// dense prefill's; a tile of columns is masked to its columns (listed_keys).
+// key tiles of its block's list (attnkit/block_sparse.h: BlockListWalk, ascending, within the
+// causal span of its rows), then its columns gathered 64 to a tile (ColumnChunks); the
+// backward CTA of a key tile walks, per q head, the query tiles of its block's and its
+// tile's transposed lists. Tiles the causal rule (or the end of a sequence) cuts are masked
+// element by element with AttentionMask, as dense prefill's; a key tile holding columns is
+// masked to its columns (listed_keys).
 #pragma once
 
 #include "attnkit/block_sparse.h"
@@ -24,44 +25,68 @@ __device__ __forceinline__ void mask_unlisted_keys(Acc& acc, const Coords& coord
     if (!(keys >> get<1>(coords(e)) & 1u)) acc(e) = -INFINITY;
 }
 
+// Sets the logits of a gathered tile (key c of the tile is keys[c], c < count) that the
+// rows' mask hides, and of its padding columns, to -inf; indexed as prefill::apply_mask.
+template <typename Acc, typename Coords>
+__device__ __forceinline__ void mask_gathered_keys(Acc& acc, const Coords& coords, const AttentionMask& mask, int m0,
+                                                   const int32_t* keys, int count) {
+  Tensor s = make_tensor(acc.data(), prefill::rowcol(acc.layout()));
+  Tensor c = make_tensor(coords.data(), prefill::rowcol(coords.layout()));
+  CUTE_UNROLL
+  for (int j = 0; j < size<1>(s); ++j) {
+    const int col = get<1>(c(0, j));
+    const int key = col < count ? keys[col] : -1;
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(s); ++r)
+      if (key < 0 || !mask.keys_of(m0 + get<0>(c(r, j))).contains(key)) s(r, j) = -INFINITY;
+  }
+}
+
 // Forward policy: the key tiles query tile [m0, m0 + kBlockM) of (b, h) visits: those of its
-// block's list and those holding one of its columns.
+// block's list, ascending, then its columns within the rows' causal span, gathered 64 to a
+// tile (tile index key_tiles + c for gathered tile c: its rows are loaded one by one).
 template <int kBlockM, int kBlockN>
 struct BlockSparseMask {
   static_assert(kBlockM == kBlockSparseTile && kBlockN == kBlockSparseTile,
                 "a kernel tile must lie inside one block of the lists");
   using Args = BlockSparseLayout;
-  const Args& layout;  // the kernel's __grid_constant__ parameter, read in place
   AttentionMask mask;
-  MergedWalk<ColumnTileWalk> walk;
-  int b, h, m0;
-  int keys_tile = -1;     // the tile `keys` belongs to
-  uint64_t keys = 0;      // listed_keys of keys_tile
+  BlockListWalk blocks;
+  ColumnChunks columns;
+  int key_tiles;  // tiles of the sequence's keys: tile indices past them are gathered tiles
+  int m0;
 
-  __device__ BlockSparseMask(const AttentionParams& p, const Args& layout_, const Sequence& seq, int b_, int h_,
-                             int m0_)
-      : layout(layout_),
-        mask(seq.len_q, seq.len_k, p.causal, -1, -1),
-        walk(sparse_key_tile_walk(layout_, mask, b_, h_, m0_, min(seq.len_q, m0_ + kBlockM))),
-        b(b_),
-        h(h_),
+  __device__ BlockSparseMask(const AttentionParams& p, const Args& layout, const Sequence& seq, int b, int h, int m0_)
+      : mask(seq.len_q, seq.len_k, p.causal, -1, -1),
+        blocks(key_tile_walk(layout, mask, b, h, m0_, min(seq.len_q, m0_ + kBlockM))),
+        columns(column_chunks(layout, mask, b, h, m0_, min(seq.len_q, m0_ + kBlockM))),
+        key_tiles((seq.len_k + kBlockN - 1) / kBlockN),
         m0(m0_) {}
 
   // The walk only moves forward; asking next(n) again for the same n gives the same tile.
-  __device__ int first() { return walk.from(0); }
-  __device__ int next(int n) { return walk.from(n + 1); }
-  __device__ bool valid(int n) const { return n >= 0; }
-  __device__ uint64_t keys_of(int n) {
-    if (n != keys_tile) keys_tile = n, keys = listed_keys(layout, b, h, m0 / layout.block_size_q, n);
-    return keys;
+  __device__ int from(int t) {
+    if (t < key_tiles) {
+      if (const int n = blocks.from(t); n >= 0) return n;
+      t = key_tiles;
+    }
+    return t - key_tiles < columns.tiles() ? t : -1;
   }
-  __device__ bool needs_mask(int n) {
-    return keys_of(n) != kAllKeys || !mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN);
+  __device__ int first() { return from(0); }
+  __device__ int next(int n) { return from(n + 1); }
+  __device__ bool valid(int n) const { return n >= 0; }
+  __device__ const int32_t* gathered_keys(int n) const {
+    return n >= key_tiles ? columns.tile(n - key_tiles) : nullptr;
+  }
+  __device__ int gathered_count(int n) const { return columns.tile_size(n - key_tiles); }
+  __device__ bool needs_mask(int n) const {
+    return n >= key_tiles || !mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN);
   }
   template <typename Acc, typename Coords>
-  __device__ void apply(Acc& acc, const Coords& coords, int n) {
-    prefill::apply_mask(acc, coords, mask, m0, n * kBlockN);
-    if (const uint64_t listed = keys_of(n); listed != kAllKeys) mask_unlisted_keys(acc, coords, listed);
+  __device__ void apply(Acc& acc, const Coords& coords, int n) const {
+    if (n >= key_tiles)
+      mask_gathered_keys(acc, coords, mask, m0, gathered_keys(n), gathered_count(n));
+    else
+      prefill::apply_mask(acc, coords, mask, m0, n * kBlockN);
   }
 };
 
@@ -75,7 +100,7 @@ struct BlockSparseBwdMask {
   const Args& layout;  // the kernel's __grid_constant__ parameter, read in place
   AttentionMask mask;
   int b, n0;
-  MergedWalk<BlockListWalk> walk;
+  MergedWalk walk;
 
   __device__ BlockSparseBwdMask(const AttentionParams& p, const Args& layout_, const Sequence& seq, int b_, int n0_)
       : layout(layout_),

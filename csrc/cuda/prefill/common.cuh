@@ -98,30 +98,38 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
 }
 
-// copy_tile for key rows that live in pages: dst partitioned like copy_tile's (CPY, CPY_M,
-// CPY_K), coords its tile coordinates; each of the thread's rows (tile row r is key first + r)
-// is resolved through the block table once (key_offset), then its 16-byte vectors are copied
-// by cp.async. Rows >= rows_left and columns >= cols are zeroed, as copy_tile<true> does.
-template <typename Element, typename Dst, typename Coords>
-__device__ __forceinline__ void copy_paged_tile(const AttentionParams& p, const void* base, const Strides& strides,
-                                                int b, const Sequence& seq, int h_kv, int first, Dst&& dst,
-                                                const Coords& coords, int rows_left, int cols) {
+// copy_tile for rows found one by one: dst partitioned like copy_tile's (CPY, CPY_M, CPY_K),
+// coords its tile coordinates; tile row r is the row at element offset row_offset(r) of base
+// (negative: no row), resolved once per row, its 16-byte vectors copied by cp.async. Absent
+// rows and columns >= cols are zeroed, as copy_tile<true> does.
+template <typename Element, typename Dst, typename Coords, typename RowOffset>
+__device__ __forceinline__ void copy_rows_tile(const void* base, Dst&& dst, const Coords& coords, int cols,
+                                               RowOffset&& row_offset) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(dst); ++m) {
-    const int row = get<0>(coords(0, m, 0));
-    const bool row_ok = row < rows_left;
-    const Element* src =
-        static_cast<const Element*>(base) + (row_ok ? key_offset(p, strides, b, seq, first + row, h_kv) : 0);
+    const int64_t offset = row_offset(get<0>(coords(0, m, 0)));
+    const Element* src = static_cast<const Element*>(base) + (offset >= 0 ? offset : 0);
     CUTE_UNROLL
     for (int k = 0; k < size<2>(dst); ++k) {
       const int col = get<1>(coords(0, m, k));
-      if (row_ok && col < cols) {
+      if (offset >= 0 && col < cols) {
         cp_async_16(&dst(0, m, k), src + col);
       } else {
         clear(dst(_, m, k));
       }
     }
   }
+}
+
+// copy_rows_tile for key rows that live in pages: tile row r is key first + r, resolved
+// through the block table (key_offset); rows >= rows_left are zeroed.
+template <typename Element, typename Dst, typename Coords>
+__device__ __forceinline__ void copy_paged_tile(const AttentionParams& p, const void* base, const Strides& strides,
+                                                int b, const Sequence& seq, int h_kv, int first, Dst&& dst,
+                                                const Coords& coords, int rows_left, int cols) {
+  copy_rows_tile<Element>(base, dst, coords, cols, [&](int row) -> int64_t {
+    return row < rows_left ? key_offset(p, strides, b, seq, first + row, h_kv) : -1;
+  });
 }
 
 // copy_paged_tile for a quantized cache (k_quant / v_quant of AttentionParams; rows by

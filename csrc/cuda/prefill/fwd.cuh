@@ -121,6 +121,27 @@ struct PrefillMask {
   }
 };
 
+// A policy with gathered_keys(tile) may name the keys of a tile one by one (block-sparse
+// columns): key r of it is gathered_keys(tile)[r], for r < gathered_count(tile), loaded
+// row by row. Returns whether the tile was such a tile (and loaded); false for every tile
+// of a policy without gathered_keys.
+template <typename Element, typename Policy, typename Dst, typename Coords>
+__device__ __forceinline__ bool load_gathered_tile(const Policy& policy, int tile, const void* base,
+                                                   const Strides& strides, int b, const Sequence& seq, int h_kv,
+                                                   Dst& dst, const Coords& coords, int cols) {
+  if constexpr (requires { policy.gathered_keys(tile); }) {
+    const int32_t* keys = policy.gathered_keys(tile);
+    if (keys == nullptr) return false;
+    const int count = policy.gathered_count(tile);
+    copy_rows_tile<Element>(base, dst, coords, cols, [&](int row) -> int64_t {
+      return row < count ? offset_of(strides, b, seq.row_k + keys[row], h_kv) : -1;
+    });
+    return true;
+  } else {
+    return false;
+  }
+}
+
 // kPagedKV: K and V are read row by row through key_offset: pages (AttentionParams::
 // block_table; cp.async) or a quantized cache (AttentionParams::k_quant, packed or paged rows;
 // dequantized on the way). Otherwise rows of one (sequence, kv head) at a fixed stride.
@@ -229,16 +250,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         break;
     }
   };
+  const auto load_gathered = [&](const void* base, const Strides& strides, auto& dst, int tile) {
+    return load_gathered_tile<Element>(policy, tile, base, strides, b, seq, h_kv, dst, tKVc, p.head_dim);
+  };
   const auto load_k = [&](int tile) {
     if constexpr (kPagedKV)
       load_rowwise(p.k, p.k_strides, p.k_quant, tKsK, tile);
-    else
+    else if (!load_gathered(p.k, p.k_strides, tKsK, tile))
       copy_tile<true>(gmem_load, tKgK(_, _, _, tile), tKsK, tKVc, keys_left(tile), p.head_dim);
   };
   const auto load_v = [&](int tile) {
     if constexpr (kPagedKV)
       load_rowwise(p.v, p.v_strides, p.v_quant, tVsV, tile);
-    else
+    else if (!load_gathered(p.v, p.v_strides, tVsV, tile))
       copy_tile<true>(gmem_load, tVgV(_, _, _, tile), tVsV, tKVc, keys_left(tile), p.head_dim);
   };
   copy_tile<true>(gmem_load, tQgQ, tQsQ, tQcQ, rows_left, p.head_dim);

@@ -49,8 +49,9 @@ struct BlockLists {
 // lists (indices == nullptr: none): `columns`, canonical lists of keys (col_blocks =
 // seqlen_k) none of which lies in a key block the query block lists, so every key counts
 // once; and `q_column_tiles`, per key tile (of kBlockSparseTile keys) the query blocks
-// holding a column in it (the transpose of the columns' tiles). A tile of columns is
-// computed whole and masked to its columns (listed_keys).
+// holding a column in it (the transpose of the columns' tiles). The forward (and dQ) gather
+// the columns 64 to a tile (ColumnChunks); dK / dV visit the key tiles holding them, masked
+// to their columns (listed_keys).
 struct BlockSparseLayout {
   BlockLists kv_blocks;
   BlockLists q_blocks;  // unused by the forward
@@ -191,49 +192,43 @@ ATTNKIT_HD uint64_t listed_keys(const BlockSparseLayout& layout, int b, int h, i
   return column_bits(columns.entries(b, h, q_block), columns.count(b, h, q_block), tile * kBlockSparseTile);
 }
 
-// The key tiles (kBlockSparseTile keys) holding a key of a canonical column list within keys
-// [first_key, end_key), ascending: from(t) is the first such tile >= t, or -1 (a binary
-// search each; any t order).
-struct ColumnTileWalk {
-  const int32_t* entries;
-  int count;
-  int first_key, end_key;
-
-  ATTNKIT_HD int from(int t) const {
-    const int lo = t * kBlockSparseTile > first_key ? t * kBlockSparseTile : first_key;
-    const int i = lower_bound(entries, count, lo);
-    if (i >= count || entries[i] < lo || entries[i] >= end_key) return -1;  // entries[i] < lo: not canonical
-    return entries[i] / kBlockSparseTile;
-  }
-};
-
 // Two ascending walks merged: the tiles either visits, each once, ascending (a tile of a
 // listed block never holds a column, so the two never give the same tile; were they to, it
 // is still visited once).
-template <typename Columns>
 struct MergedWalk {
-  BlockListWalk blocks;
-  Columns columns;
+  BlockListWalk blocks, columns;
   ATTNKIT_HD int from(int t) {
     const int a = blocks.from(t), c = columns.from(t);
     return a < 0 ? c : c < 0 ? a : a < c ? a : c;
   }
 };
 
-// The key tiles query rows [q_begin, q_end) of (b, h) visit, rows inside one query block:
-// those of its listed blocks and those holding one of its columns, that the rows' mask
-// span reaches (exactly the tiles holding a key some row sees). Which keys of a tile:
-// listed_keys.
-ATTNKIT_HD MergedWalk<ColumnTileWalk> sparse_key_tile_walk(const BlockSparseLayout& layout, const AttentionMask& mask,
-                                                           int b, int h, int q_begin, int q_end) {
-  ColumnTileWalk columns{nullptr, 0, 0, 0};
-  if (layout.columns.indices != nullptr) {
-    const BlockLists& lists = layout.columns;
-    const int q_block = q_begin / layout.block_size_q;
-    const KeyRange keys = mask.keys_of_rows(q_begin, q_end);
-    columns = ColumnTileWalk{lists.entries(b, h, q_block), lists.count(b, h, q_block), keys.begin, keys.end};
+// The columns of a query tile's block that its rows' key span holds, positions [begin, end)
+// of the block's canonical column list, as gathered tiles of kBlockSparseTile columns: tile c
+// holds entries [begin + c * kBlockSparseTile, ...) (the forward gathers them instead of
+// visiting the key tiles they lie in).
+struct ColumnChunks {
+  const int32_t* entries;
+  int begin, end;
+  ATTNKIT_HD int tiles() const { return (end - begin + kBlockSparseTile - 1) / kBlockSparseTile; }
+  ATTNKIT_HD const int32_t* tile(int c) const { return entries + begin + c * kBlockSparseTile; }
+  ATTNKIT_HD int tile_size(int c) const {
+    const int left = end - begin - c * kBlockSparseTile;
+    return left < kBlockSparseTile ? left : kBlockSparseTile;
   }
-  return {key_tile_walk(layout, mask, b, h, q_begin, q_end), columns};
+};
+
+ATTNKIT_HD ColumnChunks column_chunks(const BlockSparseLayout& layout, const AttentionMask& mask, int b, int h,
+                                      int q_begin, int q_end) {
+  const BlockLists& lists = layout.columns;
+  if (lists.indices == nullptr) return {nullptr, 0, 0};
+  const int q_block = q_begin / layout.block_size_q;
+  const int32_t* entries = lists.entries(b, h, q_block);
+  const int count = lists.count(b, h, q_block);
+  const KeyRange keys = mask.keys_of_rows(q_begin, q_end);
+  if (keys.empty()) return {entries, 0, 0};
+  const int begin = lower_bound(entries, count, keys.begin), end = lower_bound(entries, count, keys.end);
+  return {entries, begin, end > begin ? end : begin};  // end < begin only in a non-canonical list
 }
 
 // A walk that visits nothing.
@@ -244,9 +239,8 @@ ATTNKIT_HD BlockListWalk empty_walk() { return BlockListWalk(nullptr, 0, 0, 1, 0
 // whose rows the mask lets see the tile. A query tile of a column-holding block may see the
 // tile yet none of its columns (the causal rule cuts the tile between them): it is visited,
 // every logit masked.
-ATTNKIT_HD MergedWalk<BlockListWalk> sparse_query_tile_walk(const BlockSparseLayout& layout,
-                                                            const AttentionMask& mask, int b, int h, int k_begin,
-                                                            int k_end) {
+ATTNKIT_HD MergedWalk sparse_query_tile_walk(const BlockSparseLayout& layout, const AttentionMask& mask, int b,
+                                             int h, int k_begin, int k_end) {
   BlockListWalk columns = empty_walk();
   if (layout.q_column_tiles.indices != nullptr) {
     const BlockLists& lists = layout.q_column_tiles;

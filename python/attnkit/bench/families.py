@@ -1142,7 +1142,8 @@ def _block_sparse_err(q, k, v, visible, out, rows=128):
     qs = q[0, picked].cpu().double().transpose(0, 1)
     ks, vs = (t[0].cpu().double().repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
     s = (qs @ ks.transpose(1, 2)) / q.shape[-1] ** 0.5
-    ref = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ vs
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    ref = torch.where(visible.any(dim=-1, keepdim=True), p, 0.0) @ vs  # a row that sees nothing: out 0
     return rel_err(out[0, picked].transpose(0, 1), ref)
 
 
