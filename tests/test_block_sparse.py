@@ -603,3 +603,14 @@ def test_varlen_bad_input(gen):
         attnkit.block_sparse_attention_varlen(q, q, q, cu, cu[:1], 100, 100, *lists)
     with pytest.raises(ValueError, match="kv_block_indices"):
         attnkit.block_sparse_attention_varlen(q, q, q, cu, cu, 200, 100, *lists)  # 4 query blocks, lists hold 1
+
+
+def test_raw_op_reads_in_bounds_for_any_columns(gen):
+    """The op itself (no canonical form applied) with columns far outside the sequence,
+    negative and unsorted: wrong numbers are allowed, a read outside K / V is not."""
+    q, k, v = (randn(gen, 1, 130, 2, 16) for _ in range(3))
+    indices, counts = random_lists(gen, 1, 2, 3, 3, 0, canonical=True)
+    columns = torch.tensor([2**30, -7, 5, 2**31 - 1, 3, 129] * 2, dtype=torch.int32).expand(1, 2, 3, 12).contiguous()
+    out, lse = torch.ops.attnkit.block_sparse_fwd(q, k, v, indices, counts, 64, 64, True, 0.25, 0.0, columns,
+                                                  torch.full((1, 2, 3), 12, dtype=torch.int32))
+    assert out.shape == q.shape and lse.shape == (1, 2, 130)

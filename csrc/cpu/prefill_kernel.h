@@ -46,6 +46,9 @@ struct KeyTile {
   uint64_t keys = kAllKeys;
   const int32_t* gathered = nullptr;
   int key(int c) const { return gathered != nullptr ? gathered[c] : k0 + c; }
+  // key(c) clamped into [0, len): the row to read (a gathered key outside the sequence, only
+  // in a non-canonical list, reads row 0 or len - 1; its logit is masked whatever is read).
+  int row(int c, int len) const { return std::clamp(key(c), 0, len - 1); }
   auto key_of() const {
     return [this](int c) { return key(c); };
   }
@@ -203,7 +206,7 @@ void forward(const AttentionParams& p, const Walk& walk) {
       // else converted or dequantized, the rows of keys left out zeroed (mask_keys).
       auto key_rows = [&](const void* base, const Strides& s, const QuantizedRows& quant, const KeyTile& t,
                           bool padded, bool mask_keys, float* buf, int64_t& ld) {
-        auto index = [&](int c) { return key_offset(p, s, b, seq, t.key(c), hk); };
+        auto index = [&](int c) { return key_offset(p, s, b, seq, t.row(c, seq.len_k), hk); };
         if (p.is_quantized()) {
           dequantized_rows(quant, index, 0, t.n, D, Dp, buf);
           ld = Dp;
@@ -370,8 +373,8 @@ void backward(const AttentionBwdParams& bp, const Walk& walk) {
       std::fill(dq, dq + rows * Dp, 0.f);
       walk.key_tiles(b, h, q0, rows, mask, [&](const KeyTile& t) {
         const int n = t.n;
-        auto k_row = [&](int c) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + t.key(c), hk); };
-        auto v_row = [&](int c) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + t.key(c), hk); };
+        auto k_row = [&](int c) { return row_ptr<T>(p.k, p.k_strides, b, seq.row_k + t.row(c, seq.len_k), hk); };
+        auto v_row = [&](int c) { return row_ptr<T>(p.v, p.v_strides, b, seq.row_k + t.row(c, seq.len_k), hk); };
         int64_t ldk, ldv;
         const float* k = fp32_rows<T>(k_row, 0, n, D, Dp, true, s.k_buf.data(), ldk, t.contiguous());
         if (t.keys != kAllKeys) zero_unlisted_rows(s.k_buf.data(), n, ldk, D, t.keys);  // dS K: as P V

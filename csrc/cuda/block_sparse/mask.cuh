@@ -33,12 +33,13 @@ __device__ __forceinline__ void mask_gathered_keys(Acc& acc, const Coords& coord
   Tensor s = make_tensor(acc.data(), prefill::rowcol(acc.layout()));
   Tensor c = make_tensor(coords.data(), prefill::rowcol(coords.layout()));
   CUTE_UNROLL
-  for (int j = 0; j < size<1>(s); ++j) {
-    const int col = get<1>(c(0, j));
-    const int key = col < count ? keys[col] : -1;
+  for (int r = 0; r < size<0>(s); ++r) {
+    const KeyRange visible = mask.keys_of(m0 + get<0>(c(r, 0)));
     CUTE_UNROLL
-    for (int r = 0; r < size<0>(s); ++r)
-      if (key < 0 || !mask.keys_of(m0 + get<0>(c(r, j))).contains(key)) s(r, j) = -INFINITY;
+    for (int j = 0; j < size<1>(s); ++j) {
+      const int col = get<1>(c(r, j));  // a key index load per element: L1 hits after the first row
+      if (col >= count || !visible.contains(keys[col])) s(r, j) = -INFINITY;
+    }
   }
 }
 

@@ -134,7 +134,9 @@ __device__ __forceinline__ bool load_gathered_tile(const Policy& policy, int til
     if (keys == nullptr) return false;
     const int count = policy.gathered_count(tile);
     copy_rows_tile<Element>(base, dst, coords, cols, [&](int row) -> int64_t {
-      return row < count ? offset_of(strides, b, seq.row_k + keys[row], h_kv) : -1;
+      if (row >= count) return -1;
+      const int key = keys[row];  // outside the sequence only in a non-canonical list: not read
+      return key >= 0 && key < seq.len_k ? offset_of(strides, b, seq.row_k + key, h_kv) : -1;
     });
     return true;
   } else {

@@ -1120,16 +1120,30 @@ def _block_sparse_fraction(visible, seqlen):
     return visible.sum().item() / (visible.shape[1] * seqlen * (seqlen + 1) / 2)
 
 
-def _block_sparse_tile_fraction(visible, tile=64):
-    """Fraction of the causal 64 x 64 (query tile, key tile) pairs the forward visits: those
-    holding a visible pair (the forward's walk visits exactly these, tests/cpp/
-    test_block_sparse.cpp); a tile of columns costs a whole tile however few columns it holds."""
-    heads, seqlen = visible.shape[1], visible.shape[-1]
+def _block_sparse_tile_fraction(indices, counts, columns, seqlen, block_size, tile=64):
+    """Tiles the forward computes over the causal 64 x 64 (query tile, key tile) pairs (batch
+    0): the key tiles of listed blocks holding a pair a row sees (the walk visits exactly
+    these, tests/cpp/test_block_sparse.cpp) plus, per query tile, its visible columns gathered
+    64 to a tile."""
+    blocks = _block_sparse_visible(indices, counts, {}, seqlen, block_size)[0]
+    heads = blocks.shape[0]
     pad = (-seqlen) % tile
-    v = torch.nn.functional.pad(visible[0], (0, pad, 0, pad))
-    tiles = v.shape[-1] // tile
-    visited = v.reshape(heads, tiles, tile, tiles, tile).any(dim=4).any(dim=2)
-    return visited.sum().item() / (heads * tiles * (tiles + 1) / 2)
+    tiles = (seqlen + pad) // tile
+    visited = torch.nn.functional.pad(blocks, (0, pad, 0, pad)).reshape(heads, tiles, tile, tiles, tile)
+    computed = visited.any(dim=4).any(dim=2).sum().item()
+    del blocks, visited
+    if columns:
+        cols, col_counts = attnkit.canonical_column_lists(columns["column_indices"][:1], columns["column_counts"][:1],
+                                                          *attnkit.canonical_block_lists(
+                                                              indices[:1], counts[:1], -(-seqlen // block_size)),
+                                                          seqlen, block_size)
+        ends = torch.clamp((torch.arange(tiles) + 1) * tile, max=seqlen)           # a query tile's key end (causal)
+        block_of = torch.arange(tiles) * tile // block_size
+        tile_cols = cols[0][:, block_of].cpu()                                      # (heads, tiles, list_len)
+        valid = torch.arange(cols.shape[-1]) < col_counts[0][:, block_of, None].cpu()
+        seen = (valid & (tile_cols >= 0) & (tile_cols < ends[:, None])).sum(dim=-1)
+        computed += (-(-seen // tile)).sum().item()
+    return computed / (heads * tiles * (tiles + 1) / 2)
 
 
 def _block_sparse_err(q, k, v, visible, out, rows=128):
@@ -1212,7 +1226,7 @@ def run_block_sparse(r):
                 out = attnkit.block_sparse_attention(*bufs[0], indices, counts, block_size_q=bs, block_size_k=bs,
                                                      causal=True, **columns)
             err = _block_sparse_err(*bufs[0], visible, out)
-            tile_fraction = _block_sparse_tile_fraction(visible)
+            tile_fraction = _block_sparse_tile_fraction(indices, counts, columns, S, bs)
             del visible
             peers = {"dense_attnkit": dense, **sdpa}
             if not columns and "failed" not in _FLEX.get("block_sparse", ()):
