@@ -308,7 +308,7 @@ void fill_quantized(const KvCache& kv, const QuantizedRows& dst, int64_t rows, u
 // cache's storage; plain_ms: the median of the plain case of this shape (quantized only,
 // for the speed-up). Returns false on a device error; *median_ms gets the case's median.
 bool run_case(const Options& o, const KvCache& kv, int batch, int ctx, int page, int keep, double copy_gbps,
-              int workers, double plain_ms, double* median_ms, int& failures) {
+              double plain_ms, double* median_ms, int& failures) {
   *median_ms = NAN;
   char name[160];
   const std::string layout = !page ? "contiguous"
@@ -440,6 +440,8 @@ bool run_case(const Options& o, const KvCache& kv, int batch, int ctx, int page,
     return true;
   }
   try {
+    // SMs x resident CTAs per SM of this case's kernel instantiation (occupancy API, cached).
+    const int workers = attnkit::cuda::decode_workers(sets.params[0]);
     const int64_t ws_bytes = attnkit::cuda::decode_workspace_bytes(sets.params[0], ctx, workers);
     void* workspace = sets.alloc(size_t(std::max<int64_t>(ws_bytes, 16)));
     const Stat t = time_calls(
@@ -485,7 +487,6 @@ int main(int argc, char** argv) {
     for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
     std::string desc;
     const double copy_gbps = measure_copy_gbps(desc);
-    const int workers = attnkit::cuda::decode_workers(dev);
     std::printf("\ncopy ceiling: %.0f GB/s (%s)\nGB/s = K and V bytes read (quantized: codes, scales, zeros) / "
                 "median time; %d warm-up + %d timed calls\n\n",
                 copy_gbps, desc.c_str(), o.warmup, o.iters);
@@ -496,9 +497,9 @@ int main(int argc, char** argv) {
       for (const int page : o.pages)
         for (const int keep : page && o.keep ? std::vector<int>{0, o.keep} : std::vector<int>{0}) {
           double plain_ms = NAN, quant_ms = NAN;
-          bool alive = run_case(o, KvCache{}, batch, ctx, page, keep, copy_gbps, workers, NAN, &plain_ms, failures);
+          bool alive = run_case(o, KvCache{}, batch, ctx, page, keep, copy_gbps, NAN, &plain_ms, failures);
           if (alive && o.quantized)
-            alive = run_case(o, quant, batch, ctx, page, keep, copy_gbps, workers, plain_ms, &quant_ms, failures);
+            alive = run_case(o, quant, batch, ctx, page, keep, copy_gbps, plain_ms, &quant_ms, failures);
           if (!alive) {
             std::printf("device error: stopping\n");
             return 1;

@@ -120,6 +120,38 @@ def test_decode_short_and_empty_sequences(device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_decode_empty_batch_and_no_q_heads(device, gen):
+    """batch 0 and 0 q heads return empty results without launching anything (on CUDA a
+    0-block launch would be an error)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    k, v = randn(gen, 2, 64, 2, 64, dtype=dtype, device=device), randn(gen, 2, 64, 2, 64, dtype=dtype, device=device)
+    lens = torch.tensor([5, 64], dtype=torch.int32, device=device)
+    out, lse = attnkit.decode(randn(gen, 2, 3, 0, 64, dtype=dtype, device=device), k, v, lens, return_lse=True)
+    assert out.shape == (2, 3, 0, 64) and lse.shape == (2, 0, 3)
+    out, lse = attnkit.decode(randn(gen, 0, 3, 4, 64, dtype=dtype, device=device), k[:0], v[:0], lens[:0],
+                              return_lse=True)
+    assert out.shape == (0, 3, 4, 64) and lse.shape == (0, 4, 3)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_block_table_capacity_past_int32(device, gen):
+    """A block_table whose capacity (pages per sequence x page_size) passes 2^31 tokens: the
+    capacity stays int64 in the binding (it used to wrap through int()) and is bounded by
+    kDecodeMaxKeys; the lengths, int32, are read as they are."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    page_size, width = 4096, 1 << 20  # capacity 2^32
+    k = randn(gen, 3, page_size, 1, 64, dtype=dtype, device=device)
+    v = randn(gen, 3, page_size, 1, 64, dtype=dtype, device=device)
+    table = torch.zeros(2, width, dtype=torch.int32, device=device)
+    table[0, :2] = torch.tensor([2, 0], dtype=torch.int32)
+    table[1, :1] = 1
+    q = randn(gen, 2, 2, 4, 64, dtype=dtype, device=device)
+    check(q, k, v, torch.tensor([5000, 17], dtype=torch.int32, device=device), table)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_ignores_unused_table_entries_and_shares_pages(device, gen):
     """Entries of block_table past a sequence's last page are never read (here -1 and ids
     past num_pages); sequences may share physical pages (a common prefix)."""

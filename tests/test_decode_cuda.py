@@ -3,7 +3,8 @@ contiguous and paged caches (page sizes 1, 16, 64, 256 with shuffled block table
 32:8 and 8:1, 1..16 queries, head_dim 64 / 128 / 256 (and padded 32 / 96), batch mixes with
 empty sequences and 64k-token ones, more workers than tiles and far fewer, window, softcap,
 CUDA-graph capture of one decode step replayed with new cache_seqlens values written into
-the same tensors, and the errors of unsupported input.
+the same tensors, the workspace bound (at most 2 partial slots per worker, whatever the
+batch), and the errors of unsupported input.
 
 The reference runs in float64 on the GPU. The small cases of tests/test_decode.py run on
 CUDA too. All tests here are marked `cuda` and skipped without a GPU or without the CUDA
@@ -160,6 +161,26 @@ def test_cuda_graph_capture_and_replay(paged_cache, gen):
         assert torch.equal(g_out, out), f"graph replay differs from eager for cache_seqlens {new_lens}"
         assert torch.equal(g_lse, lse), f"graph replay lse differs from eager for cache_seqlens {new_lens}"
         check(q, k, v, lens, table, softcap=20.0)
+
+
+def test_workspace_does_not_grow_with_batch(gen):
+    """Issue 16: only a worker's first and last items can be partial, so the workspace holds
+    at most 2 slots per worker (W = SMs x resident CTAs per SM) of rows x head_dim floats,
+    whatever the batch. Here 256 x 8 pairs of 128 rows at head_dim 128 took 2048 + W - 1
+    slots before (~151 MB); now at most 2W (~35 MB at W = 264). Bounded with W <= 4 x SMs."""
+    batch, heads_kv, heads_q, seqlen_q, head_dim = 256, 8, 64, 16, 128
+    k, v, lens = contiguous(gen, [40] * batch, 64, heads_kv, head_dim, torch.float16)
+    q = randn(gen, batch, seqlen_q, heads_q, head_dim, dtype=torch.float16, device=DEV)
+    check(q, k, v, lens)  # also warms up: kernel attributes, occupancy, allocator
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out, lse = run(q, k, v, lens)
+    torch.cuda.synchronize()
+    workspace = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size() - lse.numel() * 4
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    slot_bytes = heads_q // heads_kv * seqlen_q * (head_dim + 1) * 4
+    assert workspace <= 2 * 4 * sms * slot_bytes + (4 << 20), f"workspace {workspace / 2**20:.1f} MiB"
 
 
 def test_errors_of_unsupported_input(gen):

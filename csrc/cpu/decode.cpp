@@ -774,8 +774,8 @@ void decode_impl(const DecodeParams& p, const Cache& k_cache, const Cache& v_cac
   const int workers = std::max(1, at::get_num_threads());
   const LeanPlan plan = make_lean_plan(shape, lens, workers);
 
-  // Partial results of split pairs, by slot; slots of whole pairs are never touched, so
-  // the buffers are left uninitialised (their untouched pages cost nothing).
+  // Partial results of split pairs, by slot (LeanSlots: at most 2 per worker; whole pairs
+  // have none); only written slots are read, so the buffers are left uninitialised.
   const size_t slot_rows = size_t(plan.num_slots) * rows_group;
   std::unique_ptr<float[]> part_out(new float[slot_rows * D]), part_lse(new float[slot_rows]);
 
@@ -797,8 +797,8 @@ void decode_impl(const DecodeParams& p, const Cache& k_cache, const Cache& v_cac
       for (int r = 0; r < rows; ++r) {
         float lse = kNegInf;
         std::fill(merged.begin(), merged.end(), 0.f);
-        for (int slot = parts.first_slot; slot < parts.first_slot + parts.count; ++slot) {
-          const size_t row = size_t(slot) * rows_group + r;
+        for (int k = 0; k < parts.count; ++k) {
+          const size_t row = size_t(parts.slot(k)) * rows_group + r;
           const MergeWeights w = merge_weights(lse, part_lse[row]);
           const float* part = part_out.get() + row * D;
           for (int d = 0; d < D; ++d) merged[d] = w.w_a * merged[d] + w.w_b * part[d];

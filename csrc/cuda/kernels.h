@@ -27,12 +27,14 @@ void attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 // 16 bytes: cache pointers 16-byte aligned, cache strides multiples of 8 elements; out
 // contiguous. cache_seqlens and block_table are read on the device only (no host sync);
 // lengths are clamped to [0, max_seqlen_k], the cache capacity (contiguous: k_cache.size(1);
-// paged: block_table.size(1) * page_size). `workers` CTAs share the KV tiles (default:
-// decode_workers()); the workspace (decode_workspace_bytes(), any contents) depends on the
+// paged: block_table.size(1) * page_size, at most kDecodeMaxKeys). `workers` CTAs share the
+// KV tiles (default: decode_workers(), SMs x resident CTAs per SM of the instantiation that
+// runs params, on the current device, cached); the workspace (decode_workspace_bytes(), any
+// contents, O(workers x rows x head_dim) plus a few ints per sequence or pair) depends on the
 // shapes and `workers` only, so one allocation serves every cache_seqlens and a decode
-// step can be captured in a CUDA graph.
+// step can be captured in a CUDA graph. cache_seqlens is read by the first launch only.
 bool decode_supports(DType dtype, int head_dim);
-int decode_workers(int device);
+int decode_workers(const DecodeParams& params);
 int64_t decode_workspace_bytes(const DecodeParams& params, int max_seqlen_k, int workers);
 void decode(const DecodeParams& params, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream);
 

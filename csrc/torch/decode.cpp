@@ -4,11 +4,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "attnkit/decode_layout.h"
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "quant_cache.h"
@@ -78,6 +80,8 @@ std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Ten
   const int64_t heads_kv = k_cache.size(2);
   TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, "q heads (", heads_q,
                     ") must be a multiple of k_cache heads (", heads_kv, ")");
+  TORCH_CHECK_VALUE(batch * seqlen_q * heads_q <= INT32_MAX, "q must have fewer than 2^31 rows (batch x seqlen_q x "
+                    "heads), got ", q.sizes());
   check_options(window_left, -1, softcap);
   check_index_tensor(cache_seqlens, 1, "cache_seqlens", q);
   TORCH_CHECK_VALUE(cache_seqlens.size(0) == batch, "cache_seqlens must have batch = ", batch, " entries, got ",
@@ -101,6 +105,10 @@ std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Ten
                       k_cache.size(0), "; pass block_table for a paged cache");
     capacity = k_cache.size(1);
   }
+  // Lengths are int32: a capacity past kDecodeMaxKeys (e.g. a wide block_table of large
+  // pages) addresses nothing more, and bounding it keeps the kernels' key arithmetic in
+  // int32 (attnkit/decode_layout.h). Stays int64 until here: int(capacity) would wrap.
+  capacity = std::min<int64_t>(capacity, kDecodeMaxKeys);
   at::Tensor indices;
   if (selection) {
     const char* name = selection->unit == 1 ? "token_indices" : "page_indices";
@@ -109,8 +117,9 @@ std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Ten
                           selection->indices.size(2) > 0,
                       name, " must have shape (batch, kv_heads, n) = (", batch, ", ", heads_kv, ", n >= 1), got ",
                       selection->indices.sizes());
-    TORCH_CHECK_VALUE(selection->unit >= 1 && selection->indices.size(2) * selection->unit <= INT32_MAX,
-                      "tokens_per_index must be >= 1 and select fewer than 2^31 tokens, got ", selection->unit);
+    TORCH_CHECK_VALUE(selection->unit >= 1 && selection->indices.size(2) * selection->unit <= kDecodeMaxKeys,
+                      "tokens_per_index must be >= 1 and select at most ", kDecodeMaxKeys, " tokens, got ",
+                      selection->unit);
     indices = selection->indices.contiguous();
     p.selection = indices.data_ptr<int32_t>();
     p.selection_len = int(indices.size(2));
@@ -154,13 +163,14 @@ std::tuple<at::Tensor, at::Tensor> run_decode(const at::Tensor& q, const at::Ten
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.window_left = window_as_int(window_left);
-  if (batch == 0) return {out, lse};
+  if (batch == 0 || heads_q == 0) return {out, lse};  // nothing to compute; no 0-block launch
 #ifdef ATTNKIT_WITH_CUDA
   if (q.is_cuda()) {
     const c10::cuda::CUDAGuard guard(q.device());
     // Workers and workspace depend on the shapes only (no read of cache_seqlens), so the
     // call is capturable in a CUDA graph (the caching allocator serves captures too).
-    const int workers = cuda::decode_workers(q.device().index());
+    // decode_workers() is cached per device and kernel instantiation.
+    const int workers = cuda::decode_workers(p);
     const int64_t bytes = cuda::decode_workspace_bytes(p, int(capacity), workers);
     const at::Tensor workspace = at::empty({bytes}, q.options().dtype(at::kByte));
     cuda::decode(p, int(capacity), workers, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());

@@ -5,12 +5,14 @@
 //    decode_out_offset / decode_lse_index give each (sequence, row) its own place;
 //  - DecodeWorkspace: parts 16-byte aligned and disjoint, every (slot, row) of the lean
 //    bound inside its part, size independent of the lengths; the slots the schedule hands
-//    out for any lengths stay within it; dense and sparse;
+//    out for any lengths stay within it; dense and sparse; at most 2 slots per worker, so
+//    the size does not grow with the batch; capacities up to kDecodeMaxKeys stay in int32;
 //  - the sparse work axis: decode_key_position lists exactly the tokens a brute-force walk of
 //    random page / token selections (-1, past-the-end, unsorted entries) names, in order,
 //    and decode_pair_keys ends the axis right after the last valid entry.
 // Run by ctest; exits non-zero on failure.
 #include <algorithm>
+#include <climits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -134,17 +136,25 @@ void check_workspace(std::mt19937& rng) {
               EXPECT(shape.num_pairs() == batch * heads_kv, "pairs %d", shape.num_pairs());
               const attnkit::LeanBounds bounds = attnkit::lean_bounds(shape, workers);
               const auto ws = attnkit::DecodeWorkspace::make(p, shape, bounds.num_slots);
-              EXPECT(ws.pair_keys_bytes % 16 == 0 && ws.pair_keys_bytes >= int64_t(shape.batch + 1) * 8,
+              EXPECT(ws.seq_len_bytes % 16 == 0 && ws.seq_len_bytes >= int64_t(shape.batch + 1) * 8,
                      "seq_offset does not fit");
+              EXPECT(ws.pair_keys_bytes % 16 == 0 && ws.pair_keys_bytes >= ws.seq_len_bytes + int64_t(batch) * 4,
+                     "seq_len does not fit");
+              EXPECT(ws.lean_lengths_bytes() == (sparse ? ws.pair_keys_bytes : ws.seq_len_bytes),
+                     "schedule lengths: the snapshot when dense, pair_keys when sparse");
               EXPECT(ws.lse_bytes >= ws.pair_keys_bytes + (sparse ? int64_t(shape.batch) * 4 : 0),
                      "pair_keys does not fit");
               const int rows = group * seqlen_q;
               EXPECT(ws.rows == rows, "rows %d, want %d", ws.rows, rows);
               EXPECT(ws.lse_bytes % 16 == 0 && ws.out_bytes % 16 == 0, "parts not 16-byte aligned");
-              EXPECT(ws.lse_bytes + ws.lse_index(bounds.num_slots - 1, rows - 1) * 4 + 4 <= ws.out_bytes,
-                     "lse part overlaps out");
-              EXPECT(ws.out_bytes + (ws.out_index(bounds.num_slots - 1, rows - 1) + head_dim) * 4 == ws.total_bytes,
-                     "out part does not end the workspace");
+              EXPECT(bounds.num_slots <= 2 * workers, "%d slots for %d workers", bounds.num_slots, workers);
+              EXPECT(ws.total_bytes - ws.out_bytes == int64_t(bounds.num_slots) * rows * head_dim * 4, "out size");
+              if (bounds.num_slots > 0) {
+                EXPECT(ws.lse_bytes + ws.lse_index(bounds.num_slots - 1, rows - 1) * 4 + 4 <= ws.out_bytes,
+                       "lse part overlaps out");
+                EXPECT(ws.out_bytes + (ws.out_index(bounds.num_slots - 1, rows - 1) + head_dim) * 4 == ws.total_bytes,
+                       "out part does not end the workspace");
+              }
               // Any lengths: the items' slots are inside the bound.
               std::vector<int32_t> lens(shape.batch);
               for (int trial = 0; trial < 3; ++trial) {
@@ -152,10 +162,58 @@ void check_workspace(std::mt19937& rng) {
                 for (auto& n : lens) n = std::uniform_int_distribution<int>(0, most)(rng);
                 const attnkit::LeanPlan plan = attnkit::make_lean_plan(shape, lens.data(), workers);
                 for (const attnkit::LeanItem& item : plan.items)
-                  EXPECT(item.slot >= 0 && item.slot < bounds.num_slots, "slot %d outside [0, %d)", item.slot,
-                         bounds.num_slots);
+                  EXPECT(item.whole() || (item.slot >= 0 && item.slot < bounds.num_slots), "slot %d outside [0, %d)",
+                         item.slot, bounds.num_slots);
               }
             }
+}
+
+// The workspace of the partial results does not grow with the batch once there are more
+// pairs than workers (2 slots per worker at most), and is never larger than the P + W - 1
+// slots of the earlier rule; issue 16's example: batch 256, 8 kv heads, 128 rows, head_dim
+// 128, 264 workers: 526 slots (34.5 MB) instead of 2311 (151 MB).
+void check_workspace_vs_batch() {
+  for (int workers : {1, 2, 7, 264})
+    for (int batch : {1, 3, 40, 256, 5000}) {
+      DecodeParams p{};
+      p.batch = batch;
+      p.heads_kv = 8;
+      p.heads_q = 64;
+      p.seqlen_q = 16;
+      p.head_dim = 128;
+      p.window_left = -1;
+      const attnkit::LeanShape shape = attnkit::decode_lean_shape(p, 64, 1 << 20);
+      const int slots = attnkit::lean_bounds(shape, workers).num_slots;
+      const int pairs = batch * 8;
+      EXPECT(slots <= 2 * workers && slots <= pairs + workers - 1, "batch %d W %d: %d slots", batch, workers, slots);
+      if (pairs >= workers) EXPECT(slots == 2 * workers - 2, "batch %d W %d: %d slots", batch, workers, slots);
+      const auto ws = attnkit::DecodeWorkspace::make(p, shape, slots);
+      EXPECT(ws.total_bytes - ws.lse_bytes == attnkit::DecodeWorkspace::align16(int64_t(slots) * 128 * 4) +
+                                                   int64_t(slots) * 128 * 128 * 4,
+             "batch %d W %d: partial bytes", batch, workers);
+      if (batch == 256 && workers == 264)
+        EXPECT(slots == 526 && ws.total_bytes < 35'000'000, "issue example: %d slots, %lld bytes", slots,
+               (long long)ws.total_bytes);
+    }
+}
+
+// Capacities up to kDecodeMaxKeys (the binding's bound): tile counts and the last tile's
+// keys stay in int32 for every tile size the kernels use.
+void check_capacity_bound() {
+  for (int tile : {1, 32, 64, 256}) {
+    for (int cap : {int(attnkit::kDecodeMaxKeys), int(attnkit::kDecodeMaxKeys) - 1, INT32_MAX}) {
+      const attnkit::LeanShape shape{1, 1, 16, -1, tile, cap};
+      const attnkit::TileRange r = shape.tiles(cap);
+      const int64_t want_end = (int64_t(cap) + tile - 1) / tile;
+      EXPECT(r.end == want_end && r.size() == shape.max_tiles_per_sequence(), "tile %d cap %d: end %d want %lld", tile,
+             cap, r.end, (long long)want_end);
+      if (cap <= attnkit::kDecodeMaxKeys)
+        EXPECT(int64_t(r.end) * tile + tile - 1 <= INT32_MAX, "tile %d cap %d: last key past INT32_MAX", tile, cap);
+    }
+    const attnkit::LeanShape windowed{1, 1, 16, INT32_MAX - 20, tile, int(attnkit::kDecodeMaxKeys)};
+    EXPECT(windowed.max_tiles_per_sequence() == windowed.tiles(int(attnkit::kDecodeMaxKeys)).size(),
+           "tile %d: window near INT32_MAX", tile);
+  }
 }
 
 // Random selections of `unit`-token entries against the brute-force walk of the reference
@@ -206,6 +264,8 @@ int main() {
   check_contiguous_offsets();
   check_rows();
   check_workspace(rng);
+  check_workspace_vs_batch();
+  check_capacity_bound();
   for (int unit : {1, 3, 16}) check_sparse_axis(unit, rng);
   if (failures == 0) std::printf("decode_layout: all checks passed\n");
   return failures == 0 ? 0 : 1;

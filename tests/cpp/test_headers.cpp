@@ -144,6 +144,32 @@ void test_merge() {
   const attnkit::MergeWeights w = attnkit::merge_weights(left.lse(), right.lse());
   EXPECT(std::fabs(w.lse - whole.lse()) < 1e-5, "split lse %g vs %g", w.lse, whole.lse());
   EXPECT(attnkit::RowSoftmax{}.lse() == kNegInf && attnkit::RowSoftmax{}.inv_sum() == 0.f, "empty row");
+  // The base-2 state (the CUDA decode: log2(e) folded into the scale and the softcap, exp2f)
+  // gives the same natural-log lse and the same normalised weights; -inf logits count 0.
+  {
+    const float scale = 0.37f, softcap = 3.f;
+    const float raw[] = {4.f, -6.f, 25.f, kNegInf, 0.f, -40.f, 11.f, 9.5f};
+    attnkit::RowSoftmax e;
+    attnkit::RowSoftmax2 two;
+    float acc_e = 0.f, acc_2 = 0.f;
+    for (int i = 0; i < 8; ++i) {
+      const float v = float(i) - 2.5f;
+      const float se = raw[i] == kNegInf ? kNegInf : attnkit::apply_softcap(raw[i] * scale, softcap);
+      const float s2 = raw[i] == kNegInf ? kNegInf
+                                         : attnkit::apply_softcap(raw[i] * (scale * attnkit::kLog2e),
+                                                                  softcap * attnkit::kLog2e);
+      acc_e *= e.rescale_to(std::max(e.max, se));
+      acc_2 *= two.rescale_to(std::max(two.max, s2));
+      const float pe = attnkit::exp_diff(se, e.max), p2 = attnkit::exp2_diff(s2, two.max);
+      e.sum += pe, two.sum += p2;
+      acc_e += pe * v, acc_2 += p2 * v;
+    }
+    EXPECT(std::fabs(two.lse() - e.lse()) <= 1e-5f * std::max(1.f, std::fabs(e.lse())), "base-2 lse %g vs %g",
+           two.lse(), e.lse());
+    EXPECT(std::fabs(acc_2 * two.inv_sum() - acc_e * e.inv_sum()) < 1e-5f, "base-2 output %g vs %g",
+           acc_2 * two.inv_sum(), acc_e * e.inv_sum());
+    EXPECT(attnkit::RowSoftmax2{}.lse() == kNegInf && attnkit::exp2_diff(kNegInf, kNegInf) == 0.f, "base-2 empty");
+  }
   EXPECT(std::fabs(attnkit::apply_softcap(100.f, 30.f) - 30.f * std::tanh(100.f / 30.f)) < 1e-5, "softcap");
   EXPECT(attnkit::apply_softcap(7.f, 0.f) == 7.f, "softcap off");
   std::printf("merge: ok\n");

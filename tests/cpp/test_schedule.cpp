@@ -4,8 +4,10 @@
 //  - give every worker floor(total / W) or ceil(total / W) tiles, as one contiguous share;
 //  - cover every tile holding a visible key of every (sequence, head group) exactly once,
 //    and no other tile (checked against the mask rule written out key by key);
-//  - give every item its own slot below the length-independent bound, and list each pair's
-//    slots as a consecutive range in key order (what the merge step reads);
+//  - give every partial item (one that is not its pair's whole) its own slot below the
+//    length-independent bound min(P + W - 1, 2W - 2), only a worker's first and last items
+//    being partial, and list each pair's slots in key order (PairPartials::slot(), what the
+//    merge step reads);
 //  - stay within lean_bounds() and merge to the unsplit softmax with softmax.h.
 // Run by ctest; exits non-zero on failure.
 #include <algorithm>
@@ -82,7 +84,8 @@ void check_plan(const attnkit::LeanShape& shape, const std::vector<int32_t>& len
       EXPECT(split.worker_of(t) == w, "%s: worker_of(%lld) = %d, want %d", tag, (long long)t, split.worker_of(t), w);
   }
 
-  // Coverage: every wanted tile of every pair once, nothing else; slots distinct and bounded.
+  // Coverage: every wanted tile of every pair once, nothing else; slots of partial items
+  // distinct and bounded, and by the rule of LeanSlots.
   std::vector<std::vector<int>> covered(P);
   std::vector<std::vector<const attnkit::LeanItem*>> by_pair(P);
   std::vector<int> slot_used(plan.num_slots, 0);
@@ -92,8 +95,12 @@ void check_plan(const attnkit::LeanShape& shape, const std::vector<int32_t>& len
     EXPECT(it.b >= 0 && it.b < shape.batch && it.group >= 0 && it.group < shape.head_groups, "%s: item pair", tag);
     const int p = it.pair(shape.head_groups);
     by_pair[p].push_back(&it);
-    EXPECT(it.slot == p + it.worker && it.slot >= 0 && it.slot < plan.num_slots, "%s: slot %d", tag, it.slot);
-    if (it.slot >= 0 && it.slot < plan.num_slots) ++slot_used[it.slot];
+    if (!it.whole()) {
+      const int want_slot = P >= workers ? 2 * it.worker - 1 + (it.first ? 1 : 0) : p + it.worker;
+      EXPECT(it.slot == want_slot && it.slot >= 0 && it.slot < plan.num_slots, "%s: slot %d (want %d, %d slots)", tag,
+             it.slot, want_slot, plan.num_slots);
+      if (it.slot >= 0 && it.slot < plan.num_slots) ++slot_used[it.slot];
+    }
     for (int t = it.tile_begin; t < it.tile_end; ++t) {
       const bool in = t >= 0 && t < int(want[it.b].size());
       EXPECT(in && want[it.b][t], "%s: b=%d g=%d tile %d holds no visible key", tag, it.b, it.group, t);
@@ -101,6 +108,10 @@ void check_plan(const attnkit::LeanShape& shape, const std::vector<int32_t>& len
     }
   }
   for (int s = 0; s < plan.num_slots; ++s) EXPECT(slot_used[s] <= 1, "%s: slot %d used %d times", tag, s, slot_used[s]);
+  // Only a worker's first and last items are partial; the ones between hold whole pairs.
+  for (int w = 0; w < workers; ++w)
+    for (int i = plan.worker_items[w] + 1; i + 1 < plan.worker_items[w + 1]; ++i)
+      EXPECT(plan.items[i].whole(), "%s: worker %d: middle item %d is partial", tag, w, i);
   for (int p = 0; p < P; ++p)
     for (size_t t = 0; t < covered[p].size(); ++t)
       EXPECT(covered[p][t] == (want[p / shape.head_groups][t] ? 1 : 0), "%s: pair %d tile %zu covered %d times", tag,
@@ -113,15 +124,20 @@ void check_plan(const attnkit::LeanShape& shape, const std::vector<int32_t>& len
   EXPECT(total <= bounds.max_total_tiles, "%s: total %lld > bound %lld", tag, (long long)total,
          (long long)bounds.max_total_tiles);
   EXPECT(hi <= bounds.max_worker_tiles, "%s: worker tiles bound", tag);
-  EXPECT(plan.num_slots == bounds.num_slots && bounds.num_slots == P + workers - 1, "%s: slots", tag);
+  const int want_slots = workers <= 1 || P == 0 ? 0 : std::min(P + workers - 1, 2 * workers - 2);
+  EXPECT(plan.num_slots == bounds.num_slots && bounds.num_slots == want_slots, "%s: %d slots, want %d", tag,
+         bounds.num_slots, want_slots);
   for (int p = 0; p < P; ++p) {
     std::vector<const attnkit::LeanItem*>& items = by_pair[p];
     std::sort(items.begin(), items.end(), [](auto a, auto b) { return a->tile_begin < b->tile_begin; });
     const attnkit::PairPartials pp = plan.pairs[p];
     EXPECT(pp.count == int(items.size()), "%s: pair %d count %d, items %zu", tag, p, pp.count, items.size());
     for (size_t i = 0; i < items.size(); ++i) {
-      EXPECT(items[i]->slot == pp.first_slot + int(i), "%s: pair %d item %zu slot %d, want %d", tag, p, i,
-             items[i]->slot, pp.first_slot + int(i));
+      EXPECT(items[i]->worker == pp.first_worker + int(i), "%s: pair %d item %zu worker %d, want %d", tag, p, i,
+             items[i]->worker, pp.first_worker + int(i));
+      if (items.size() > 1)
+        EXPECT(items[i]->slot == pp.slot(int(i)), "%s: pair %d item %zu slot %d, want %d", tag, p, i, items[i]->slot,
+               pp.slot(int(i)));
       EXPECT(items[i]->first == (i == 0) && items[i]->last == (i + 1 == items.size()), "%s: pair %d flags", tag, p);
       if (i > 0) EXPECT(items[i]->tile_begin == items[i - 1]->tile_end, "%s: pair %d gap", tag, p);
     }

@@ -2,17 +2,24 @@
 // ("CUDA") explains the design. Dense and sparse decode (selected pages or tokens, see
 // decode_layout.h) share every kernel. Three or four launches, none of whose sizes depends
 // on the values of cache_seqlens or the selection, so a decode step can be captured in a
-// CUDA graph:
-//  0. pair_keys_kernel (sparse only): the length of each pair's work axis, one warp per pair.
-//  1. offsets_kernel: lean_seq_offsets() of the schedule's lengths (cache_seqlens, or the
-//     pair lengths) into the workspace (one block, a prefix sum of the tile counts).
-//  2. lean_kernel: W CTAs; CTA w walks its share of KV tiles with for_each_lean_item().
+// CUDA graph. cache_seqlens is read by the first launch only, which writes its clamped
+// values into the workspace (the snapshot); the later launches read the snapshot, so a
+// length rewritten meanwhile (another stream) cannot make them disagree.
+//  0. pair_keys_kernel (sparse only), a block per sequence: the snapshot seq_len[b] and the
+//     length of each pair's work axis (pair_keys), a warp per pair.
+//  1. offsets_kernel: dense: the snapshot seq_len from cache_seqlens; then
+//     lean_seq_offsets() of the schedule's lengths (seq_len, or pair_keys) into the
+//     workspace (one block, a prefix sum of the tile counts).
+//  2. lean_kernel: W CTAs (W = SMs x resident CTAs per SM, from the occupancy API);
+//     CTA w walks its share of KV tiles with for_each_lean_item().
 //     An item (sequence b, kv head h, tiles [t0, t1)) runs all rows of the pair (the q
 //     heads of h times the seqlen_q queries, kRows per pass) over its tiles with online
 //     softmax: K/V tiles stream through shared memory with cp.async double buffering
 //     (16-byte copies, rows found per key: selection, then block_table), scores
-//     and P @ V on CUDA cores in fp32. It writes the final output when it holds the whole
-//     pair, else an fp32 partial (out, lse) to its slot in the workspace.
+//     and P @ V on CUDA cores in fp32; the softmax runs in base 2 (log2(e) folded into the q
+//     scale, exp2f), its lse is returned in natural log. It writes the final output when it
+//     holds the whole pair, else an fp32 partial (out, lse) to its slot in the workspace
+//     (only a worker's first and last items can be partial: 2 slots per worker at most).
 //     A quantized cache (docs/quantization.md) streams its code bytes instead, 16 bytes
 //     (16 int8 / fp8 or 32 int4 channels) per cp.async as for a plain cache, and each key's
 //     scales (and zeros), and is dequantized in registers where the plain kernel converts to
@@ -24,8 +31,10 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
+#include <stdexcept>
 
 #include "attnkit/decode_layout.h"
 #include "attnkit/mask.h"
@@ -43,7 +52,12 @@ namespace {
 constexpr int kThreads = 128;     // 4 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 16;         // rows (q head x query) of a pair per pass over its tiles
-constexpr int kCtasPerSm = 2;     // workers = SMs x this
+// __launch_bounds__ minimum of resident CTAs per SM: a register budget, not the grid (the
+// grid is SMs x what the occupancy API reports, prepare_lean_kernel()). 2: up to 255
+// registers per thread; 3 for plain head_dim 64 (41 KB of shared memory), which fits in 168
+// registers without spilling (ptxas -v), so three CTAs can share an SM there.
+template <int kHeadDim, typename Kv>
+constexpr int min_ctas_per_sm() { return kHeadDim == 64 && !Kv::kQuantized ? 3 : 2; }
 constexpr int kOffsetThreads = 256;
 
 // Kernels exist for head_dim 64, 128 and 256; a smaller multiple of 8 runs on the next one
@@ -173,54 +187,71 @@ __device__ __forceinline__ void chunk_to_float(const uint32_t* w, float scale, f
   }
 }
 
-// The lengths the schedule splits: cache_seqlens (dense), or pair_keys in the workspace.
-__host__ __device__ inline const int32_t* schedule_lengths(const DecodeParams& p, const DecodeWorkspace& ws,
-                                                           const char* workspace) {
-  return p.is_sparse() ? reinterpret_cast<const int32_t*>(workspace + ws.pair_keys_bytes) : p.cache_seqlens;
-}
-
-// 0. pair_keys[pair] = decode_pair_keys() of every (sequence, kv head) pair: one warp per
-//    pair finds its last valid selection entry.
+// 0. Sparse: a block per sequence b. Thread 0 reads cache_seqlens[b] (the only read of it)
+//    into the snapshot seq_len[b], clamped to [0, capacity]; warp w then finds
+//    pair_keys[b * heads_kv + h] = decode_pair_keys() for h = w, w + 8, ...: its lanes test
+//    32 selection entries at a time from the end, and the first chunk holding a valid entry
+//    ends the search (every lane runs the same iterations, so the ballot sees the full warp).
 constexpr int kPairKeysThreads = 256;
 __global__ void __launch_bounds__(kPairKeysThreads) pair_keys_kernel(const __grid_constant__ DecodeParams p,
-                                                                      const int capacity, int32_t* pair_keys) {
-  const int pair = int(blockIdx.x) * (kPairKeysThreads / 32) + int(threadIdx.x) / 32, lane = threadIdx.x % 32;
-  if (pair >= p.batch * p.heads_kv) return;
-  const int b = pair / p.heads_kv, h = pair % p.heads_kv;
-  const int len = max(0, min(p.cache_seqlens[b], capacity));
-  int last = -1;
-  for (int e = lane; e < p.selection_len; e += 32)
-    if (decode_entry_valid(p, b, h, e, len)) last = e;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
-  if (lane == 0) pair_keys[pair] = (last + 1) * p.selection_unit;
+                                                                      const int capacity, int32_t* seq_len,
+                                                                      int32_t* pair_keys) {
+  __shared__ int len_s;
+  const int b = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    len_s = max(0, min(p.cache_seqlens[b], capacity));
+    seq_len[b] = len_s;
+  }
+  __syncthreads();
+  const int len = len_s;
+  for (int h = warp; h < p.heads_kv; h += kPairKeysThreads / 32) {
+    int last = -1;
+    for (int base = (p.selection_len - 1) / 32 * 32; base >= 0 && last < 0; base -= 32) {
+      const int e = base + lane;
+      const unsigned valid = __ballot_sync(0xffffffffu, e < p.selection_len && decode_entry_valid(p, b, h, e, len));
+      if (valid != 0u) last = base + 31 - __clz(valid);
+    }
+    if (lane == 0) pair_keys[int64_t(b) * p.heads_kv + h] = (last + 1) * p.selection_unit;
+  }
 }
 
-// 1. seq_offset[0..shape.batch] = lean_seq_offsets(shape, lens), block-parallel.
-__global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape shape, const int32_t* lens,
-                                                                  int64_t* seq_offset) {
+// 1. One block: lens[b] = source[b] clamped to [0, shape.max_seqlen_k], each read once by
+//    one thread (dense: source = cache_seqlens and lens = the snapshot seq_len; sparse:
+//    both pair_keys, already in range), then seq_offset[0..shape.batch] =
+//    lean_seq_offsets(shape, lens) by a block-wide prefix sum.
+__global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const LeanShape shape, const int32_t* source,
+                                                                  int32_t* lens, int64_t* seq_offset) {
   using Scan = cub::BlockScan<int64_t, kOffsetThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
-  const int per = (shape.batch + kOffsetThreads - 1) / kOffsetThreads;
-  const int b0 = min(shape.batch, int(threadIdx.x) * per), b1 = min(shape.batch, b0 + per);
+  const int per = ceil_div_nonneg(shape.batch, kOffsetThreads);
+  const int b0 = int(min(int64_t(shape.batch), int64_t(threadIdx.x) * per));
+  const int b1 = int(min(int64_t(shape.batch), int64_t(b0) + per));
   int64_t local = 0;
-  for (int b = b0; b < b1; ++b) local += int64_t(shape.head_groups) * shape.tiles(lens[b]).size();
+  for (int b = b0; b < b1; ++b) {
+    const int len = max(0, min(source[b], shape.max_seqlen_k));
+    lens[b] = len;  // sparse: source == lens, the same thread's element
+    local += int64_t(shape.head_groups) * shape.tiles(len).size();
+  }
   int64_t run;
   Scan(scan_storage).ExclusiveSum(local, run);
   if (threadIdx.x == 0) seq_offset[0] = 0;
   for (int b = b0; b < b1; ++b) {
-    run += int64_t(shape.head_groups) * shape.tiles(lens[b]).size();
+    run += int64_t(shape.head_groups) * shape.tiles(lens[b]).size();  // this thread's own writes
     seq_offset[b + 1] = run;
   }
 }
 
-// 2. The lean pass: CTA w = worker w.
-// Two CTAs per SM (the grid, decode_workers()) let ptxas use up to 255 registers: with
+// 2. The lean pass: CTA w = worker w. It reads the lengths from the snapshot only. Logits are
+// base 2 (RowSoftmax2 of softmax.h, exp2f instead of expf; its lse() is natural-log):
+// q_scale = scale * log2(e) (one rounding) and softcap = p.softcap * log2(e), as
+// log2(e) c tanh(s / c) = c' tanh(s' / c') with s' = log2(e) s, c' = log2(e) c. (Kernel
+// arguments, like p, live in the constant bank: no registers.)
+// A minimum of two CTAs per SM lets ptxas use up to 255 registers: with
 // __launch_bounds__(kThreads) alone it capped the kernel at 128 and spilled (docs/decode.md).
 template <typename T, int kHeadDim, typename Kv>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm)
-    lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape, const int capacity, const int workers,
-                char* workspace) {
+__global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<kHeadDim, Kv>()))
+    lean_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape, const int workers, char* workspace,
+                const float q_scale, const float softcap) {
   using C = Config<T, kHeadDim, Kv>;
   constexpr int kD = C::kD, kTK = C::kTileKeys, kChunks = C::kChunks, kUnits = C::kUnits;
   extern __shared__ __align__(16) char smem[];
@@ -237,7 +268,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 
   const DecodeWorkspace ws = DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots);
   const int64_t* seq_offset = reinterpret_cast<const int64_t*>(workspace + ws.seq_offset_bytes);
-  const int32_t* lens = schedule_lengths(p, ws, workspace);
+  const int32_t* seq_len = reinterpret_cast<const int32_t*>(workspace + ws.seq_len_bytes);
+  const int32_t* lens = reinterpret_cast<const int32_t*>(workspace + ws.lean_lengths_bytes());
   float* part_lse = reinterpret_cast<float*>(workspace + ws.lse_bytes);
   float* part_out = reinterpret_cast<float*>(workspace + ws.out_bytes);
 
@@ -251,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 
   for_each_lean_item(shape, lens, seq_offset, workers, int(blockIdx.x), [&](const LeanItem& item) {
     const int pair = item.pair(shape.head_groups), b = pair / p.heads_kv, h = pair % p.heads_kv;
-    const int len = max(0, min(p.cache_seqlens[b], capacity));
+    const int len = seq_len[b];  // the snapshot, clamped
     const AttentionMask mask(p.seqlen_q, len, /*causal=*/true, p.window_left, -1);
 
     // K and V of work keys [tile * kTK, +kTK) into buffer `buf`, 16 bytes per cp.async, and
@@ -307,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
         if (r < pass_rows && d < p.head_dim) {
           const DecodeRow row = decode_row(row0 + r, group, h);
           x = to_float(static_cast<const T*>(p.q)[b * p.q_strides.batch + row.query * p.q_strides.row +
-                                                 row.head_q * p.q_strides.head + d]) * p.scale;
+                                                 row.head_q * p.q_strides.head + d]) * q_scale;
         }
         q_s[idx] = x;
       }
@@ -317,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
       }
       // Softmax state of the rows this warp owns (rows warp, warp + kWarps, ...), in
       // every lane; the visible keys of those rows.
-      RowSoftmax state[kRows / kWarps];
+      RowSoftmax2 state[kRows / kWarps];
       KeyRange visible[kRows / kWarps];
 #pragma unroll
       for (int i = 0; i < kRows / kWarps; ++i) {
@@ -378,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 #pragma unroll
           for (int x = 0; x < kTK / 32; ++x) {
             const int j = lane + 32 * x;
-            s[x] = visible[i].contains(pos_s[buf * kTK + j]) ? apply_softcap(s_s[r * kTK + j], p.softcap) : kNegInf;
+            s[x] = visible[i].contains(pos_s[buf * kTK + j]) ? apply_softcap(s_s[r * kTK + j], softcap) : kNegInf;
             tile_max = fmaxf(tile_max, s[x]);
           }
           tile_max = warp_max(tile_max);
@@ -386,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
           float sum = 0.f;
 #pragma unroll
           for (int x = 0; x < kTK / 32; ++x) {
-            const float prob = exp_diff(s[x], state[i].max);
+            const float prob = exp2_diff(s[x], state[i].max);
             s_s[r * kTK + lane + 32 * x] = prob;
             sum += prob;
           }
@@ -458,12 +490,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 }
 
 // 3. One thread per (pair, row, 4 columns): merge the pair's partial slots in key order.
+//    Reads the schedule's lengths from the snapshot only.
 template <typename T>
 __global__ void merge_kernel(const __grid_constant__ DecodeParams p, const LeanShape shape, const int workers,
                              const char* workspace) {
   const DecodeWorkspace ws = DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots);
   const int64_t* seq_offset = reinterpret_cast<const int64_t*>(workspace + ws.seq_offset_bytes);
-  const int32_t* lens = schedule_lengths(p, ws, workspace);
+  const int32_t* lens = reinterpret_cast<const int32_t*>(workspace + ws.lean_lengths_bytes());
   const float* part_lse = reinterpret_cast<const float*>(workspace + ws.lse_bytes);
   const float* part_out = reinterpret_cast<const float*>(workspace + ws.out_bytes);
   const int group = p.heads_q / p.heads_kv, vecs = p.head_dim / 4;
@@ -478,7 +511,7 @@ __global__ void merge_kernel(const __grid_constant__ DecodeParams p, const LeanS
     if (pp.count == 1) continue;  // the item that held the whole pair wrote the output
     float lse = kNegInf, o[4] = {0.f, 0.f, 0.f, 0.f};
     for (int k = 0; k < pp.count; ++k) {
-      const int slot = pp.first_slot + k;
+      const int slot = pp.slot(k);
       const MergeWeights w = merge_weights(lse, part_lse[ws.lse_index(slot, r)]);
       const float4 x = *reinterpret_cast<const float4*>(part_out + ws.out_index(slot, r) + vec * 4);
       o[0] = w.w_a * o[0] + w.w_b * x.x;
@@ -495,56 +528,105 @@ __global__ void merge_kernel(const __grid_constant__ DecodeParams p, const LeanS
   }
 }
 
+// Once per device and instantiation (cached): the shared-memory check, the opt-in to the
+// kernel's dynamic shared memory (cudaFuncSetAttribute; the occupancy query needs it too),
+// and the workers W = SMs x resident CTAs per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor
+// of this instantiation: registers and shared memory decide, e.g. one CTA per SM at head_dim
+// 256 on sm_80 or at head_dim 128 on sm_86 / sm_89). A shape-only value: later calls cost a
+// cudaGetDevice and an atomic load, and call nothing that depends on cache_seqlens.
+constexpr int kMaxCachedDevices = 64;
+template <typename T, int kHeadDim, typename Kv>
+int prepare_lean_kernel() {
+  using C = Config<T, kHeadDim, Kv>;
+  static std::atomic<int> workers_of_device[kMaxCachedDevices];  // 0: not prepared yet
+  int device = 0;
+  check(cudaGetDevice(&device), "decode: cudaGetDevice");
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable) {
+    const int workers = workers_of_device[device].load(std::memory_order_acquire);
+    if (workers > 0) return workers;
+  }
+  require_shared_memory(C::kSmemBytes, "decode", kHeadDim);
+  const auto kernel = lean_kernel<T, kHeadDim, Kv>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes),
+        "decode: cudaFuncSetAttribute");
+  int sms = 0, per_sm = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "decode: SM count");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, C::kSmemBytes),
+        "decode: cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  const int workers = std::max(1, sms) * std::max(1, per_sm);
+  if (cacheable) workers_of_device[device].store(workers, std::memory_order_release);
+  return workers;
+}
+
 template <typename T, int kHeadDim, typename Kv>
 void launch(const DecodeParams& p, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream) {
   using C = Config<T, kHeadDim, Kv>;
+  prepare_lean_kernel<T, kHeadDim, Kv>();  // the shared-memory opt-in on this device (cached)
   const LeanShape shape = decode_lean_shape(p, C::kTileKeys, max_seqlen_k);
   char* ws = static_cast<char*>(workspace);
   const DecodeWorkspace layout = DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots);
+  int32_t* lens = reinterpret_cast<int32_t*>(ws + layout.lean_lengths_bytes());
+  const int32_t* source = p.cache_seqlens;  // read by the first launch only
   if (p.is_sparse()) {
-    const int pairs_per_block = kPairKeysThreads / 32;
-    pair_keys_kernel<<<(shape.batch + pairs_per_block - 1) / pairs_per_block, kPairKeysThreads, 0, stream>>>(
-        p, max_seqlen_k, reinterpret_cast<int32_t*>(ws + layout.pair_keys_bytes));
+    pair_keys_kernel<<<p.batch, kPairKeysThreads, 0, stream>>>(
+        p, max_seqlen_k, reinterpret_cast<int32_t*>(ws + layout.seq_len_bytes), lens);
     check(cudaGetLastError(), "decode: pair_keys launch");
+    source = lens;  // pair_keys
   }
-  offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(shape, schedule_lengths(p, layout, ws),
-                                                   reinterpret_cast<int64_t*>(ws));
+  offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(shape, source, lens,
+                                                   reinterpret_cast<int64_t*>(ws + layout.seq_offset_bytes));
   check(cudaGetLastError(), "decode: offsets launch");
-  auto kernel = lean_kernel<T, kHeadDim, Kv>;
-  require_shared_memory(C::kSmemBytes, "decode", kHeadDim);
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes),
-        "decode: cudaFuncSetAttribute");
-  kernel<<<workers, kThreads, C::kSmemBytes, stream>>>(p, shape, max_seqlen_k, workers, ws);
+  lean_kernel<T, kHeadDim, Kv><<<workers, kThreads, C::kSmemBytes, stream>>>(p, shape, workers, ws, p.scale * kLog2e,
+                                                                            p.softcap * kLog2e);
   check(cudaGetLastError(), "decode: lean launch");
-  const int64_t threads = int64_t(shape.num_pairs()) * (p.heads_q / p.heads_kv * p.seqlen_q) * (kHeadDim / 4);
+  const int64_t threads = int64_t(shape.num_pairs()) * layout.rows * (p.head_dim / 4);
   const int blocks = int(std::min<int64_t>((threads + 255) / 256, int64_t(workers) * 8));
+  if (blocks == 0) return;
   merge_kernel<T><<<blocks, 256, 0, stream>>>(p, shape, workers, ws);
   check(cudaGetLastError(), "decode: merge launch");
 }
 
-template <typename T, typename Kv>
-void dispatch_head_dim(const DecodeParams& p, int max_seqlen_k, int workers, void* ws, cudaStream_t stream) {
-  if (!decode_supports(p.dtype, p.head_dim))
-    throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
-  switch (padded_head_dim(p.head_dim)) {  // kernels for 64, 128, 256; others pad columns
-    case 64: launch<T, 64, Kv>(p, max_seqlen_k, workers, ws, stream); break;
-    case 128: launch<T, 128, Kv>(p, max_seqlen_k, workers, ws, stream); break;
-    case 256: launch<T, 256, Kv>(p, max_seqlen_k, workers, ws, stream); break;
-    default: throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
+// One kernel instantiation: q / out dtype T, padded head_dim, K/V storage Kv.
+template <typename T_, int kHeadDim_, typename Kv_>
+struct Instance {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  using Kv = Kv_;
+};
+
+template <typename T, typename Kv, typename Fn>
+void dispatch_head_dim(int head_dim, Fn&& fn) {
+  switch (padded_head_dim(head_dim)) {  // kernels for 64, 128, 256; others pad columns
+    case 64: return fn(Instance<T, 64, Kv>{});
+    case 128: return fn(Instance<T, 128, Kv>{});
+    case 256: return fn(Instance<T, 256, Kv>{});
   }
+  throw std::invalid_argument("attnkit decode (CUDA): head_dim must be a multiple of 8 up to 256");
 }
 
 // The K/V storage: plain T, or a quantized format.
-template <typename T>
-void dispatch_kv(const DecodeParams& p, int max_seqlen_k, int workers, void* ws, cudaStream_t stream) {
-  if (!p.is_quantized()) return dispatch_head_dim<T, PlainKV<T>>(p, max_seqlen_k, workers, ws, stream);
+template <typename T, typename Fn>
+void dispatch_kv(const DecodeParams& p, Fn&& fn) {
+  if (!p.is_quantized()) return dispatch_head_dim<T, PlainKV<T>>(p.head_dim, fn);
   switch (p.k_quant.format) {
-    case KVFormat::kInt8: return dispatch_head_dim<T, QuantKV<KVFormat::kInt8>>(p, max_seqlen_k, workers, ws, stream);
-    case KVFormat::kInt4: return dispatch_head_dim<T, QuantKV<KVFormat::kInt4>>(p, max_seqlen_k, workers, ws, stream);
-    case KVFormat::kFp8E4M3:
-      return dispatch_head_dim<T, QuantKV<KVFormat::kFp8E4M3>>(p, max_seqlen_k, workers, ws, stream);
+    case KVFormat::kInt8: return dispatch_head_dim<T, QuantKV<KVFormat::kInt8>>(p.head_dim, fn);
+    case KVFormat::kInt4: return dispatch_head_dim<T, QuantKV<KVFormat::kInt4>>(p.head_dim, fn);
+    case KVFormat::kFp8E4M3: return dispatch_head_dim<T, QuantKV<KVFormat::kFp8E4M3>>(p.head_dim, fn);
   }
   throw std::invalid_argument("attnkit decode (CUDA): unsupported kv format");
+}
+
+// fn(Instance<...>{}) for the instantiation that runs p.
+template <typename Fn>
+void dispatch_instance(const DecodeParams& p, Fn&& fn) {
+  if (!decode_supports(p.dtype, p.head_dim))
+    throw std::invalid_argument("attnkit decode (CUDA): dtype must be float16 or bfloat16 and head_dim a multiple "
+                                "of 8 up to 256");
+  if (p.dtype == DType::kFloat16)
+    dispatch_kv<__half>(p, fn);
+  else
+    dispatch_kv<__nv_bfloat16>(p, fn);
 }
 
 }  // namespace
@@ -554,25 +636,28 @@ bool decode_supports(DType dtype, int head_dim) {
          head_dim % 8 == 0;
 }
 
-int decode_workers(int device) {
-  int sms = 0;
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "decode: SM count");
-  return std::max(1, sms) * kCtasPerSm;
+int decode_workers(const DecodeParams& p) {
+  int workers = 1;
+  dispatch_instance(p, [&](auto instance) {
+    using I = decltype(instance);
+    workers = prepare_lean_kernel<typename I::T, I::kHeadDim, typename I::Kv>();
+  });
+  return workers;
 }
 
 int64_t decode_workspace_bytes(const DecodeParams& p, int max_seqlen_k, int workers) {
+  if (p.batch == 0 || p.heads_kv == 0 || p.heads_q == 0) return 0;  // decode() launches nothing
   const LeanShape shape = decode_lean_shape(p, tile_keys_for(p.head_dim), max_seqlen_k);
   return DecodeWorkspace::make(p, shape, lean_bounds(shape, workers).num_slots).total_bytes;
 }
 
 void decode(const DecodeParams& p, int max_seqlen_k, int workers, void* workspace, cudaStream_t stream) {
-  if (p.batch == 0 || p.heads_kv == 0) return;
-  if (p.dtype == DType::kFloat16)
-    dispatch_kv<__half>(p, max_seqlen_k, workers, workspace, stream);
-  else if (p.dtype == DType::kBFloat16)
-    dispatch_kv<__nv_bfloat16>(p, max_seqlen_k, workers, workspace, stream);
-  else
-    throw std::invalid_argument("attnkit decode (CUDA): dtype must be float16 or bfloat16");
+  if (p.batch == 0 || p.heads_kv == 0 || p.heads_q == 0) return;  // nothing to compute (no launch of 0 blocks)
+  if (workers < 1) throw std::invalid_argument("attnkit decode (CUDA): workers must be >= 1");
+  dispatch_instance(p, [&](auto instance) {
+    using I = decltype(instance);
+    launch<typename I::T, I::kHeadDim, typename I::Kv>(p, max_seqlen_k, workers, workspace, stream);
+  });
 }
 
 }  // namespace attnkit::cuda

@@ -131,11 +131,17 @@ __device__ Threshold top_threshold(const float* scores, const PageSelection& sel
   for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
     for (int i = threadIdx.x; i < kBins; i += kSelectThreads) hist[i] = 0;
     __syncthreads();
-    for (int j = sel.sink_end + threadIdx.x; j < sel.recent_begin; j += kSelectThreads) {
-      const uint32_t key = page_score_key(scores[j]);
-      const uint32_t bin = (key & mask) == prefix ? (key >> shift) & (kBins - 1) : kBins;  // kBins: none
+    // Every thread runs the same number of iterations (the bounds are block-uniform), so the
+    // full warp reaches each __match_any_sync; lanes past the end carry bin kBins (none).
+    for (int base = sel.sink_end; base < sel.recent_begin; base += kSelectThreads) {
+      const int j = base + int(threadIdx.x);
+      uint32_t bin = kBins;
+      if (j < sel.recent_begin) {
+        const uint32_t key = page_score_key(scores[j]);
+        if ((key & mask) == prefix) bin = (key >> shift) & (kBins - 1);
+      }
       // Scores often share their top bits: one atomic per distinct bin of a warp, not per lane.
-      const uint32_t peers = __match_any_sync(__activemask(), bin);
+      const uint32_t peers = __match_any_sync(0xffffffffu, bin);
       if (bin < kBins && int(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
     }
     __syncthreads();

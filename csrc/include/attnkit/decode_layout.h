@@ -5,8 +5,9 @@
 //    or tokens), also used by the CPU decode,
 //  - the packing of (query, q head) into the rows of one (sequence, kv head) pair,
 //  - the lean schedule's shape for one decode call (one kv head per group),
-//  - the layout of the workspace: lean seq offsets, then the fp32 partial (lse, out) slots,
-//    sized by lean_bounds() only, so the same buffer serves every cache_seqlens (CUDA graphs).
+//  - the layout of the workspace: lean seq offsets, the snapshot of the clamped lengths,
+//    then the fp32 partial (lse, out) slots, sized by lean_bounds() only, so the same
+//    buffer serves every cache_seqlens (CUDA graphs).
 #pragma once
 
 #include <cstdint>
@@ -16,6 +17,11 @@
 #include "attnkit/schedule.h"
 
 namespace attnkit {
+
+// Most keys a decode addresses per sequence: the cache capacity handed to the kernels is
+// min(capacity, kDecodeMaxKeys). Lengths are int32 anyway, and with this bound the tile
+// arithmetic (tile * tile_keys + key, tile_keys <= 256) never passes INT32_MAX.
+constexpr int64_t kDecodeMaxKeys = (int64_t(1) << 31) - 256;
 
 // Element offset of the row of key `key` of kv head `head` of sequence b in a cache with
 // strides s (k_strides or v_strides of DecodeParams). Paged: logical page key / page_size
@@ -103,20 +109,26 @@ ATTNKIT_HD LeanShape decode_lean_shape(const DecodeParams& p, int tile_keys, int
 
 // Workspace of one decode call, in bytes from its start (every part 16-byte aligned):
 //   seq_offset  int64 [shape.batch + 1]           lean_seq_offsets() of this call
+//   seq_len     int32 [p.batch]                   the snapshot of cache_seqlens, clamped to
+//                                                 [0, capacity]: written by the first kernel,
+//                                                 the only thing later kernels read of it
 //   pair_keys   int32 [shape.batch]               sparse only: decode_pair_keys() per pair,
 //                                                 the schedule's lengths
 //   lse         float [num_slots][rows]           partial log-sum-exp per slot and row
 //   out         float [num_slots][rows][head_dim] partial output, normalised
-// shape = decode_lean_shape(), num_slots = lean_bounds().num_slots, rows = heads_q /
-// heads_kv * seqlen_q. None of it depends on the values of cache_seqlens or the selection.
+// shape = decode_lean_shape(), num_slots = lean_bounds().num_slots (<= 2 per worker),
+// rows = heads_q / heads_kv * seqlen_q. None of it depends on the values of cache_seqlens
+// or the selection. The schedule's lengths (lean_lengths_bytes()) are seq_len when dense.
 struct DecodeWorkspace {
   int64_t seq_offset_bytes;  // offset of seq_offset (0)
+  int64_t seq_len_bytes;     // offset of seq_len
   int64_t pair_keys_bytes;   // offset of pair_keys (sparse)
   int64_t lse_bytes;         // offset of lse
   int64_t out_bytes;         // offset of out
   int64_t total_bytes;
   int rows;
   int head_dim;
+  bool sparse;
 
   ATTNKIT_HD static int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -124,14 +136,19 @@ struct DecodeWorkspace {
     DecodeWorkspace w;
     w.rows = p.heads_q / p.heads_kv * p.seqlen_q;
     w.head_dim = p.head_dim;
+    w.sparse = p.is_sparse();
     w.seq_offset_bytes = 0;
-    w.pair_keys_bytes = align16(int64_t(shape.batch + 1) * int64_t(sizeof(int64_t)));
-    const int64_t pair_keys = p.is_sparse() ? int64_t(shape.batch) * int64_t(sizeof(int32_t)) : 0;
+    w.seq_len_bytes = align16(int64_t(shape.batch + 1) * int64_t(sizeof(int64_t)));
+    w.pair_keys_bytes = w.seq_len_bytes + align16(int64_t(p.batch) * int64_t(sizeof(int32_t)));
+    const int64_t pair_keys = w.sparse ? int64_t(shape.batch) * int64_t(sizeof(int32_t)) : 0;
     w.lse_bytes = w.pair_keys_bytes + align16(pair_keys);
     w.out_bytes = w.lse_bytes + align16(int64_t(num_slots) * w.rows * int64_t(sizeof(float)));
     w.total_bytes = w.out_bytes + int64_t(num_slots) * w.rows * p.head_dim * int64_t(sizeof(float));
     return w;
   }
+
+  // Byte offset of the schedule's lengths: pair_keys (sparse) or seq_len (dense).
+  ATTNKIT_HD int64_t lean_lengths_bytes() const { return sparse ? pair_keys_bytes : seq_len_bytes; }
 
   // Indices (in floats) of row r of slot `slot` in the lse and out parts.
   ATTNKIT_HD int64_t lse_index(int slot, int r) const { return int64_t(slot) * rows + r; }

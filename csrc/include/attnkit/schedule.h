@@ -23,19 +23,29 @@
 // With fewer tiles than workers, W = total (one tile each, the other workers idle), so no
 // worker with an empty share sits between two workers of one pair.
 //
-// Partial slots. Item (worker w, pair p) writes its partial (out, lse) to slot p + w. The
-// slots are distinct: the workers of a pair are consecutive and shares are monotone, so
-// p + w = p' + w' with w < w' would need p' < p although w' starts at or after w's last
-// pair. Slots lie in [0, P + W - 1) whatever the lengths, and pair p's partials are the
-// consecutive slots p + w_first(p) .. p + w_last(p), in key order. An item holding all of
-// its pair's tiles (first && last) may write the final output directly and skip its slot.
+// Partial slots. Only a worker's first and last items can be partial: an item in the
+// middle of a share starts and ends at pair boundaries, so it holds its whole pair and
+// writes the final output (no slot). A partial item that does not hold its pair's first
+// tile continued a pair from an earlier worker, so it is its worker's first item; one that
+// holds the pair's first tile but not its last runs past its worker's share, so it is its
+// worker's last item. Hence at most one of each kind per worker, and LeanSlots (below)
+// numbers them:
+//   - by worker (num_pairs >= W): item (w, pair-first f) -> slot 2w - 1 + f, in [0, 2W - 2);
+//   - by pair (num_pairs < W, e.g. batch 1): item (w, pair p) -> slot p + w, in
+//     [0, P + W - 1); distinct because the workers of a pair are consecutive and shares are
+//     monotone (p + w = p' + w' with w < w' would need p' < p although w' starts at or
+//     after w's last pair).
+// Either way there are min(P + W - 1, 2W - 2) slots whatever the lengths: independent of
+// the batch once it has more pairs than workers, and never more than the by-pair rule
+// alone needs. Pair p's partials are the items of workers w_first(p) .. w_last(p) in key
+// order; PairPartials::slot(k) names the k-th.
 //
 // Two ways to use it:
 //  - exact plan (host): make_lean_plan() reads cache_seqlens on the host and lists every
 //    item and every pair's slots (the CPU decode; a CUDA launch that knows the lengths).
 //  - upper-bound plan (device, CUDA-graph capturable): lean_bounds() sizes the workspace
 //    from batch, max_seqlen_k and W only; each worker then computes seq_offset from
-//    cache_seqlens itself (decode_tiles() per sequence, an O(batch) prefix sum), and walks
+//    a snapshot of cache_seqlens (lean_seq_offsets(), an O(batch) prefix sum), and walks
 //    its share with for_each_lean_item(); a merge step calls pair_partials(). Both modes
 //    use the same functions below, so the host tests check what the device runs.
 #pragma once
@@ -47,6 +57,9 @@
 #include "attnkit/mask.h"
 
 namespace attnkit {
+
+// ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (no overflow near INT32_MAX).
+ATTNKIT_HD int ceil_div_nonneg(int a, int b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 // Tiles [begin, end) of one sequence's KV axis; empty when end <= begin.
 struct TileRange {
@@ -74,7 +87,7 @@ struct LeanShape {
     const AttentionMask mask(seqlen_q, seqlen_k, /*causal=*/true, window_left, -1);
     const KeyRange keys = mask.keys_of_rows(0, seqlen_q);
     if (keys.empty()) return {};
-    return {keys.begin / tile_keys, (keys.end + tile_keys - 1) / tile_keys};
+    return {keys.begin / tile_keys, ceil_div_nonneg(keys.end, tile_keys)};
   }
 
   // Most tiles one sequence can have: its visible keys span at most
@@ -83,8 +96,8 @@ struct LeanShape {
     if (max_seqlen_k <= 0) return 0;
     int span = max_seqlen_k;
     if (window_left >= 0 && int64_t(window_left) + seqlen_q < span) span = window_left + seqlen_q;
-    const int tiles = (span + tile_keys - 1) / tile_keys + (span < max_seqlen_k ? 1 : 0);
-    const int all = (max_seqlen_k + tile_keys - 1) / tile_keys;
+    const int tiles = ceil_div_nonneg(span, tile_keys) + (span < max_seqlen_k ? 1 : 0);
+    const int all = ceil_div_nonneg(max_seqlen_k, tile_keys);
     return tiles < all ? tiles : all;
   }
 };
@@ -105,8 +118,25 @@ struct LeanSplit {
   ATTNKIT_HD int worker_of(int64_t t) const { return int(((t + 1) * workers - 1) / total); }
 };
 
-// Slot of the partial result of (pair, worker); slots are in [0, num_pairs + workers - 1).
-ATTNKIT_HD int lean_slot(int pair, int worker) { return pair + worker; }
+// The slots of partial results (see the top comment): one rule per (shape, W), chosen on
+// the host from the shapes only, so the workspace size never depends on the lengths.
+struct LeanSlots {
+  int pairs;
+  int workers;  // as given (active workers <= this)
+
+  ATTNKIT_HD static LeanSlots make(const LeanShape& shape, int workers) { return {shape.num_pairs(), workers}; }
+  ATTNKIT_HD bool by_worker() const { return pairs >= workers; }
+  // Slots needed: min(pairs + workers - 1, 2 * workers - 2) (0 with one worker: no pair is split).
+  ATTNKIT_HD int count() const {
+    if (pairs <= 0 || workers <= 1) return 0;
+    return by_worker() ? 2 * workers - 2 : pairs + workers - 1;
+  }
+  // Slot of the partial item of `pair` in worker w; pair_first: the item holds the pair's
+  // first tile. Only for items that are not whole.
+  ATTNKIT_HD int slot(int pair, int worker, bool pair_first) const {
+    return by_worker() ? 2 * worker - 1 + (pair_first ? 1 : 0) : pair + worker;
+  }
+};
 
 // One unit of work: tiles [tile_begin, tile_end) of kv head group `group` of sequence b.
 struct LeanItem {
@@ -115,19 +145,23 @@ struct LeanItem {
   int tile_begin;  // absolute tile indices in the sequence (keys tile_begin * tile_keys ...)
   int tile_end;
   int worker;
-  int slot;    // lean_slot(pair, worker)
+  int slot;    // LeanSlots::slot(): where a partial item (not whole()) writes; unused when whole()
   bool first;  // holds the pair's first tile
   bool last;   // holds the pair's last tile; first && last: the whole pair, no merge needed
   ATTNKIT_HD int pair(int head_groups) const { return b * head_groups + group; }
   ATTNKIT_HD bool whole() const { return first && last; }
 };
 
-// Where the partial results of one pair are: slots [first_slot, first_slot + count), in
-// key order. count 0: the pair has no visible key (its output is 0, lse -inf); count 1:
-// one item did it all (and may have written the output directly).
+// Where the partial results of one pair are: the items of workers first_worker ..
+// first_worker + count - 1, in key order, at slot(0), slot(1), ... count 0: the pair has no
+// visible key (its output is 0, lse -inf); count 1: one item did it all (and wrote the
+// output directly: no slot).
 struct PairPartials {
-  int first_slot;
+  LeanSlots slots;
+  int pair;
+  int first_worker;
   int count;
+  ATTNKIT_HD int slot(int k) const { return slots.slot(pair, first_worker + k, k == 0); }
 };
 
 // seq_offset[b] (see the top comment) for b in [0, batch]: seq_offset[0] = 0 and
@@ -160,6 +194,7 @@ ATTNKIT_HD void for_each_lean_item(const LeanShape& shape, const int32_t* cache_
                                    int workers, int w, Fn&& fn) {
   const LeanSplit split = LeanSplit::make(seq_offset[shape.batch], workers);
   if (split.total == 0) return;
+  const LeanSlots slots = LeanSlots::make(shape, workers);
   int64_t t = split.share_begin(w);
   const int64_t end = split.share_end(w);
   if (t >= end) return;
@@ -178,7 +213,7 @@ ATTNKIT_HD void for_each_lean_item(const LeanShape& shape, const int32_t* cache_
     item.tile_begin = tiles.begin + i0;
     item.tile_end = tiles.begin + i1;
     item.worker = w;
-    item.slot = lean_slot(b * shape.head_groups + group, w);
+    item.slot = slots.slot(b * shape.head_groups + group, w, i0 == 0);
     item.first = i0 == 0;
     item.last = i1 == n;
     fn(item);
@@ -186,23 +221,24 @@ ATTNKIT_HD void for_each_lean_item(const LeanShape& shape, const int32_t* cache_
   }
 }
 
-// The slots of pair (b, group).
+// The partial results of pair (b, group).
 ATTNKIT_HD PairPartials pair_partials(const LeanShape& shape, const int32_t* cache_seqlens, const int64_t* seq_offset,
                                       int workers, int b, int group) {
   const int n = shape.tiles(cache_seqlens[b]).size();
   const int pair = b * shape.head_groups + group;
-  if (n == 0) return {lean_slot(pair, 0), 0};
+  const LeanSlots slots = LeanSlots::make(shape, workers);
+  if (n == 0) return {slots, pair, 0, 0};
   const LeanSplit split = LeanSplit::make(seq_offset[shape.batch], workers);
   const int64_t first = seq_offset[b] + int64_t(group) * n;
   const int w_first = split.worker_of(first), w_last = split.worker_of(first + n - 1);
-  return {lean_slot(pair, w_first), w_last - w_first + 1};
+  return {slots, pair, w_first, w_last - w_first + 1};
 }
 
 // Sizes that hold for every cache_seqlens in [0, max_seqlen_k]: allocate once, capture in
 // a CUDA graph, replay with any lengths.
 struct LeanBounds {
   int64_t max_total_tiles;   // tiles of all pairs
-  int num_slots;             // partial slots: num_pairs + workers - 1
+  int num_slots;             // partial slots: LeanSlots::count(), min(P + W - 1, 2W - 2)
   int64_t max_items;         // items of all workers: num_pairs + workers - 1
   int64_t max_worker_tiles;  // tiles of one worker's share
 };
@@ -210,8 +246,8 @@ struct LeanBounds {
 ATTNKIT_HD LeanBounds lean_bounds(const LeanShape& shape, int workers) {
   LeanBounds bounds;
   bounds.max_total_tiles = int64_t(shape.num_pairs()) * shape.max_tiles_per_sequence();
-  bounds.num_slots = shape.num_pairs() + workers - 1;
-  bounds.max_items = bounds.num_slots;  // each item has its own slot
+  bounds.num_slots = LeanSlots::make(shape, workers).count();
+  bounds.max_items = int64_t(shape.num_pairs()) + workers - 1;  // each worker boundary cuts at most one pair
   bounds.max_worker_tiles = (bounds.max_total_tiles + workers - 1) / workers;
   return bounds;
 }
@@ -222,7 +258,7 @@ struct LeanPlan {
   LeanShape shape;
   int workers = 0;
   int64_t total_tiles = 0;
-  int num_slots = 0;                  // lean_bounds().num_slots: slots are lean_slot(pair, worker)
+  int num_slots = 0;                  // lean_bounds().num_slots: slots of partial items (LeanSlots)
   std::vector<int64_t> seq_offset;    // batch + 1 entries
   std::vector<LeanItem> items;        // worker by worker, each in key order
   std::vector<int> worker_items;      // workers + 1: worker w's items are [worker_items[w], worker_items[w + 1])

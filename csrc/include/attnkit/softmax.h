@@ -26,16 +26,26 @@ ATTNKIT_HD float softcap_grad(float capped, float softcap) {
 
 // exp(a - b) that is 0 when a is -inf (also when both are -inf, where a - b is NaN).
 ATTNKIT_HD float exp_diff(float a, float b) { return a == kNegInf ? 0.f : expf(a - b); }
+// 2^(a - b), the same way: for logits in base 2 (log2(e) folded into the scale).
+ATTNKIT_HD float exp2_diff(float a, float b) { return a == kNegInf ? 0.f : exp2f(a - b); }
 
-// Running max and sum of exp(s - max) of one row.
-struct RowSoftmax {
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
+constexpr float kLn2 = 0.6931471805599453f;    // ln(2)
+
+// Running max and sum of exp(s - max) of one row. kBase2: the logits s are in base 2
+// (log2(e) * the natural logits, as kernels that fold log2(e) into their scale compute
+// them), the sum is of 2^(s - max), and lse() still returns the natural-log LSE.
+template <bool kBase2>
+struct RowSoftmaxOf {
   float max = kNegInf;
   float sum = 0.f;
 
   // Moves the running max to new_max (>= max) and returns the factor by which earlier
   // partial sums and outputs must be multiplied.
   ATTNKIT_HD float rescale_to(float new_max) {
-    const float factor = exp_diff(max, new_max);
+    float factor;
+    if constexpr (kBase2) factor = exp2_diff(max, new_max);
+    else factor = exp_diff(max, new_max);
     max = new_max;
     sum *= factor;
     return factor;
@@ -43,9 +53,15 @@ struct RowSoftmax {
 
   // A row that saw no key (sum 0) gives lse -inf and output 0; a NaN sum (a NaN logit or
   // value among the visible keys) stays NaN in both, as in torch SDPA.
-  ATTNKIT_HD float lse() const { return sum == 0.f ? kNegInf : max + logf(sum); }
+  ATTNKIT_HD float lse() const {
+    if (sum == 0.f) return kNegInf;
+    if constexpr (kBase2) return (max + log2f(sum)) * kLn2;
+    else return max + logf(sum);
+  }
   ATTNKIT_HD float inv_sum() const { return sum == 0.f ? 0.f : 1.f / sum; }
 };
+using RowSoftmax = RowSoftmaxOf<false>;
+using RowSoftmax2 = RowSoftmaxOf<true>;  // base 2 (the CUDA decode)
 
 // Weights to combine two partial attention results over disjoint key sets:
 // out = w_a * out_a + w_b * out_b, lse = log(exp(lse_a) + exp(lse_b)).
