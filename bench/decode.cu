@@ -99,10 +99,7 @@ Options parse(int argc, char** argv) {
       return argv[++i];
     };
     if (a == "--dtype") {
-      const std::string v = value();
-      if (v == "bf16") o.dtype = DType::kBFloat16;
-      else if (v == "fp16") o.dtype = DType::kFloat16;
-      else usage("--dtype takes bf16 or fp16");
+      o.dtype = dtype_arg(value(), usage);
     } else if (a == "--hdim") {
       o.hdim = to_int(value(), "--hdim");
     } else if (a == "--heads") {
@@ -466,9 +463,7 @@ bool run_case(const Options& o, const KvCache& kv, int batch, int ctx, int page,
                 100.0 * gbps / copy_gbps, notes.c_str());
     std::fflush(stdout);
   } catch (const std::exception& e) {
-    std::printf("%-56s  FAILED: %s\n", name, e.what());
-    ++failures;
-    if (cudaDeviceSynchronize() != cudaSuccess) return false;
+    if (!case_failed(name, 56, e, failures)) return false;
   }
   return true;
 }
@@ -478,13 +473,7 @@ bool run_case(const Options& o, const KvCache& kv, int batch, int ctx, int page,
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   try {
-    int dev = 0;
-    cudaDeviceProp prop{};
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
-    std::printf("attnkit bench/decode on %s (sm_%d%d, %d SMs, L2 %d MiB)\ncommand:", prop.name, prop.major, prop.minor,
-                prop.multiProcessorCount, prop.l2CacheSize >> 20);
-    for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
+    const int dev = print_device("decode", argc, argv);
     std::string desc;
     const double copy_gbps = measure_copy_gbps(desc);
     std::printf("\ncopy ceiling: %.0f GB/s (%s)\nGB/s = K and V bytes read (quantized: codes, scales, zeros) / "

@@ -39,6 +39,9 @@ using attnkit::NeighborhoodBwdParams;
 using attnkit::NeighborhoodParams;
 using attnkit::Strides;
 using namespace attnkit::bench;
+// The same tokens as a dense non-causal prefill: the speed-of-light baseline (and the
+// layout gather_rows reads).
+using attnkit::cuda::neighborhood::as_prefill;
 
 struct Case {
   const char* name;
@@ -73,24 +76,6 @@ struct Options {
   std::exit(code);
 }
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> out;
-  for (size_t pos = 0; pos <= list.size();) {
-    size_t comma = list.find(',', pos);
-    if (comma == std::string::npos) comma = list.size();
-    out.push_back(list.substr(pos, comma - pos));
-    pos = comma + 1;
-  }
-  return out;
-}
-
-int to_int(const std::string& s, const char* flag) {
-  char* end = nullptr;
-  const long v = std::strtol(s.c_str(), &end, 10);
-  if (end == s.c_str() || *end != '\0' || v <= 0 || v > (1L << 20)) usage((std::string("bad value for ") + flag).c_str());
-  return int(v);
-}
-
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -100,13 +85,10 @@ Options parse(int argc, char** argv) {
       return argv[++i];
     };
     if (a == "--dtype") {
-      const std::string v = value();
-      if (v == "bf16") o.dtype = DType::kBFloat16;
-      else if (v == "fp16") o.dtype = DType::kFloat16;
-      else usage("--dtype takes bf16 or fp16");
+      o.dtype = dtype_arg(value(), usage);
     } else if (a == "--hdim") {
       o.hdims.clear();
-      for (const auto& s : split(value())) o.hdims.push_back(to_int(s, "--hdim"));
+      for (const auto& s : split(value())) o.hdims.push_back(to_int(s, "--hdim", usage));
     } else if (a == "--case") {
       o.cases = split(value());
       for (const auto& c : o.cases) {
@@ -117,9 +99,9 @@ Options parse(int argc, char** argv) {
     } else if (a == "--bwd") {
       o.bwd = true;
     } else if (a == "--iters") {
-      o.iters = to_int(value(), "--iters");
+      o.iters = to_int(value(), "--iters", usage);
     } else if (a == "--warmup") {
-      o.warmup = to_int(value(), "--warmup");
+      o.warmup = to_int(value(), "--warmup", usage);
     } else if (a == "--no-check") {
       o.check_rows = false;
     } else if (a == "-h" || a == "--help") {
@@ -171,17 +153,8 @@ constexpr int kMaxHdim = 128;
 template <typename T>
 __global__ void __launch_bounds__(kRefThreads)
     reference_rows(const __grid_constant__ NeighborhoodParams p, const int* rows, float* ref_out, float* ref_lse) {
-  using attnkit::cuda::to_float;
-  __shared__ float qs[kMaxHdim], acc[kMaxHdim], red[kRefThreads];
-  const int b = rows[3 * blockIdx.x], h = rows[3 * blockIdx.x + 1], i = rows[3 * blockIdx.x + 2];
-  const int hk = h / (p.heads_q / p.heads_kv), d = p.head_dim;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + i * p.q_strides.row + h * p.q_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
-  for (int c = threadIdx.x; c < d; c += blockDim.x) qs[c] = to_float(q[c]), acc[c] = 0.0f;
-  __syncthreads();
-  const attnkit::GridBox box = p.nbhd.keys_of(i);
-  const int64_t count = attnkit::box_size(box);
+  const SampledRow<T> r(p, rows);
+  const attnkit::GridBox box = p.nbhd.keys_of(r.i);
   const auto key_of = [&](int64_t n) {  // the n-th key of the box, row-major
     int c[attnkit::kMaxSpatialRank];
     for (int a = attnkit::kMaxSpatialRank - 1; a >= 0; --a) {
@@ -189,67 +162,28 @@ __global__ void __launch_bounds__(kRefThreads)
       c[a] = r.first + int(n % r.count) * r.step;
       n /= r.count;
     }
-    return p.nbhd.token_of(c);
+    return int64_t(p.nbhd.token_of(c));
   };
-  const auto score = [&](int64_t j) {
-    const T* kr = k + j * p.k_strides.row;
-    float s = 0.0f;
-    for (int c = 0; c < d; ++c) s += qs[c] * to_float(kr[c]);
-    return s * p.scale;
-  };
-  float m = -INFINITY;
-  for (int64_t n = threadIdx.x; n < count; n += blockDim.x) m = fmaxf(m, score(key_of(n)));
-  m = block_reduce(m, true, red);
-  float sum = 0.0f, part[kMaxHdim];  // this thread's share of P @ V (local memory: a reference)
-  for (int c = 0; c < d; ++c) part[c] = 0.0f;
-  for (int64_t n = threadIdx.x; n < count; n += blockDim.x) {
-    const int64_t j = key_of(n);
-    const float e = __expf(score(j) - m);
-    sum += e;
-    for (int c = 0; c < d; ++c) part[c] += e * to_float(v[j * p.v_strides.row + c]);
-  }
-  sum = block_reduce(sum, false, red);
-  for (int c = 0; c < d; ++c) atomicAdd(&acc[(c + threadIdx.x) % d], part[(c + threadIdx.x) % d]);
-  __syncthreads();
-  for (int c = threadIdx.x; c < d; c += blockDim.x) ref_out[int64_t(blockIdx.x) * d + c] = acc[c] / sum;
-  if (threadIdx.x == 0) ref_lse[blockIdx.x] = m + logf(sum);
-}
-
-template <typename T>
-__global__ void gather_rows(const __grid_constant__ NeighborhoodParams p, const int* rows, float* out, float* lse) {
-  const int b = rows[3 * blockIdx.x], h = rows[3 * blockIdx.x + 1], i = rows[3 * blockIdx.x + 2];
-  const T* o = static_cast<const T*>(p.out) + b * p.out_strides.batch + i * p.out_strides.row + h * p.out_strides.head;
-  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x)
-    out[int64_t(blockIdx.x) * p.head_dim + c] = attnkit::cuda::to_float(o[c]);
-  if (threadIdx.x == 0) lse[blockIdx.x] = p.lse[(int64_t(b) * p.heads_q + h) * p.nbhd.tokens() + i];
+  reference_row<T, kRefThreads, kMaxHdim>(r.q, r.k, p.k_strides.row, r.v, p.v_strides.row, p.head_dim, p.scale,
+                                          0.0f, attnkit::box_size(box), key_of,
+                                          ref_out + int64_t(blockIdx.x) * p.head_dim, ref_lse + blockIdx.x);
 }
 
 std::string check_forward(const NeighborhoodParams& p) {
   const int nrows = 64;
   const int tokens = int(p.nbhd.tokens());
   std::vector<int> rows(3 * nrows);
-  uint64_t state = 12345;
-  auto next = [&](int mod) {
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return int((state >> 33) % uint64_t(mod));
-  };
+  Lcg rng(12345);
   for (int r = 0; r < nrows; ++r) {
-    rows[3 * r] = next(p.batch);
-    rows[3 * r + 1] = next(p.heads_q);
-    rows[3 * r + 2] = r == 0 ? 0 : r == 1 ? tokens - 1 : next(tokens);  // both borders too
+    rows[3 * r] = rng.below(p.batch);
+    rows[3 * r + 1] = rng.below(p.heads_q);
+    rows[3 * r + 2] = r == 0 ? 0 : r == 1 ? tokens - 1 : rng.below(tokens);  // both borders too
   }
-  const int64_t n_out = int64_t(p.batch) * tokens * p.heads_q * p.head_dim;
   SampledRows sample(rows, nrows, p.head_dim);
-  for_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    reference_rows<T><<<nrows, kRefThreads>>>(p, sample.rows.as<int>(), sample.ref_out.as<float>(),
-                                              sample.ref_lse.as<float>());
-    gather_rows<T><<<nrows, 128>>>(p, sample.rows.as<int>(), sample.got_out.as<float>(),
-                                   sample.got_lse.as<float>());
-    count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out,
-                                      sample.nonfinite.as<unsigned long long>());
+  return sample.check_rows(as_prefill(p), [&](auto t) {
+    reference_rows<decltype(t)><<<nrows, kRefThreads>>>(p, sample.rows.as<int>(), sample.ref_out.as<float>(),
+                                                        sample.ref_lse.as<float>());
   });
-  return sample.verdict();
 }
 
 // Device buffers of the rotated input sets.
@@ -257,9 +191,6 @@ struct Sets : DeviceArena {
   std::vector<NeighborhoodParams> fwd;
   std::vector<NeighborhoodBwdParams> bwd;
 };
-
-// The same tokens as a dense non-causal prefill: the speed-of-light baseline.
-using attnkit::cuda::neighborhood::as_prefill;
 
 bool run_case(const Options& o, const Case& c, int hdim, int& failures) {
   const int heads = 2048 / hdim;
@@ -273,10 +204,7 @@ bool run_case(const Options& o, const Case& c, int hdim, int& failures) {
   }
   const int64_t n = int64_t(c.batch) * tokens * heads * hdim, n_lse = int64_t(c.batch) * heads * tokens;
   const size_t es = elem_size(o.dtype), set_bytes = 4 * n * es;
-  int l2 = 0, dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev), "cudaDeviceGetAttribute");
-  const int nsets = int(std::min<size_t>(4, std::max<size_t>(1, (3 * size_t(l2) + set_bytes - 1) / set_bytes)));
+  const int nsets = input_sets(set_bytes);
   const Strides strides{tokens * heads * hdim, int64_t(heads) * hdim, hdim};
 
   Sets sets;
@@ -343,9 +271,7 @@ bool run_case(const Options& o, const Case& c, int hdim, int& failures) {
       report("bwd", bwd, dense_bwd, 2.5 * flops, notes);
     }
   } catch (const std::exception& e) {
-    std::printf("%-34s  FAILED: %s\n", name, e.what());
-    ++failures;
-    if (cudaDeviceSynchronize() != cudaSuccess) return false;  // a sticky device error
+    if (!case_failed(name, 34, e, failures)) return false;
   }
   return true;
 }
@@ -355,13 +281,7 @@ bool run_case(const Options& o, const Case& c, int hdim, int& failures) {
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   try {
-    int dev = 0;
-    cudaDeviceProp prop{};
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
-    std::printf("attnkit bench/neighborhood on %s (sm_%d%d, %d SMs, L2 %d MiB)\ncommand:", prop.name, prop.major,
-                prop.minor, prop.multiProcessorCount, prop.l2CacheSize >> 20);
-    for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
+    print_device("neighborhood", argc, argv);
     std::printf("\nFLOPs: 4*b*h*d*(attending pairs), bwd 2.5x; SOL = dense prefill ms x fraction of 64x64 tile pairs "
                 "holding a neighbour; %d warm-up + %d timed calls, CUDA events\n\n",
                 o.warmup, o.iters);

@@ -47,7 +47,6 @@ namespace {
 using attnkit::AttentionBwdParams;
 using attnkit::AttentionParams;
 using attnkit::DType;
-using attnkit::Strides;
 using attnkit::cuda::check;
 using namespace attnkit::bench;
 
@@ -96,10 +95,7 @@ Options parse(int argc, char** argv) {
       return argv[++i];
     };
     if (a == "--dtype") {
-      const std::string v = value();
-      if (v == "bf16" || v == "bfloat16") o.dtype = DType::kBFloat16;
-      else if (v == "fp16" || v == "float16" || v == "half") o.dtype = DType::kFloat16;
-      else usage("--dtype takes bf16 or fp16 (the CUDA kernels take no fp32)");
+      o.dtype = dtype_arg(value(), usage);
     } else if (a == "--hdim") {
       o.hdim = to_int(value(), "--hdim");
     } else if (a == "--heads") {
@@ -159,75 +155,19 @@ constexpr int kMaxHdim = 256;
 template <typename T>
 __global__ void __launch_bounds__(kRefThreads) reference_rows(const __grid_constant__ AttentionParams p,
                                                              const int* rows, float* ref_out, float* ref_lse) {
-  using attnkit::cuda::to_float;
-  __shared__ float qs[kMaxHdim];
-  __shared__ float acc[kMaxHdim];
-  __shared__ float red[kRefThreads];
-  const int b = rows[3 * blockIdx.x], h = rows[3 * blockIdx.x + 1], i = rows[3 * blockIdx.x + 2];
-  const int hk = h / (p.heads_q / p.heads_kv);
-  const int d = p.head_dim;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + i * p.q_strides.row + h * p.q_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
-  for (int c = threadIdx.x; c < d; c += blockDim.x) {
-    qs[c] = to_float(q[c]);
-    acc[c] = 0.0f;
-  }
-  __syncthreads();
+  const SampledRow<T> r(p, rows);
   const attnkit::KeyRange keys =
-      attnkit::AttentionMask(p.seqlen_q, p.seqlen_k, p.causal, p.window_left, p.window_right).keys_of(i);
-  auto score = [&](int j) {
-    const T* kr = k + j * p.k_strides.row;
-    float s = 0.0f;
-    for (int c = 0; c < d; ++c) s += qs[c] * to_float(kr[c]);
-    s *= p.scale;
-    return p.softcap > 0.0f ? p.softcap * tanhf(s / p.softcap) : s;
-  };
-  float m = -INFINITY;
-  for (int j = keys.begin + threadIdx.x; j < keys.end; j += blockDim.x) m = fmaxf(m, score(j));
-  m = block_reduce(m, true, red);
-  float sum = 0.0f;
-  float part[kMaxHdim];  // this thread's share of P @ V (local memory; a reference, not a kernel)
-  for (int c = 0; c < d; ++c) part[c] = 0.0f;
-  for (int j = keys.begin + threadIdx.x; j < keys.end; j += blockDim.x) {
-    const float e = __expf(score(j) - m);
-    sum += e;
-    const T* vr = v + j * p.v_strides.row;
-    for (int c = 0; c < d; ++c) part[c] += e * to_float(vr[c]);
-  }
-  sum = block_reduce(sum, false, red);
-  for (int c = 0; c < d; ++c) atomicAdd(&acc[(c + threadIdx.x) % d], part[(c + threadIdx.x) % d]);
-  __syncthreads();
-  for (int c = threadIdx.x; c < d; c += blockDim.x) ref_out[int64_t(blockIdx.x) * d + c] = sum > 0 ? acc[c] / sum : 0.0f;
-  if (threadIdx.x == 0) ref_lse[blockIdx.x] = sum > 0 ? m + logf(sum) : -INFINITY;
-}
-
-template <typename T>
-__global__ void gather_rows(const __grid_constant__ AttentionParams p, const int* rows, float* out, float* lse) {
-  const int b = rows[3 * blockIdx.x], h = rows[3 * blockIdx.x + 1], i = rows[3 * blockIdx.x + 2];
-  const T* o = static_cast<const T*>(p.out) + b * p.out_strides.batch + i * p.out_strides.row + h * p.out_strides.head;
-  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x)
-    out[int64_t(blockIdx.x) * p.head_dim + c] = attnkit::cuda::to_float(o[c]);
-  if (threadIdx.x == 0) lse[blockIdx.x] = p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i];
+      attnkit::AttentionMask(p.seqlen_q, p.seqlen_k, p.causal, p.window_left, p.window_right).keys_of(r.i);
+  reference_row<T, kRefThreads, kMaxHdim>(r.q, r.k, p.k_strides.row, r.v, p.v_strides.row, p.head_dim, p.scale,
+                                          p.softcap, int64_t(keys.end) - keys.begin,
+                                          [&](int64_t n) { return keys.begin + n; },
+                                          ref_out + int64_t(blockIdx.x) * p.head_dim, ref_lse + blockIdx.x);
 }
 
 // ------------------------------------------------------------------------------------
 // one case
 
-struct Case {
-  int batch, seqlen, heads, kv_heads, hdim;
-  bool causal;
-};
-
-struct Sets : DeviceArena {
-  // Per rotated input set: q, k, v, out, lse (+ backward: dout, dq, dk, dv, dq_accum, delta).
-  std::vector<AttentionParams> fwd;
-  std::vector<AttentionBwdParams> bwd;
-};
-
-Strides dense_strides(int seqlen, int heads, int hdim) {
-  return Strides{int64_t(seqlen) * heads * hdim, int64_t(heads) * hdim, hdim};
-}
+using Case = PrefillShape;
 
 double fwd_flops(const Case& c) {
   return 4.0 * c.batch * c.heads * double(c.seqlen) * c.seqlen * c.hdim * (c.causal ? 0.5 : 1.0);
@@ -238,28 +178,18 @@ double fwd_flops(const Case& c) {
 std::string check_forward(const AttentionParams& p) {
   const int nrows = 64;
   std::vector<int> rows(3 * nrows);
-  uint64_t state = 12345;
-  auto next = [&](int mod) {
-    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return int((state >> 33) % uint64_t(mod));
-  };
+  Lcg rng(12345);
   for (int r = 0; r < nrows; ++r) {
-    rows[3 * r] = next(p.batch);
-    rows[3 * r + 1] = next(p.heads_q);
-    rows[3 * r + 2] = r < 4 ? (r < 2 ? r : p.seqlen_q - 1 - (r - 2)) : next(p.seqlen_q);  // first and last rows too
+    rows[3 * r] = rng.below(p.batch);
+    rows[3 * r + 1] = rng.below(p.heads_q);
+    // the first and last rows too
+    rows[3 * r + 2] = r < 4 ? (r < 2 ? r : p.seqlen_q - 1 - (r - 2)) : rng.below(p.seqlen_q);
   }
-  const int64_t n_out = int64_t(p.batch) * p.seqlen_q * p.heads_q * p.head_dim;
   SampledRows sample(rows, nrows, p.head_dim);
-  for_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    reference_rows<T><<<nrows, kRefThreads>>>(p, sample.rows.as<int>(), sample.ref_out.as<float>(),
-                                              sample.ref_lse.as<float>());
-    gather_rows<T><<<nrows, 128>>>(p, sample.rows.as<int>(), sample.got_out.as<float>(),
-                                   sample.got_lse.as<float>());
-    count_nonfinite<T><<<1024, 256>>>(static_cast<const T*>(p.out), n_out,
-                                      sample.nonfinite.as<unsigned long long>());
+  return sample.check_rows(p, [&](auto t) {
+    reference_rows<decltype(t)><<<nrows, kRefThreads>>>(p, sample.rows.as<int>(), sample.ref_out.as<float>(),
+                                                        sample.ref_lse.as<float>());
   });
-  return sample.verdict();
 }
 
 bool run_case(const Options& o, const Case& c, double ceiling, int& failures) {
@@ -270,64 +200,15 @@ bool run_case(const Options& o, const Case& c, double ceiling, int& failures) {
     std::printf("%-40s  skipped: attention_supports(%s, %d) is false\n", name, dtype_name(o.dtype), c.hdim);
     return true;
   }
-  const int64_t n_q = int64_t(c.batch) * c.seqlen * c.heads * c.hdim;
-  const int64_t n_kv = int64_t(c.batch) * c.seqlen * c.kv_heads * c.hdim;
-  const int64_t n_lse = int64_t(c.batch) * c.heads * c.seqlen;
-  const size_t es = elem_size(o.dtype);
-  const size_t in_bytes = (2 * n_q + 2 * n_kv) * es;  // q, k, v read, out written
-  int l2 = 0, dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev), "cudaDeviceGetAttribute");
-  const int nsets = int(std::min<size_t>(4, std::max<size_t>(1, (3 * size_t(l2) + in_bytes - 1) / in_bytes)));
-
-  Sets sets;
+  PrefillSets sets;
   try {
-    for (int s = 0; s < nsets; ++s) {
-      AttentionParams p{};
-      p.dtype = o.dtype;
-      p.q = sets.alloc(n_q * es);
-      p.k = sets.alloc(n_kv * es);
-      p.v = sets.alloc(n_kv * es);
-      p.out = sets.alloc(n_q * es);
-      p.lse = static_cast<float*>(sets.alloc(n_lse * 4));
-      p.q_strides = p.out_strides = dense_strides(c.seqlen, c.heads, c.hdim);
-      p.k_strides = p.v_strides = dense_strides(c.seqlen, c.kv_heads, c.hdim);
-      p.batch = c.batch;
-      p.heads_q = c.heads;
-      p.heads_kv = c.kv_heads;
-      p.head_dim = c.hdim;
-      p.seqlen_q = p.seqlen_k = c.seqlen;
-      p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
-      p.scale = 1.0f / std::sqrt(float(c.hdim));
-      p.softcap = 0.0f;
-      p.causal = c.causal;
-      p.window_left = -1;
-      p.window_right = -1;  // as the binding passes it: causal is its own flag
-      fill(o.dtype, const_cast<void*>(p.q), n_q, 3 * s + 1);
-      fill(o.dtype, const_cast<void*>(p.k), n_kv, 3 * s + 2);
-      fill(o.dtype, const_cast<void*>(p.v), n_kv, 3 * s + 3);
-      sets.fwd.push_back(p);
-      if (o.bwd) {
-        AttentionBwdParams bp{};
-        bp.fwd = p;
-        bp.dout = sets.alloc(n_q * es);
-        bp.dq = sets.alloc(n_q * es);
-        bp.dk = sets.alloc(n_kv * es);
-        bp.dv = sets.alloc(n_kv * es);
-        bp.dout_strides = bp.dq_strides = p.q_strides;
-        bp.dk_strides = bp.dv_strides = p.k_strides;
-        bp.dq_accum = static_cast<float*>(sets.alloc(n_q * 4));
-        bp.dq_accum_strides = p.q_strides;
-        bp.delta = static_cast<float*>(sets.alloc(n_lse * 4));
-        fill(o.dtype, const_cast<void*>(bp.dout), n_q, 1000 + s);
-        sets.bwd.push_back(bp);
-      }
-    }
+    sets.make(o.dtype, c, o.bwd);
   } catch (const std::exception& e) {
     cudaGetLastError();  // clear a failed allocation
     std::printf("%-40s  skipped: %s\n", name, e.what());
     return true;
   }
+  const int nsets = int(sets.fwd.size());
 
   auto report = [&](const char* dir, const Stat& s, double flops, const std::string& extra) {
     const double tflops = flops / (s.median * 1e-3) / 1e12;
@@ -354,10 +235,7 @@ bool run_case(const Options& o, const Case& c, double ceiling, int& failures) {
       report("bwd", b, 2.5 * fwd_flops(c), "");
     }
   } catch (const std::exception& e) {
-    std::printf("%-40s  FAILED: %s\n", name, e.what());
-    ++failures;
-    // A launch error leaves the context usable; a sticky device error does not.
-    if (cudaDeviceSynchronize() != cudaSuccess) return false;
+    if (!case_failed(name, 40, e, failures)) return false;
   }
   return true;
 }
@@ -367,16 +245,7 @@ bool run_case(const Options& o, const Case& c, double ceiling, int& failures) {
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   try {
-    int dev = 0;
-    cudaDeviceProp prop{};
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
-    int clock_khz = 0;
-    cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev);
-    std::printf("attnkit bench/prefill on %s (sm_%d%d, %d SMs, %.0f MHz, L2 %d MiB)\n", prop.name, prop.major,
-                prop.minor, prop.multiProcessorCount, clock_khz / 1e3, prop.l2CacheSize >> 20);
-    std::printf("command:");
-    for (int i = 0; i < argc; ++i) std::printf(" %s", argv[i]);
+    print_device("prefill", argc, argv);
     std::printf("\n");
     double ceiling = 0;
     std::string desc = "skipped (--no-ceiling)";
