@@ -6,6 +6,8 @@
 #   make bench  build, then python -m attnkit.bench
 #   make kernel-report  build, then tools/kernel_report.py: registers, spills and SASS
 #               instruction mix of every CUDA kernel (fails on spills in a hot kernel)
+#   make gpu-carry  build against the GPU machines' torch 2.11 into build/carry/, which
+#               tools/gpu_suite.sh installs there instead of building (see below)
 # Python: .venv if present; else the current python3 when it already has torch (as on an
 # offline GPU machine); else a new .venv with the pinned packages.
 # CUDA archs (ATTNKIT_CUDA_ARCHS, ";"-separated): by default every supported arch ("80;90a")
@@ -85,8 +87,11 @@ clean:
 # They have torch 2.11 (CUDA 13.0) under Python 3.12 and no network; building there costs
 # minutes of scarce device time. `make gpu-carry` builds here, against torch 2.11 in
 # .venv-torch211 (Python 3.12, as there), for CARRY_ARCHS with portable CPU flags:
-#   build/carry/  _C*.so.xz, _build_info.py, prefill.xz decode.xz neighborhood.xz (the
-#                 torch-free C++ benches; CARRY_BENCH=0 skips them), manifest.json
+#   build/carry/  _C*.so.xz, _build_info.py, manifest.json; with CARRY_BENCH=1 also
+#                 prefill.xz decode.xz neighborhood.xz, the torch-free C++ benches (CMake
+#                 compiles every CUDA source a second time: as long again here; off by
+#                 default, and not yet run end to end: the suite builds them on the device,
+#                 in the background while the tests run, as before)
 # and tools/gpu_suite.sh installs that instead of building when its manifest matches the
 # device (torch release, archs, Python tag) and the tree (hash of the build inputs, commit).
 # Carry it: device run with carry ["build/carry", ".whl"]. Out-of-tree (build/carry-*), so
@@ -99,10 +104,10 @@ CARRY_PY := $(CURDIR)/$(CARRY_VENV)/bin/python
 CARRY_PIN_TORCH ?= torch==2.11.0
 # torch 2.11 requires setuptools<82, hence 81.0.0 here (84.2.1 in .venv).
 CARRY_PACKAGES := $(CARRY_PIN_TORCH) ninja==1.13.2 nvidia-cutlass==4.2.0.0 pytest==9.2.0 numpy==2.4.6 \
-	expecttest==0.3.0 setuptools==81.0.0 wheel==0.48.0
+	expecttest==0.3.0 setuptools==81.0.0 wheel==0.48.0 $(TEST_PACKAGES)
 CARRY_ARCHS ?= 90a
 CARRY_CPU_FLAGS ?= -march=x86-64-v3
-CARRY_BENCH ?= 1
+CARRY_BENCH ?= 0
 CARRY_JOBS ?= 2
 CARRY_NICE ?= nice -n 15
 PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
@@ -138,4 +143,4 @@ gpu-carry: $(CARRY_VENV)/.ready
 	$(MAKE) --no-print-directory gpu-carry-so
 	$(if $(filter 1,$(CARRY_BENCH)),$(MAKE) --no-print-directory gpu-carry-bench)
 	$(CARRY_PY) tools/carry.py pack --stage build/carry-stage $(if $(filter 1,$(CARRY_BENCH)),--bench build/carry-cmake) \
-	  --out build/carry --archs "$(CARRY_ARCHS)" --cpu-flags "$(CARRY_CPU_FLAGS)"
+	  --out build/carry --archs "$(CARRY_ARCHS)" --cpu-flags="$(CARRY_CPU_FLAGS)"

@@ -102,14 +102,17 @@ def run_text(cmd):
         return ""
 
 
-def max_glibc(path):
-    """The newest GLIBC_x.y symbol version a binary needs ('' when objdump is missing)."""
-    versions = set()
+def needs(path):
+    """The newest GLIBC_ and GLIBCXX_ symbol versions a binary needs ('' without objdump):
+    the GPU machine's C and C++ libraries must be at least as new."""
+    newest = {}
     for tok in run_text(["objdump", "-T", path]).split():
         tok = tok.strip("()")
-        if tok.startswith("GLIBC_") and tok[6:7].isdigit():
-            versions.add(tuple(int(x) for x in tok[6:].split(".") if x.isdigit()))
-    return "GLIBC_" + ".".join(map(str, max(versions))) if versions else ""
+        for lib in ("GLIBC_", "GLIBCXX_"):
+            if tok.startswith(lib) and tok[len(lib):len(lib) + 1].isdigit():
+                v = tuple(int(x) for x in tok[len(lib):].split(".") if x.isdigit())
+                newest[lib] = max(newest.get(lib, v), v)
+    return " ".join(lib + ".".join(map(str, v)) for lib, v in sorted(newest.items()))
 
 
 def compress(src, dst, preset):
@@ -161,7 +164,7 @@ def cmd_pack(args):
                       "packed": name + ".xz", "packed_size": os.path.getsize(packed),
                       "packed_sha256": sha256_file(packed), "xz_preset": args.preset,
                       "compress_s": round(secs, 1), "unpack_s_here": round(unpack_s, 2),
-                      "needs": max_glibc(src)})
+                      "needs": needs(src)})
         print(f"  {name}: {raw / 1e6:.1f} MB -> {files[-1]['packed_size'] / 1e6:.1f} MB xz -{args.preset} "
               f"({secs:.0f} s to pack, {unpack_s:.1f} s to unpack here)")
 
@@ -188,7 +191,7 @@ def cmd_pack(args):
         sys.exit("carry.py pack: the build inputs changed while it was building: build again")
     commit = tree_commit()
     dirty = run_text(["git", "-C", ROOT, "status", "--porcelain", "--"] + INPUT_FILES + INPUT_DIRS + ["bench"]).strip()
-    nvcc = run_text(["nvcc", "--version"]).strip().splitlines()
+    nvcc = [line for line in run_text(["nvcc", "--version"]).splitlines() if "release" in line]
     manifest = {
         "format": 1,
         "commit": commit,
@@ -200,7 +203,7 @@ def cmd_pack(args):
         "ext_suffix": suffix,
         "cuda_archs": args.archs.split(";"),
         "cpu_flags": args.cpu_flags,
-        "nvcc": nvcc[-1] if nvcc else "",
+        "nvcc": nvcc[0].strip() if nvcc else "",
         "cxx": (run_text(["c++", "--version"]).splitlines() or [""])[0],
         "glibc_here": platform.libc_ver()[1],
         "built_at_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
