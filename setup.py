@@ -8,6 +8,8 @@ Environment:
                        for a binary that runs on any CPU of the architecture)
   CUTLASS_DIR          a CUTLASS checkout (its include/ is used) instead of the nvidia-cutlass wheel
   MAX_JOBS             parallel compile jobs (ninja)
+  ATTNKIT_BUILD_INFO   where to write _build_info.py (default python/attnkit/_build_info.py; `make
+                       gpu-carry` writes it beside its out-of-tree build so the dev build's stays)
 ccache is used when it is on PATH.
 """
 import glob
@@ -56,7 +58,9 @@ def locate_cuda_home():
 def write_build_info(torch_version, cuda_archs):
     """python/attnkit/_build_info.py: what the extension is built against, read at import
     (before the extension loads) to name a torch mismatch and the GPUs this build serves."""
-    with open(os.path.join(ROOT, "python", "attnkit", "_build_info.py"), "w") as f:
+    path = os.environ.get("ATTNKIT_BUILD_INFO") or os.path.join(ROOT, "python", "attnkit", "_build_info.py")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         f.write('"""Written by setup.py at build time (not in git)."""\n'
                 f"TORCH_VERSION = {torch_version!r}\nCUDA_ARCHS = {cuda_archs!r}\n")
 

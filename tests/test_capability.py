@@ -52,8 +52,9 @@ def test_torch_mismatch_is_named():
 
 
 def test_torch_mismatch_at_import(tmp_path):
-    """A fake torch version makes `import attnkit` fail with the sentence, before _C loads."""
-    code = ("import torch; torch.__version__ = '2.11.0'; import attnkit")
+    """A fake torch version makes `import attnkit` fail with the sentence, before _C loads.
+    (1.0.0: no build's torch; 2.11.0 was the GPU machines' own, so it matched a build there.)"""
+    code = ("import torch; torch.__version__ = '1.0.0'; import attnkit")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     last_line = run.stderr.strip().splitlines()[-1]
     assert run.returncode != 0 and last_line.startswith("ImportError: attnkit's compiled extension was built against")

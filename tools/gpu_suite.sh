@@ -7,8 +7,15 @@
 # short case list), then the Python benchmark on CUDA, and write logs + report to the output
 # folder (argument, else $OUT, else ./bench_out). A short summary is printed last.
 #
+# With a carried prebuilt build (`make gpu-carry` here, then carry ["build/carry", ".whl"]):
+# when build/carry/manifest.json matches this machine and tree (tools/carry.py), it is
+# installed (seconds) instead of building (minutes); suite.log says which PATH was taken.
+#
 #   bash tools/gpu_suite.sh [OUT_DIR]
 #   env: ATTNKIT_CUDA_ARCHS (default 90a), MAX_JOBS (16), PYTHON (python3),
+#        SUITE_CARRY=0 (ignore a carried build: build here), SUITE_CARRY_DIR (build/carry),
+#        CARRY_STRICT_COMMIT=1 (use a carried build only when its commit is the tree's too),
+#        SUITE_STOP_AFTER=build (stop after the build step: a dry run of set-up and install),
 #        ATTNKIT_COMMIT (the commit to report where the tree travels without .git),
 #        SUITE_BUDGET_S (default 540: every step is fitted inside it, under the 10-minute limit),
 #        BENCH_ARGS (extra arguments of python -m attnkit.bench, e.g. "--quick" or "--family decode"),
@@ -20,7 +27,8 @@
 #        32k and 128k context against bf16 in the same run), CPP_NA_ARGS (of bench/neighborhood).
 #
 # Files written (at most 8, what the device tool brings back): suite.log (wheels, GPU,
-# versions, step times), build.log (setup.py, then the CMake build of bench/prefill),
+# versions, step times, which build PATH was taken), build.log (the carried build's install,
+# or setup.py; then the CMake build of bench/prefill),
 # test_cuda.log (pytest -m cuda, then compute-sanitizer), test_all.log, bench.log (the
 # Python benchmark, then bench/prefill's table), and the report
 # <gpu>-<yyyymmdd>-<commit>.{json,md,png} named as bench/results/ wants them.
@@ -75,13 +83,43 @@ gpu=${gpu:-unknown GPU}
   echo "commit $sha, ATTNKIT_CUDA_ARCHS=$ATTNKIT_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS, budget ${budget}s"
 } >> "$log" 2>&1
 
-# -- build --------------------------------------------------------------------------
+# -- build: the carried prebuilt one (make gpu-carry) when it matches, else here -------
+# tools/carry.py checks build/carry/manifest.json against this python (extension suffix),
+# torch (release, CUDA major), ATTNKIT_CUDA_ARCHS and this tree (hash of the build inputs;
+# the commit is compared and reported), unpacks the extension into python/attnkit/ and the
+# C++ benches into build/cmake/; then attnkit must import, else it is removed and built here.
 s=$(date +%s)
-tb=$(step_timeout 330 150)
-timeout -k 10 "$tb" "$PY" setup.py build_ext --inplace --build-temp build/gpu > "$out/build.log" 2>&1
-rc=$?
-build_s=$(( $(date +%s) - s ))
-say "build: exit $rc in ${build_s}s (limit ${tb}s)"
+carry_dir=${SUITE_CARRY_DIR:-build/carry}
+build_how=built
+: > "$out/build.log"
+if [[ ${SUITE_CARRY:-1} != 0 && -f $carry_dir/manifest.json ]]; then
+  echo "======== carried build ($carry_dir, tools/carry.py install) ========" >> "$out/build.log"
+  if timeout -k 5 120 "$PY" tools/carry.py install --carry "$carry_dir" >> "$out/build.log" 2>&1; then
+    if timeout -k 5 120 "$PY" -c "import attnkit; print('attnkit imports:', attnkit.cuda_capabilities())" >> "$out/build.log" 2>&1; then
+      build_how=carried
+    else
+      "$PY" tools/carry.py uninstall --carry "$carry_dir" >> "$out/build.log" 2>&1
+      say "carried build: installed, but attnkit does not import with it (see build.log): removed"
+    fi
+  fi
+  grep -E '^(carried build|no carried build)' "$out/build.log" | while IFS= read -r line; do say "$line"; done
+else
+  say "carried build: none ($carry_dir/manifest.json missing, or SUITE_CARRY=0)"
+fi
+if [[ $build_how == carried ]]; then
+  rc=0
+  build_s=$(( $(date +%s) - s ))
+  say "build: PATH carried: installed the prebuilt build from $carry_dir in ${build_s}s, no compile here"
+else
+  say "build: PATH on-device: compiling here (setup.py, MAX_JOBS=$MAX_JOBS)"
+  s=$(date +%s)
+  tb=$(step_timeout 330 150)
+  echo "======== setup.py build_ext ========" >> "$out/build.log"
+  timeout -k 10 "$tb" "$PY" setup.py build_ext --inplace --build-temp build/gpu >> "$out/build.log" 2>&1
+  rc=$?
+  build_s=$(( $(date +%s) - s ))
+  say "build: exit $rc in ${build_s}s (limit ${tb}s)"
+fi
 if (( rc != 0 )); then
   echo "---- tail of build.log"
   tail -n 40 "$out/build.log"
@@ -89,10 +127,28 @@ if (( rc != 0 )); then
   exit 1
 fi
 
+if [[ ${SUITE_STOP_AFTER:-} == build ]]; then  # a dry run of the set-up and build steps
+  say "SUITE_STOP_AFTER=build: stopping after the build step (PATH $build_how, ${build_s}s)"
+  exit 0
+fi
+
 # -- C++ microbenchmark build, in the background while the tests run ---------------
 cpp_build_log=$(mktemp) cpp_log=$(mktemp)
 cpp_pid=""
-if [[ ${SUITE_CPP_BENCH:-1} != 0 ]] && command -v cmake >/dev/null 2>&1; then
+cpp_carried=0
+if [[ ${SUITE_CPP_BENCH:-1} != 0 && $build_how == carried ]] && grep -q '/build/cmake/prefill$' "$carry_dir/installed.txt" 2>/dev/null; then
+  # Carried with the extension: nothing to build. They were linked here, so a shared
+  # library (cuBLAS) may sit elsewhere on this machine: torch's CUDA wheels' lib folders.
+  cpp_carried=1
+  if ldd build/cmake/prefill build/cmake/decode build/cmake/neighborhood 2>/dev/null | grep -q 'not found'; then
+    nvlib=$("$PY" -c "import nvidia, os, glob; print(':'.join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib'))))" 2>/dev/null)
+    export LD_LIBRARY_PATH="${nvlib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    say "bench/prefill: carried binaries miss a library; LD_LIBRARY_PATH += torch's nvidia lib folders"
+    ldd build/cmake/prefill 2>/dev/null | grep 'not found' | tee -a "$log"
+  fi
+  echo "== C++ benches carried ($carry_dir), not built here" > "$cpp_build_log"
+  say "bench/prefill: carried build, no CMake build"
+elif [[ ${SUITE_CPP_BENCH:-1} != 0 ]] && command -v cmake >/dev/null 2>&1; then
   tc=$(step_timeout 420 120)
   pybin=$(command -v "$PY")
   # Its own session (setsid), so that the whole build can be stopped by its process group.
@@ -133,14 +189,16 @@ say "pytest (all): exit $rc_all in $(( $(date +%s) - s ))s (limit ${tt}s)"
 
 # -- C++ microbenchmark: wait for its build, run a short case list --------------------
 rc_cpp=skipped
-if [[ -n $cpp_pid ]]; then
-  tw=$(step_timeout 120 200)
-  for (( i = 0; i < tw; i++ )); do kill -0 "$cpp_pid" 2>/dev/null || break; sleep 1; done
-  if kill -0 "$cpp_pid" 2>/dev/null; then
-    kill -- "-$cpp_pid" 2>/dev/null
-    echo "== cmake build of bench/prefill: stopped, still running after the wait of ${tw}s" >> "$cpp_build_log"
+if [[ -n $cpp_pid || $cpp_carried == 1 ]]; then
+  if [[ -n $cpp_pid ]]; then
+    tw=$(step_timeout 120 200)
+    for (( i = 0; i < tw; i++ )); do kill -0 "$cpp_pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$cpp_pid" 2>/dev/null; then
+      kill -- "-$cpp_pid" 2>/dev/null
+      echo "== cmake build of bench/prefill: stopped, still running after the wait of ${tw}s" >> "$cpp_build_log"
+    fi
+    wait "$cpp_pid" 2>/dev/null
   fi
-  wait "$cpp_pid" 2>/dev/null
   { echo; echo "======== CMake build of bench/prefill ========"; cat "$cpp_build_log"; } >> "$out/build.log"
   if [[ -x build/cmake/prefill ]]; then
     s=$(date +%s)
@@ -202,7 +260,7 @@ fi
 # -- summary (last, so the device tool's output tail holds it) ------------------------
 echo
 echo "== attnkit GPU suite: $gpu, commit $sha, archs $ATTNKIT_CUDA_ARCHS, total $(( $(date +%s) - t0 ))s"
-echo "build:       ok in ${build_s}s"
+echo "build:       ok in ${build_s}s ($([[ $build_how == carried ]] && echo "carried prebuilt build installed, nothing compiled" || echo "compiled here"))"
 echo "cuda tests:  $(pytest_line "$out/test_cuda.log" $rc_cuda)"
 echo "sanitize:    exit $rc_san; $(grep -E '^== (memcheck|racecheck):|^sanitize:' "$out/test_cuda.log" | tr '\n' ' ')"
 echo "all tests:   $(pytest_line "$out/test_all.log" $rc_all)"
