@@ -88,7 +88,7 @@ clean:
 # minutes of scarce device time. `make gpu-carry` builds here, against torch 2.11 in
 # .venv-torch211 (Python 3.12, as there), for CARRY_ARCHS with portable CPU flags:
 #   build/carry/  _C*.so.xz, _build_info.py, manifest.json; with CARRY_BENCH=1 also
-#                 prefill.xz decode.xz neighborhood.xz, the torch-free C++ benches (CMake
+#                 prefill.xz decode.xz neighborhood.xz block_sparse.xz, the torch-free C++ benches (CMake
 #                 compiles every CUDA source a second time: as long again here; off by
 #                 default, and not yet run end to end: the suite builds them on the device,
 #                 in the background while the tests run, as before)
@@ -134,7 +134,7 @@ gpu-carry-bench: $(CARRY_VENV)/.ready
 	@s=$$(date +%s); \
 	cmake -S . -B build/carry-cmake -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(CARRY_PY) \
 	  -DCMAKE_CUDA_ARCHITECTURES="$(CARRY_ARCHS)" >/dev/null && \
-	$(CARRY_NICE) cmake --build build/carry-cmake --target prefill decode neighborhood -j $(CARRY_JOBS) || exit 1; \
+	$(CARRY_NICE) cmake --build build/carry-cmake --target prefill decode neighborhood block_sparse -j $(CARRY_JOBS) || exit 1; \
 	echo $$(( $$(date +%s) - s )) > build/carry-cmake/bench_build_s; \
 	echo "attnkit: gpu-carry: C++ benches built in $$(cat build/carry-cmake/bench_build_s) s"
 

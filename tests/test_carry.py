@@ -45,7 +45,7 @@ def tree(tmp_path):
     (stage / "so_build_s").write_text("123\n")
     bench = tmp_path / "bench_build"
     bench.mkdir()
-    for b in ("prefill", "decode", "neighborhood"):
+    for b in ("prefill", "decode", "neighborhood", "block_sparse"):
         (bench / b).write_bytes(b"\x7fELF fake " + b.encode() * 1000)
     packed = run(str(t), "pack", "--stage", str(stage), "--bench", str(bench), "--out", str(t / "build" / "carry"),
                  "--archs", "90a", "--cpu-flags=-march=x86-64-v3", "--preset", "1")
@@ -58,7 +58,7 @@ def test_pack_writes_manifest(tree):
 
     m = json.loads((tree / "build" / "carry" / "manifest.json").read_text())
     assert m["cuda_archs"] == ["90a"] and m["cpu_flags"] == "-march=x86-64-v3" and m["so_build_s"] == 123
-    assert [f["name"] for f in m["files"]][1:] == ["prefill", "decode", "neighborhood"]
+    assert [f["name"] for f in m["files"]][1:] == ["prefill", "decode", "neighborhood", "block_sparse"]
     for f in m["files"]:
         assert (tree / "build" / "carry" / f["packed"]).stat().st_size == f["packed_size"]
 

@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_FILES = ["setup.py", "CMakeLists.txt"]
 INPUT_DIRS = ["csrc", "third_party"]
 BENCH_SUFFIXES = (".cu", ".cuh", ".h", ".hpp", ".cpp")
-BENCHES = ["prefill", "decode", "neighborhood"]
+BENCHES = ["prefill", "decode", "neighborhood", "block_sparse"]
 MANIFEST = "manifest.json"
 INSTALLED = "installed.txt"  # written next to the manifest by install, read by uninstall
 

@@ -24,7 +24,7 @@
 #        CPP_DECODE_ARGS (runs of bench/decode separated by ';', each its arguments; default
 #        the dense / paged / sparse list, then int8, fp8, int4 (plain and with rotated keys, the
 #        PagedKVCache default) and int4 group-32 caches at
-#        32k and 128k context against bf16 in the same run), CPP_NA_ARGS (of bench/neighborhood).
+#        32k and 128k context against bf16 in the same run), CPP_NA_ARGS (of bench/neighborhood), CPP_BS_ARGS (of bench/block_sparse).
 #
 # Files written (at most 8, what the device tool brings back): suite.log (wheels, GPU,
 # versions, step times, which build PATH was taken), build.log (the carried build's install,
@@ -140,7 +140,7 @@ if [[ ${SUITE_CPP_BENCH:-1} != 0 && $build_how == carried ]] && grep -q '/build/
   # Carried with the extension: nothing to build. They were linked here, so a shared
   # library (cuBLAS) may sit elsewhere on this machine: torch's CUDA wheels' lib folders.
   cpp_carried=1
-  if ldd build/cmake/prefill build/cmake/decode build/cmake/neighborhood 2>/dev/null | grep -q 'not found'; then
+  if ldd build/cmake/prefill build/cmake/decode build/cmake/neighborhood build/cmake/block_sparse 2>/dev/null | grep -q 'not found'; then
     nvlib=$("$PY" -c "import nvidia, os, glob; print(':'.join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib'))))" 2>/dev/null)
     export LD_LIBRARY_PATH="${nvlib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     say "bench/prefill: carried binaries miss a library; LD_LIBRARY_PATH += torch's nvidia lib folders"
@@ -155,7 +155,7 @@ elif [[ ${SUITE_CPP_BENCH:-1} != 0 ]] && command -v cmake >/dev/null 2>&1; then
   setsid bash -c "s=\$(date +%s)
     timeout -k 10 $tc cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE='$pybin' \
         -DCMAKE_CUDA_ARCHITECTURES='$ATTNKIT_CUDA_ARCHS' \
-      && timeout -k 10 $tc nice -n 10 cmake --build build/cmake --target prefill decode neighborhood -j $MAX_JOBS
+      && timeout -k 10 $tc nice -n 10 cmake --build build/cmake --target prefill decode neighborhood block_sparse -j $MAX_JOBS
     echo \"== cmake build of bench/prefill: exit \$? in \$(( \$(date +%s) - s ))s (limit ${tc}s)\"" \
     > "$cpp_build_log" 2>&1 &
   cpp_pid=$!
@@ -227,6 +227,14 @@ if [[ -n $cpp_pid || $cpp_carried == 1 ]]; then
       # shellcheck disable=SC2086
       timeout -k 5 "$tna" build/cmake/neighborhood ${CPP_NA_ARGS:---hdim 128 --bwd --iters 5} >> "$cpp_log" 2>&1
       say "bench/neighborhood: exit $? in $(( $(date +%s) - s ))s (limit ${tna}s)"
+    fi
+    if [[ -x build/cmake/block_sparse ]]; then
+      s=$(date +%s)
+      tbs=$(step_timeout 45 140)
+      { echo; echo "======== bench/block_sparse (C++, torch-free) ========"; } >> "$cpp_log"
+      # shellcheck disable=SC2086
+      timeout -k 5 "$tbs" build/cmake/block_sparse ${CPP_BS_ARGS:---seqlen 8192,32768 --bwd --iters 10} >> "$cpp_log" 2>&1
+      say "bench/block_sparse: exit $? in $(( $(date +%s) - s ))s (limit ${tbs}s)"
     fi
   else
     echo "bench/prefill was not built; see build.log" > "$cpp_log"
