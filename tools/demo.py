@@ -308,6 +308,41 @@ def check_vertical_slash(dev, dtype, gen):
         block_sparse_fwd_bwd((q, k, v), indices, counts, dtype, gen)
 
 
+def check_vertical_slash_columns(dev, dtype, gen):
+    q, k, v = block_sparse_inputs(gen, dev, dtype)
+    indices, counts, columns, column_counts = attnkit.vertical_slash_indices(
+        q, k, last_q=32, vertical=10, slash=20, block_size=64, exact_columns=True)
+    # The kernels' form of the columns: ascending, none inside a listed block.
+    canonical, canonical_counts = attnkit.canonical_column_lists(columns, column_counts, indices, counts, 300, 64)
+    listed = torch.zeros(*canonical.shape[:3], 5, dtype=torch.bool, device=dev)
+    listed.scatter_(-1, torch.where(indices >= 0, indices, 0).long(), indices >= 0)
+    kept = canonical >= 0
+    inside = listed.gather(-1, torch.where(kept, canonical // 64, 0).long()) & kept
+    lists = int(inside.sum()) + int((kept.sum(-1) != canonical_counts).sum())
+    opts = dict(column_indices=columns, column_counts=column_counts)
+    ref_opts = {name: t.cpu() for name, t in opts.items()}
+    return "300 tokens causal, MInference lines with the 10 vertical ones as exact columns", [("lists", lists, 0)] + \
+        fwd_bwd(lambda *x: attnkit.block_sparse_attention(*x, indices, counts, causal=True, return_lse=True, **opts),
+                lambda *x: reference.block_sparse_attention(*x, indices.cpu(), counts.cpu(), causal=True, **ref_opts),
+                (q, k, v), dtype, gen)
+
+
+def check_block_sparse_varlen(dev, dtype, gen):
+    lens = [130, 61, 200]
+    cu = torch.tensor([0] + lens, device=dev).cumsum(0).int()
+    q = randn(gen, sum(lens), 4, 32, dtype=dtype, device=dev).requires_grad_()
+    k, v = (randn(gen, sum(lens), 2, 32, dtype=dtype, device=dev).requires_grad_() for _ in "kv")
+    blocks = torch.arange(4, dtype=torch.int32, device=dev)
+    indices = torch.stack([blocks, torch.zeros_like(blocks)], dim=-1).expand(3, 4, 4, 2)  # diagonal + first block
+    counts = torch.full((3, 4, 4), 2, dtype=torch.int32, device=dev)
+    return "3 packed sequences (130, 61, 200 tokens) causal, 4:2 heads, diagonal + first key block", fwd_bwd(
+        lambda *x: attnkit.block_sparse_attention_varlen(*x, cu, cu, 200, 200, indices, counts, causal=True,
+                                                         return_lse=True),
+        lambda *x: reference.block_sparse_attention_varlen(*x, cu.cpu(), cu.cpu(), indices.cpu(), counts.cpu(),
+                                                           causal=True),
+        (q, k, v), dtype, gen)
+
+
 def check_block_attention_map(dev, dtype, gen):
     q, k, _ = block_sparse_inputs(gen, dev, dtype, seqlen=200)
     got = attnkit.block_attention_map(q.detach(), k.detach(), block_size=64, causal=True)
@@ -365,6 +400,9 @@ CHECKS = [
     ("block_sparse_attention strided_shard_indices lists_from_block_mask", ("block_sparse_attention",),
      check_block_sparse_shards),
     ("vertical_slash_indices", ("block_sparse_attention",), check_vertical_slash),
+    ("vertical_slash_indices canonical_column_lists (exact columns)", ("block_sparse_attention",),
+     check_vertical_slash_columns),
+    ("block_sparse_attention_varlen", ("block_sparse_attention",), check_block_sparse_varlen),
     ("block_attention_map", ("attention",), check_block_attention_map),
     *[(f"quantize_kv {f}", ("quantize_kv", "dequantize_kv"), partial(check_quantize, f, g))
       for f, g in (("int8", None), ("int4", None), ("int4", 32), ("fp8_e4m3", None))],

@@ -45,7 +45,8 @@ __device__ __forceinline__ void mask_gathered_keys(Acc& acc, const Coords& coord
 
 // Forward policy: the key tiles query tile [m0, m0 + kBlockM) of (b, h) visits: those of its
 // block's list, ascending, then its columns within the rows' causal span, gathered 64 to a
-// tile (tile index key_tiles + c for gathered tile c: its rows are loaded one by one).
+// tile (tile index key_tiles() + c for gathered tile c: its rows are loaded one by one). The
+// state is kept small: it lives in registers across the mainloop.
 template <int kBlockM, int kBlockN>
 struct BlockSparseMask {
   static_assert(kBlockM == kBlockSparseTile && kBlockN == kBlockSparseTile,
@@ -54,37 +55,38 @@ struct BlockSparseMask {
   AttentionMask mask;
   BlockListWalk blocks;
   ColumnChunks columns;
-  int key_tiles;  // tiles of the sequence's keys: tile indices past them are gathered tiles
   int m0;
 
   __device__ BlockSparseMask(const AttentionParams& p, const Args& layout, const Sequence& seq, int b, int h, int m0_)
       : mask(seq.len_q, seq.len_k, p.causal, -1, -1),
         blocks(key_tile_walk(layout, mask, b, h, m0_, min(seq.len_q, m0_ + kBlockM))),
         columns(column_chunks(layout, mask, b, h, m0_, min(seq.len_q, m0_ + kBlockM))),
-        key_tiles((seq.len_k + kBlockN - 1) / kBlockN),
         m0(m0_) {}
+
+  // Tiles of the sequence's keys: tile indices past them are gathered tiles.
+  __device__ int key_tiles() const { return (mask.seqlen_k + kBlockN - 1) / kBlockN; }
 
   // The walk only moves forward; asking next(n) again for the same n gives the same tile.
   __device__ int from(int t) {
-    if (t < key_tiles) {
+    if (t < key_tiles()) {
       if (const int n = blocks.from(t); n >= 0) return n;
-      t = key_tiles;
+      t = key_tiles();
     }
-    return t - key_tiles < columns.tiles() ? t : -1;
+    return t - key_tiles() < columns.tiles() ? t : -1;
   }
   __device__ int first() { return from(0); }
   __device__ int next(int n) { return from(n + 1); }
   __device__ bool valid(int n) const { return n >= 0; }
   __device__ const int32_t* gathered_keys(int n) const {
-    return n >= key_tiles ? columns.tile(n - key_tiles) : nullptr;
+    return n >= key_tiles() ? columns.tile(n - key_tiles()) : nullptr;
   }
-  __device__ int gathered_count(int n) const { return columns.tile_size(n - key_tiles); }
+  __device__ int gathered_count(int n) const { return columns.tile_size(n - key_tiles()); }
   __device__ bool needs_mask(int n) const {
-    return n >= key_tiles || !mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN);
+    return n >= key_tiles() || !mask.block_fully_visible(m0, m0 + kBlockM, n * kBlockN, (n + 1) * kBlockN);
   }
   template <typename Acc, typename Coords>
   __device__ void apply(Acc& acc, const Coords& coords, int n) const {
-    if (n >= key_tiles)
+    if (n >= key_tiles())
       mask_gathered_keys(acc, coords, mask, m0, gathered_keys(n), gathered_count(n));
     else
       prefill::apply_mask(acc, coords, mask, m0, n * kBlockN);

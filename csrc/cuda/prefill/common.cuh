@@ -266,22 +266,12 @@ __device__ __forceinline__ void add_alibi(Acc& acc, const Coords& coords, const 
   }
 }
 
-// tanh by one MUFU.TANH (tanh.approx.f32, sm_75+; max relative error about 2^-11, under the
-// fp16 / bf16 rounding of every operand and output around it) instead of tanhf's ~20
-// instructions per logit.
-__device__ __forceinline__ float fast_tanh(float x) {
-  float y;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Logits -> softcap * tanh(scale * s / softcap), in place (the softmax then uses scale 1).
-// The backward's derivative 1 - (capped / softcap)^2 is taken of these same values.
 template <typename Acc>
 __device__ __forceinline__ void apply_softcap(Acc& acc, float scale, float softcap) {
   const float pre = scale / softcap;
   CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) acc(i) = softcap * fast_tanh(acc(i) * pre);
+  for (int i = 0; i < size(acc); ++i) acc(i) = softcap * tanhf(acc(i) * pre);
 }
 
 // Reductions over the 4 threads (a quad) that share a row of an MMA accumulator.

@@ -203,17 +203,17 @@ struct MergedWalk {
   }
 };
 
-// The columns of a query tile's block that its rows' key span holds, positions [begin, end)
-// of the block's canonical column list, as gathered tiles of kBlockSparseTile columns: tile c
-// holds entries [begin + c * kBlockSparseTile, ...) (the forward gathers them instead of
-// visiting the key tiles they lie in).
+// The columns of a query tile's block that its rows' key span holds (positions [begin, end)
+// of the block's canonical column list, found by two binary searches), as gathered tiles of
+// kBlockSparseTile columns: tile c holds first[c * kBlockSparseTile ...], `count` columns in
+// all (the forward gathers them instead of visiting the key tiles they lie in).
 struct ColumnChunks {
-  const int32_t* entries;
-  int begin, end;
-  ATTNKIT_HD int tiles() const { return (end - begin + kBlockSparseTile - 1) / kBlockSparseTile; }
-  ATTNKIT_HD const int32_t* tile(int c) const { return entries + begin + c * kBlockSparseTile; }
+  const int32_t* first;
+  int count;
+  ATTNKIT_HD int tiles() const { return (count + kBlockSparseTile - 1) / kBlockSparseTile; }
+  ATTNKIT_HD const int32_t* tile(int c) const { return first + c * kBlockSparseTile; }
   ATTNKIT_HD int tile_size(int c) const {
-    const int left = end - begin - c * kBlockSparseTile;
+    const int left = count - c * kBlockSparseTile;
     return left < kBlockSparseTile ? left : kBlockSparseTile;
   }
 };
@@ -221,14 +221,14 @@ struct ColumnChunks {
 ATTNKIT_HD ColumnChunks column_chunks(const BlockSparseLayout& layout, const AttentionMask& mask, int b, int h,
                                       int q_begin, int q_end) {
   const BlockLists& lists = layout.columns;
-  if (lists.indices == nullptr) return {nullptr, 0, 0};
+  if (lists.indices == nullptr) return {nullptr, 0};
   const int q_block = q_begin / layout.block_size_q;
   const int32_t* entries = lists.entries(b, h, q_block);
   const int count = lists.count(b, h, q_block);
   const KeyRange keys = mask.keys_of_rows(q_begin, q_end);
-  if (keys.empty()) return {entries, 0, 0};
+  if (keys.empty()) return {entries, 0};
   const int begin = lower_bound(entries, count, keys.begin), end = lower_bound(entries, count, keys.end);
-  return {entries, begin, end > begin ? end : begin};  // end < begin only in a non-canonical list
+  return {entries + begin, end > begin ? end - begin : 0};  // end < begin only in a non-canonical list
 }
 
 // A walk that visits nothing.
